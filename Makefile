@@ -1,0 +1,35 @@
+# garden: `make run` and `make test` create the virtualenv first when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test test-fast bench lint clean
+
+install: $(STAMP)
+
+# torch first, pinned: it takes the CPU build on disk instead of pulling the CUDA wheels.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: install
+	$(PY) -m garden $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m garden.bench $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check src tests
+
+clean:
+	rm -rf outputs multirun .pytest_cache

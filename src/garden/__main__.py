@@ -1,0 +1,23 @@
+"""`python -m garden` / `garden`: parse the Hydra config and hand it to `garden.app.run`."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from garden.config import config_dir
+from garden.errors import GardenError
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
+def main(cfg: DictConfig) -> None:
+    from garden.app import run  # imported late: `--help` and config errors stay fast
+
+    try:
+        run(cfg)
+    except GardenError as err:
+        raise SystemExit(f"garden: error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""`run(cfg)`: the whole job, config -> series -> trajectory -> metrics -> MLflow run with figures.
+
+Everything that can be checked without reading weights (variant, metric names, device, layer and its
+index, the tensor name, the step selection, extraction settings) is checked first, so bad input fails in
+seconds with the valid choices, before any training, reading or run creation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from garden.errors import GardenError
+from garden.extract import ExtractionPlan, extract
+from garden.layers import ResolvedLayer, resolve_layer
+from garden.metrics import MetricResult, compute_metrics, validate_metric_names
+from garden.metrics.events import BIFURCATION_CRITERIA
+from garden.schedule import select_steps
+from garden.series import CheckpointSeries, LocalSeries, missing_tensor_error
+from garden.tracking import MlflowTracker, flatten
+from garden.trajectory import Trajectory
+
+log = logging.getLogger("garden")
+
+VARIANTS = ("standard", "deduped")
+
+
+@dataclass
+class SeriesHandle:
+    """What is known of a series before any weights are read; `open` may do the expensive part."""
+
+    label: str
+    steps: list[int]
+    num_layers: int | None
+    tensor_names: Callable[[], list[str]]
+    open: Callable[[], CheckpointSeries]
+    artifacts: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class RunOutcome:
+    run_id: str | None
+    run_name: str
+    output_dir: Path
+    trajectory: Trajectory
+    results: dict[str, MetricResult]
+    summary: dict[str, float]
+    tags: dict[str, str]
+
+
+def describe_series(cfg: DictConfig) -> SeriesHandle:
+    source = cfg.model.get("source")
+    data_dir = Path(cfg.paths.data_dir)
+    if source == "tiny":
+        from garden.tiny import (
+            COMPLETE_MARKER,
+            checkpoint_steps,
+            ensure_tiny_series,
+            tensor_names_on_disk,
+            tiny_series_dir,
+        )
+
+        folder = tiny_series_dir(cfg.model, cfg.corpus, data_dir)
+
+        def open_tiny() -> CheckpointSeries:
+            path = ensure_tiny_series(cfg.model, cfg.corpus, data_dir, str(cfg.device), bool(cfg.progress))
+            return LocalSeries(path, label="tiny")
+
+        return SeriesHandle(
+            label="tiny",
+            steps=checkpoint_steps(cfg.model.train),
+            num_layers=int(cfg.model.architecture.num_hidden_layers),
+            tensor_names=lambda: tensor_names_on_disk(cfg.model),
+            open=open_tiny,
+            artifacts=[folder / "train_log.csv", folder / COMPLETE_MARKER],
+        )
+    if source == "local":
+        if not cfg.model.get("path"):
+            raise GardenError("model=local needs model.path=<directory holding step{N}/ folders>")
+        series = LocalSeries(cfg.model.path, label=str(cfg.model.name))
+        steps = series.steps()
+        return SeriesHandle(
+            label=series.label,
+            steps=steps,
+            num_layers=series.num_layers(steps[0]),
+            tensor_names=lambda: series.tensor_names(steps[0]),
+            open=lambda: series,
+        )
+    raise GardenError(f"model.source={source!r} is not a known source; valid: tiny, local")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Checks that need no weights: each error names the valid choices."""
+    variant = cfg.get("variant")
+    if variant not in VARIANTS:
+        raise GardenError(f"variant={variant!r} is not valid; valid: {', '.join(VARIANTS)}")
+    has = list(cfg.model.get("variants") or VARIANTS)
+    if variant not in has:
+        raise GardenError(f"model={cfg.model.name} has no {variant} variant; it has: {', '.join(has)}")
+    validate_metric_names(cfg.metrics.names)
+    criterion = cfg.metrics.get("bifurcation_criterion")
+    if criterion not in BIFURCATION_CRITERIA:
+        raise GardenError(
+            f"metrics.bifurcation_criterion={criterion!r} is not valid; valid: {', '.join(BIFURCATION_CRITERIA)}"
+        )
+    from garden.tiny import resolve_device
+
+    resolve_device(str(cfg.device))
+
+
+def resolve_tensor(cfg: DictConfig, handle: SeriesHandle) -> ResolvedLayer:
+    layer = resolve_layer(cfg.layer, handle.num_layers)
+    names = handle.tensor_names()
+    if layer.tensor not in names:
+        raise missing_tensor_error(handle.steps[0], layer.tensor, names)
+    return layer
+
+
+def output_folder(cfg: DictConfig) -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path("outputs") / str(cfg.model.name) / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+
+
+def run(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
+    check_config(cfg)
+    handle = describe_series(cfg)
+    layer = resolve_tensor(cfg, handle)
+    steps = select_steps(handle.steps, OmegaConf.to_container(cfg.steps, resolve=True))
+    plan = ExtractionPlan.from_config(cfg.extract, layer.tensor, steps)
+    if plan.reference_step not in handle.steps:
+        raise GardenError(f"extract.reference_step={plan.reference_step} is not a step of the series")
+    run_name = cfg.tracking.get("run_name") or f"{cfg.model.name}/{cfg.variant}/{layer.label}"
+    output_dir = Path(output_dir) if output_dir is not None else output_folder(cfg)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    series = handle.open()
+    tracker = MlflowTracker(str(cfg.tracking.uri), str(cfg.tracking.experiment))
+    tags = {
+        "garden.model": str(cfg.model.name),
+        "garden.variant": str(cfg.variant),
+        "garden.layer": layer.label,
+        "garden.tensor": layer.tensor,
+        "garden.series": series.identity,
+    }
+    with tracker.start(run_name, tags):
+        tracker.log_params(flatten(cfg))
+        trajectory = extract(series, plan, Path(cfg.paths.data_dir) / "extract", progress=bool(cfg.progress))
+        metric_params = OmegaConf.to_container(cfg.metrics, resolve=True)
+        metric_params["seed"] = int(cfg.seed)
+        results = compute_metrics(trajectory, cfg.metrics.names, metric_params)
+
+        per_step: dict = {}
+        summary: dict[str, float] = {"n_steps": float(len(trajectory.steps)), "n_parameters": float(trajectory.n)}
+        for result in results.values():
+            per_step.update(result.per_step)
+            summary.update(result.summary)
+            tags.update(result.tags)
+        tracker.log_step_metrics(trajectory.steps, per_step)
+        tracker.log_summary(summary)
+        tracker.set_tags({k: v for k, v in tags.items() if not k.startswith("garden.series")})
+
+        _write_outputs(output_dir, trajectory, results, per_step, summary, tags, run_name, cfg)
+        tracker.log_artifacts(output_dir / "tables", "tables")
+        tracker.log_artifacts(output_dir / "figures", "figures")
+        tracker.log_artifact(output_dir / "summary.json")
+        for extra in handle.artifacts:
+            if extra.is_file():
+                tracker.log_artifact(extra, "series")
+        run_id = tracker.run_id
+    _report(run_name, summary, tags, output_dir, run_id)
+    return RunOutcome(run_id, run_name, output_dir, trajectory, results, summary, tags)
+
+
+def _write_outputs(folder: Path, trajectory: Trajectory, results, per_step, summary, tags, run_name, cfg) -> None:
+    from garden.figures import draw_all
+
+    tables = folder / "tables"
+    tables.mkdir(parents=True, exist_ok=True)
+    table = trajectory.table.copy()
+    for name, values in per_step.items():
+        table[name] = values
+    table.to_csv(tables / "steps.csv", index=False)
+    for result in results.values():
+        for name, extra in result.tables.items():
+            extra.to_csv(tables / f"{name}.csv", index=False)
+    pd.DataFrame({"index": trajectory.trajectory_indices}).to_csv(tables / "trajectory_indices.csv", index=False)
+    (folder / "summary.json").write_text(json.dumps({"run_name": run_name, "summary": summary, "tags": tags},
+                                                    indent=1))
+    draw_all(trajectory, results, run_name, float(cfg.metrics.bimodality_threshold), folder / "figures")
+
+
+def _report(run_name: str, summary: dict, tags: dict, output_dir: Path, run_id: str | None) -> None:
+    bifurcation = summary.get("bifurcation_step")
+    stationary = summary.get("stationary_step")
+    log.info(
+        "%s: bifurcation %s, stationary step %s, alpha %s; results in %s (MLflow run %s)",
+        run_name,
+        f"at step {bifurcation:g}" if bifurcation is not None else tags.get("garden.bifurcation", "not computed"),
+        f"{stationary:g}" if stationary is not None else "none",
+        f"{summary['alpha']:.3f}" if "alpha" in summary else "n/a",
+        output_dir,
+        run_id,
+    )
+
+
+def with_overrides(cfg: DictConfig, **values) -> DictConfig:
+    """A copy of cfg with dotted keys set (tests and other entry points use it)."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        for key, value in values.items():
+            OmegaConf.update(cfg, key, value, merge=False)
+    return cfg

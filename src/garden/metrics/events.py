@@ -1,0 +1,70 @@
+"""Events on the step axis: the bifurcation onset and the stationary (early-stop) step.
+
+Both are "first checkpoint from which a condition holds through the end of the series": a condition
+that flickers back off does not count, so a pure diffusion is reported as no bifurcation at all.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from garden.errors import GardenError
+from garden.metrics import MetricContext, MetricResult, register_metric
+from garden.trajectory import Trajectory
+
+BIFURCATION_CRITERIA = ("bimodality_coefficient", "dip", "ashman_d")
+
+
+def onset_index(holds: np.ndarray) -> int | None:
+    """Index of the first element from which `holds` is true through the end; None if the last is false."""
+    holds = np.asarray(holds, dtype=bool)
+    if len(holds) == 0 or not holds[-1]:
+        return None
+    false_positions = np.flatnonzero(~holds)
+    return 0 if len(false_positions) == 0 else int(false_positions[-1]) + 1
+
+
+def bimodal_mask(ctx: MetricContext, criterion: str) -> np.ndarray:
+    if criterion == "bimodality_coefficient":
+        bc = ctx.get("bimodality_coefficient").per_step["bimodality_coefficient"]
+        return bc > float(ctx.param("bimodality_threshold", 5 / 9))
+    if criterion == "dip":
+        pvalues = ctx.get("dip").per_step["dip_pvalue"]
+        return pvalues < float(ctx.param("dip_pvalue", 0.05))
+    if criterion == "ashman_d":
+        fit = ctx.get("gmm").per_step
+        return (fit["ashman_d"] > float(ctx.param("ashman_d_threshold", 2.0))) & (
+            fit["gmm_min_weight"] >= float(ctx.param("gmm_min_weight", 0.05))
+        )
+    raise GardenError(
+        f"unknown metrics.bifurcation_criterion {criterion!r}; valid: {', '.join(BIFURCATION_CRITERIA)}"
+    )
+
+
+@register_metric("bifurcation")
+def bifurcation(traj: Trajectory, ctx: MetricContext) -> MetricResult:
+    criterion = str(ctx.param("bifurcation_criterion", "bimodality_coefficient"))
+    mask = bimodal_mask(ctx, criterion)
+    index = onset_index(mask)
+    result = MetricResult(per_step={"bimodal": mask.astype(float)}, tags={"garden.bifurcation_criterion": criterion})
+    if index is None:
+        result.tags["garden.bifurcation"] = "none"
+    else:
+        result.tags["garden.bifurcation"] = "detected"
+        result.summary["bifurcation_step"] = float(traj.steps[index])
+    return result
+
+
+@register_metric("stationary")
+def stationary(traj: Trajectory, ctx: MetricContext) -> MetricResult:
+    """First step from which the displacement rate stays below a fraction of its peak (working definition)."""
+    relative = ctx.get("displacement").per_step["relative_displacement"]
+    threshold = float(ctx.param("stationary_threshold", 0.05))
+    defined = np.isfinite(relative)
+    holds = np.where(defined, relative < threshold, False)
+    # The first step has no displacement (nothing before it): it neither breaks nor starts the stretch.
+    index = onset_index(holds[defined]) if defined.any() else None
+    result = MetricResult(tags={"garden.stationary": "none" if index is None else "detected"})
+    if index is not None:
+        result.summary["stationary_step"] = float(traj.steps[defined][index])
+    return result

@@ -1,0 +1,216 @@
+"""Checkpoint series: the training steps a run has, and one tensor read from one step at a time.
+
+A series never loads a whole model: safetensors are opened lazily (`safe_open`, which maps the file and
+materialises only the requested tensor) and zip-format `.bin` files are memory-mapped
+(`torch.load(mmap=True, weights_only=True)`), so reading a tensor touches only that tensor's pages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from garden.errors import GardenError
+
+STEP_DIR = re.compile(r"^step(\d+)$")
+BLOCK_TENSOR = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    """How one checkpoint stores its weights: one file, or shards plus an index mapping names to shards."""
+
+    step: int
+    folder: Path
+    fmt: str  # "safetensors" | "bin"
+    files: tuple[Path, ...]
+    weight_map: dict[str, str] | None = None
+
+    def file_for(self, tensor: str) -> Path | None:
+        if self.weight_map is None:
+            return self.files[0]
+        shard = self.weight_map.get(tensor)
+        return None if shard is None else self.folder / shard
+
+    def tensor_names(self) -> list[str]:
+        if self.weight_map is not None:
+            return sorted(self.weight_map)
+        return sorted(_read_names(self.step, self.fmt, self.files[0]))
+
+
+def find_weight_files(step: int, folder: Path) -> WeightFiles:
+    """Detect the storage format of a step folder (Hugging Face naming), preferring safetensors."""
+    for index_name, fmt in ((SAFETENSORS_INDEX, "safetensors"), (BIN_INDEX, "bin")):
+        index_path = folder / index_name
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise GardenError(f"step {step}: unreadable shard index {index_path}: {err}") from err
+            shards = tuple(folder / name for name in sorted(set(weight_map.values())))
+            missing = [str(p) for p in shards if not p.is_file()]
+            if missing:
+                raise GardenError(f"step {step}: shard index {index_path} names missing files {missing}")
+            return WeightFiles(step, folder, fmt, shards, weight_map)
+    for name, fmt in ((SAFETENSORS, "safetensors"), (BIN, "bin")):
+        if (folder / name).is_file():
+            return WeightFiles(step, folder, fmt, (folder / name,))
+    raise GardenError(
+        f"step {step}: no weights in {folder} (expected {SAFETENSORS}, {SAFETENSORS_INDEX} with shards, "
+        f"{BIN} or {BIN_INDEX} with shards)"
+    )
+
+
+def _read_names(step: int, fmt: str, path: Path) -> list[str]:
+    try:
+        if fmt == "safetensors":
+            with safe_open(str(path), framework="pt") as handle:
+                return list(handle.keys())
+        return list(_load_bin(path).keys())
+    except GardenError:
+        raise
+    except Exception as err:  # safetensors/torch raise several types for a corrupt file
+        raise GardenError(f"step {step}: cannot read {path}: {err}") from err
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """Memory-map a zip-format checkpoint; tensors are paged in only when touched."""
+    state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    if not isinstance(state, dict):
+        raise GardenError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def read_tensor_from(files: WeightFiles, tensor: str) -> torch.Tensor:
+    """Read one tensor (in its stored dtype) from a checkpoint; errors name the step and the path."""
+    path = files.file_for(tensor)
+    if path is None:
+        raise missing_tensor_error(files.step, tensor, files.tensor_names())
+    try:
+        if files.fmt == "safetensors":
+            with safe_open(str(path), framework="pt") as handle:
+                if tensor not in handle.keys():
+                    raise missing_tensor_error(files.step, tensor, list(handle.keys()))
+                return handle.get_tensor(tensor)
+        state = _load_bin(path)
+        if tensor not in state:
+            raise missing_tensor_error(files.step, tensor, list(state))
+        return state[tensor]
+    except GardenError:
+        raise
+    except Exception as err:
+        raise GardenError(f"step {files.step}: cannot read {tensor!r} from {path}: {err}") from err
+
+
+def missing_tensor_error(step: int, tensor: str, names: list[str]) -> GardenError:
+    listing = "\n  ".join(sorted(names))
+    return GardenError(f"step {step}: the checkpoint has no tensor {tensor!r}; it has:\n  {listing}")
+
+
+class CheckpointSeries(ABC):
+    """A training run seen as checkpoints keyed by training step."""
+
+    #: Stable identity of the series' content source, used in cache keys.
+    identity: str
+    #: Short label for run names and logs.
+    label: str
+
+    @abstractmethod
+    def steps(self) -> list[int]:
+        """Training steps available, ascending."""
+
+    @abstractmethod
+    def tensor_names(self, step: int) -> list[str]:
+        """Names of the tensors stored at a step."""
+
+    @abstractmethod
+    def read_tensor(self, step: int, name: str) -> torch.Tensor:
+        """One tensor of one step, in its stored dtype, on the CPU."""
+
+    @abstractmethod
+    def fingerprint(self, step: int) -> str:
+        """Changes whenever the step's stored weights change (invalidates cached statistics)."""
+
+    def model_config(self) -> dict | None:
+        """The Hugging Face config.json of the series, when it has one."""
+        return None
+
+    def num_layers(self, step: int) -> int | None:
+        """Number of transformer blocks, from config.json or else from the tensor names."""
+        config = self.model_config()
+        if config and isinstance(config.get("num_hidden_layers"), int):
+            return config["num_hidden_layers"]
+        blocks = {int(m.group(1)) for name in self.tensor_names(step) if (m := BLOCK_TENSOR.search(name))}
+        return max(blocks) + 1 if blocks else None
+
+
+class LocalSeries(CheckpointSeries):
+    """A directory of `step{N}/` folders, each a Hugging Face checkpoint (any of the four layouts)."""
+
+    def __init__(self, root: str | Path, label: str = "local"):
+        self.root = Path(root).expanduser()
+        if not str(root).strip():
+            raise GardenError("model.path is empty: give the directory that holds the step{N}/ folders")
+        if not self.root.is_dir():
+            raise GardenError(f"model.path {self.root} is not a directory")
+        self.label = label
+        self.identity = f"local:{self.root.resolve()}"
+
+    @cached_property
+    def _step_folders(self) -> dict[int, Path]:
+        folders = {}
+        for child in self.root.iterdir():
+            match = STEP_DIR.match(child.name)
+            if match and child.is_dir():
+                folders[int(match.group(1))] = child
+        if not folders:
+            raise GardenError(f"model.path {self.root} holds no step{{N}}/ folders (e.g. step0/, step1000/)")
+        return dict(sorted(folders.items()))
+
+    def steps(self) -> list[int]:
+        return list(self._step_folders)
+
+    def folder(self, step: int) -> Path:
+        try:
+            return self._step_folders[step]
+        except KeyError:
+            raise GardenError(f"step {step} is not in {self.root}") from None
+
+    def weight_files(self, step: int) -> WeightFiles:
+        return find_weight_files(step, self.folder(step))
+
+    def tensor_names(self, step: int) -> list[str]:
+        return self.weight_files(step).tensor_names()
+
+    def read_tensor(self, step: int, name: str) -> torch.Tensor:
+        return read_tensor_from(self.weight_files(step), name)
+
+    def fingerprint(self, step: int) -> str:
+        files = self.weight_files(step)
+        digest = hashlib.sha256()
+        for path in files.files:
+            stat = path.stat()
+            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+        return digest.hexdigest()[:16]
+
+    def model_config(self) -> dict | None:
+        for candidate in (self.root / "config.json", *(f / "config.json" for f in self._step_folders.values())):
+            if candidate.is_file():
+                try:
+                    return json.loads(candidate.read_text())
+                except json.JSONDecodeError as err:
+                    raise GardenError(f"unreadable {candidate}: {err}") from err
+        return None

@@ -1,0 +1,80 @@
+"""The one MLflow tracker: a run per job, flattened params, per-step metrics, summaries, figures, tables.
+
+A run that raises is ended as FAILED (MLflow's `start_run` context does that), so nothing half-done is
+ever recorded as FINISHED.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch request
+
+
+def flatten(config: Mapping | DictConfig, prefix: str = "") -> dict[str, str]:
+    """Dotted keys to string values, as MLflow params (lists kept as their YAML-ish text)."""
+    if isinstance(config, DictConfig):
+        config = OmegaConf.to_container(config, resolve=True)
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+class MlflowTracker:
+    def __init__(self, uri: str, experiment: str):
+        self.uri = uri
+        self.experiment = experiment
+        self.client = MlflowClient(tracking_uri=uri)
+        self.run_id: str | None = None
+
+    @contextmanager
+    def start(self, run_name: str, tags: Mapping[str, str] | None = None) -> Iterator[MlflowTracker]:
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_experiment(self.experiment)
+        with mlflow.start_run(run_name=run_name, tags=dict(tags or {})) as run:
+            self.run_id = run.info.run_id
+            yield self
+
+    def log_params(self, params: Mapping[str, str]) -> None:
+        mlflow.log_params({k: v[:6000] for k, v in params.items()})
+
+    def log_step_metrics(self, steps: np.ndarray, series: Mapping[str, np.ndarray]) -> None:
+        """One value per (metric, training step); NaN and inf are skipped, not logged as gaps."""
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(key=name, value=float(v), timestamp=now, step=int(step))
+            for name, values in series.items()
+            for step, v in zip(steps, values, strict=True)
+            if v is not None and math.isfinite(float(v))
+        ]
+        for start in range(0, len(batch), MAX_BATCH):
+            self.client.log_batch(self.run_id, metrics=batch[start: start + MAX_BATCH])
+
+    def log_summary(self, values: Mapping[str, float]) -> None:
+        finite = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
+        if finite:
+            mlflow.log_metrics(finite)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        mlflow.set_tags(dict(tags))
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
+        mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
