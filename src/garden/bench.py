@@ -1,0 +1,432 @@
+"""Benchmark of the extraction pass on a pythia-160m-shaped checkpoint series (`make bench`).
+
+Builds synthetic fp16 checkpoints with the on-disk layout and tensor names of GPTNeoXForCausalLM, then
+measures, in one run so that every ratio compares figures taken on the same machine and page cache:
+
+* the floor: reading the selected tensor with `safe_open` and converting it to float32;
+* garden's `extract` (fresh cache each time, so every step is computed);
+* the notebook route: `from_pretrained` per step, then numpy/scipy statistics on a float32 copy;
+* agreement of garden's numbers with the notebook's (moments, distances, quantiles, histogram);
+* peak RSS of `extract` over 10 and over 40 steps, each in a fresh subprocess.
+
+Prints a plain-text table and exits 1 when any target is missed (after printing everything).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from garden.extract import ExtractionPlan, extract, quantile_column
+from garden.series import LocalSeries
+from garden.trajectory import Trajectory
+
+HEAD = "embed_out.weight"
+VOCAB, HIDDEN = 50304, 768
+ARCHITECTURE = {
+    "vocab_size": VOCAB,
+    "hidden_size": HIDDEN,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "rotary_pct": 0.25,
+    "tie_word_embeddings": False,
+}
+INIT_STD = 0.02
+WALK_STD = 0.002
+SCALAR_COLUMNS = ("mean", "std", "skewness", "kurtosis", "msd", "step_msd")
+MARKER = "bench-series.json"
+
+# Targets (the brief's acceptance criteria).
+MAX_GARDEN_OVER_FLOOR = 4.0
+MIN_SPEEDUP_OVER_NOTEBOOK = 3.0
+SCALAR_RTOL, SCALAR_ATOL = 1e-4, 1e-9
+QUANTILE_FINE_BINS = 2.0
+MAX_HIST_DIFF_FRACTION = 1e-4
+MAX_RSS_RATIO = 1.10
+
+
+# --------------------------------------------------------------------------------------------- series
+
+
+def gpt_neox_config():
+    """The pythia-160m-shaped config (transformers imported lazily: the RSS child must not load it)."""
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(**ARCHITECTURE)
+
+
+def on_disk_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes as GPTNeoXForCausalLM stores them (`lm_head` is `embed_out` on disk).
+
+    Built on the meta device, so no memory is allocated; non-persistent buffers are not in the state dict.
+    """
+    from transformers import GPTNeoXForCausalLM
+
+    with torch.device("meta"):
+        model = GPTNeoXForCausalLM(config)
+    shapes = {}
+    for name, tensor in model.state_dict().items():
+        shapes[HEAD if name == "lm_head.weight" else name] = tuple(tensor.shape)
+    return shapes
+
+
+def base_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Random init in fp16: N(0, 0.02) for matrices, ones for layernorm weights, zeros for biases."""
+    if len(shape) >= 2:
+        return torch.randn(shape, generator=generator, dtype=torch.float32).mul_(INIT_STD).half()
+    if name.endswith(".bias"):
+        return torch.zeros(shape, dtype=torch.float16)
+    return torch.ones(shape, dtype=torch.float16)
+
+
+def series_is_complete(root: Path, spec: dict) -> bool:
+    """A series built by an earlier run with the same parameters is reused (only with --workdir)."""
+    marker = root / MARKER
+    return marker.is_file() and json.loads(marker.read_text()) == spec
+
+
+def build_series(root: Path, n_steps: int, seed: int, head_only: bool) -> None:
+    """Write step0..step{n-1}; only the head moves, by a seeded cumulative N(0, 0.002) walk.
+
+    The walk is kept in float32 and cast to fp16 per step; the other tensors are made once and shared
+    by every checkpoint. `head_only` writes only `embed_out.weight` (the RSS series, to save disk).
+    """
+    spec = {"steps": n_steps, "seed": seed, "head_only": head_only, "architecture": ARCHITECTURE}
+    if series_is_complete(root, spec):
+        return
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(seed)
+    config = None if head_only else gpt_neox_config()
+    if head_only:
+        base = {HEAD: base_tensor(HEAD, (VOCAB, HIDDEN), generator)}
+    else:
+        base = {name: base_tensor(name, shape, generator) for name, shape in on_disk_shapes(config).items()}
+    head = base[HEAD].float()
+    noise = torch.empty_like(head)
+    for step in range(n_steps):
+        if step > 0:
+            head.add_(torch.randn(head.shape, generator=generator, out=noise).mul_(WALK_STD))
+        folder = root / f"step{step}"
+        folder.mkdir()
+        save_file({**base, HEAD: head.half()}, str(folder / "model.safetensors"))
+        if config is not None:
+            config.to_json_file(str(folder / "config.json"))
+    (root / MARKER).write_text(json.dumps(spec))
+
+
+# --------------------------------------------------------------------------------------------- timings
+
+
+def floor_seconds(root: Path, steps: list[int]) -> list[float]:
+    """Per-step time to read the selected tensor and convert it to float32: what any route must pay."""
+    times = []
+    for step in steps:
+        path = root / f"step{step}" / "model.safetensors"
+        start = time.perf_counter()
+        with safe_open(str(path), "pt") as handle:
+            tensor = handle.get_tensor(HEAD)
+        converted = tensor.float()
+        times.append(time.perf_counter() - start)
+        assert converted.dtype == torch.float32 and converted.shape == tensor.shape
+    return times
+
+
+def run_extract(root: Path, steps: list[int], cache_parent: Path) -> tuple[float, Trajectory]:
+    """One full extraction with a fresh, empty cache (removed afterwards): wall seconds and result."""
+    cache = Path(tempfile.mkdtemp(prefix="cache-", dir=cache_parent))
+    try:
+        plan = ExtractionPlan(tensor=HEAD, steps=tuple(steps), reference_step=steps[0])
+        start = time.perf_counter()
+        trajectory = extract(LocalSeries(root), plan, cache, progress=False)
+        return time.perf_counter() - start, trajectory
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+@dataclass
+class NotebookResult:
+    seconds: list[float]
+    scalars: dict[str, list[float]]
+    quantiles: list[np.ndarray]
+    hists: list[np.ndarray]
+
+
+def silence_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def notebook_route(root: Path, steps: list[int], edges: np.ndarray, quantiles: tuple[float, ...]) -> NotebookResult:
+    """What one would write in a notebook: load each checkpoint whole, pull the head out, use numpy/scipy.
+
+    One untimed load first, so transformers' lazy imports are not charged to the first step.
+    """
+    import scipy.stats
+    from transformers import GPTNeoXForCausalLM
+
+    silence_transformers()
+    GPTNeoXForCausalLM.from_pretrained(root / f"step{steps[0]}")
+    result = NotebookResult([], {c: [] for c in SCALAR_COLUMNS}, [], [])
+    w0 = prev = None
+    for step in steps:
+        start = time.perf_counter()
+        model = GPTNeoXForCausalLM.from_pretrained(root / f"step{step}")
+        w = model.get_output_embeddings().weight.detach().float().numpy()
+        del model
+        if w0 is None:
+            w0 = w
+        row = {
+            "mean": float(np.mean(w, dtype=np.float64)),
+            "std": float(np.std(w, dtype=np.float64)),
+            "skewness": float(scipy.stats.skew(w, axis=None)),
+            "kurtosis": float(scipy.stats.kurtosis(w, axis=None, fisher=True, bias=True)),
+            "msd": float(np.mean(np.square(w - w0), dtype=np.float64)),
+            "step_msd": float(np.mean(np.square(w - prev), dtype=np.float64)) if prev is not None else np.nan,
+        }
+        qs = np.quantile(w, quantiles)
+        hist = np.histogram(w, bins=edges)[0]
+        result.seconds.append(time.perf_counter() - start)
+        for key, value in row.items():
+            result.scalars[key].append(value)
+        result.quantiles.append(qs)
+        result.hists.append(hist)
+        prev = w
+    return result
+
+
+# --------------------------------------------------------------------------------------------- agreement
+
+
+def scalar_errors(trajectory: Trajectory, notebook: NotebookResult) -> dict[str, float]:
+    """Per column, max |a-b| / (|b| + atol/rtol): <= rtol exactly when |a-b| <= rtol*|b| + atol everywhere.
+
+    NaN on both sides (step_msd of the first step) counts as agreement; NaN on one side is infinite error.
+    """
+    out = {}
+    for column in SCALAR_COLUMNS:
+        a = trajectory.column(column)
+        b = np.asarray(notebook.scalars[column], dtype=float)
+        both_nan = np.isnan(a) & np.isnan(b)
+        err = np.abs(a - b) / (np.abs(b) + SCALAR_ATOL / SCALAR_RTOL)
+        err = np.where(both_nan, 0.0, np.where(np.isnan(err), np.inf, err))
+        out[column] = float(err.max())
+    return out
+
+
+def quantile_error(trajectory: Trajectory, notebook: NotebookResult, quantiles: tuple[float, ...]) -> float:
+    columns = [quantile_column(q) for q in quantiles]
+    ours = trajectory.table[columns].to_numpy(dtype=float)
+    return float(np.abs(ours - np.stack(notebook.quantiles)).max())
+
+
+def hist_error(trajectory: Trajectory, notebook: NotebookResult) -> float:
+    """Largest per-bin count difference over all steps, as a fraction of the number of values."""
+    return float(np.abs(trajectory.hist - np.stack(notebook.hists)).max() / trajectory.n)
+
+
+# --------------------------------------------------------------------------------------------- peak RSS
+
+
+def rss_child(root: Path, n_steps: int, cache_parent: Path) -> None:
+    """Entry point of the fresh subprocess: extract the first n steps, print peak RSS in KiB."""
+    steps = LocalSeries(root).steps()[:n_steps]
+    run_extract(root, steps, cache_parent)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def peak_rss_kib(root: Path, n_steps: int, cache_parent: Path) -> int:
+    command = [sys.executable, "-m", "garden.bench", "--rss-child", str(root), str(n_steps),
+               "--workdir", str(cache_parent)]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+@dataclass
+class Row:
+    measure: str
+    value: str
+    target: str = ""
+    passed: bool | None = None
+
+    @property
+    def status(self) -> str:
+        return "-" if self.passed is None else ("PASS" if self.passed else "FAIL")
+
+
+def print_table(rows: list[Row]) -> None:
+    header = ("measure", "value", "target", "status")
+    cells = [header, *((r.measure, r.value, r.target, r.status) for r in rows)]
+    widths = [max(len(c[i]) for c in cells) for i in range(4)]
+    line = lambda c: " | ".join(s.ljust(w) for s, w in zip(c, widths, strict=True)).rstrip()  # noqa: E731
+    print(line(header))
+    print("-+-".join("-" * w for w in widths))
+    for c in cells[1:]:
+        print(line(c))
+
+
+def machine_line() -> str:
+    return (
+        f"machine: {platform.machine()} {platform.system()}, cpu_count={os.cpu_count()}, "
+        f"torch threads={torch.get_num_threads()}, torch {torch.__version__}, python {platform.python_version()}"
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m garden.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="checkpoints in the pythia-160m-shaped series")
+    parser.add_argument("--rss-steps", type=int, nargs=2, default=(10, 40), metavar=("SMALL", "LARGE"),
+                        help="step counts whose peak RSS is compared (head-only series of LARGE steps)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where to build the series (default: a fresh temp dir under /tmp); "
+                             "a complete series from an earlier run with the same settings is reused")
+    parser.add_argument("--keep", action="store_true", help="keep the series and the workdir afterwards")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    parser.add_argument("--rss-child", nargs=2, metavar=("ROOT", "N_STEPS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.steps < 2:
+        parser.error("--steps must be at least 2")
+    if not 1 <= args.rss_steps[0] <= args.rss_steps[1]:
+        parser.error("--rss-steps needs 1 <= SMALL <= LARGE")
+    return args
+
+
+def run_bench(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict]:
+    n_steps = args.steps
+    small, large = args.rss_steps
+    full_root, head_root = workdir / f"pythia160m-{n_steps}", workdir / f"head-{large}"
+    caches = workdir / "caches"
+    caches.mkdir(parents=True, exist_ok=True)
+    results: dict = {"machine": machine_line(), "steps": n_steps}
+
+    t0 = time.perf_counter()
+    build_series(full_root, n_steps, args.seed, head_only=False)
+    results["build_full_s"] = time.perf_counter() - t0
+    steps = LocalSeries(full_root).steps()
+    print(f"built {n_steps} checkpoints in {results['build_full_s']:.1f}s under {full_root}", flush=True)
+
+    runs = [run_extract(full_root, steps, caches) for _ in range(2)]  # the first warms the page cache
+    garden_total, trajectory = min(runs, key=lambda r: r[0])
+    garden_step = garden_total / len(steps)
+    floor_step = statistics.median(floor_seconds(full_root, steps))
+    print(f"garden {garden_step:.4f}s/step (runs {[round(r[0], 2) for r in runs]}s), "
+          f"floor {floor_step:.4f}s/step", flush=True)
+
+    plan_quantiles = ExtractionPlan(tensor=HEAD, steps=(0,), reference_step=0).quantiles
+    notebook = notebook_route(full_root, steps, trajectory.hist_edges, plan_quantiles)
+    notebook_step = sum(notebook.seconds) / len(steps)
+    print(f"notebook {notebook_step:.4f}s/step", flush=True)
+
+    errors = scalar_errors(trajectory, notebook)
+    fine_width = 2 * (-trajectory.hist_edges[0]) / ExtractionPlan(HEAD, (0,), 0).quantile_bins
+    q_err = quantile_error(trajectory, notebook, plan_quantiles)
+    h_err = hist_error(trajectory, notebook)
+
+    t0 = time.perf_counter()
+    build_series(head_root, large, args.seed + 1, head_only=True)
+    results["build_head_s"] = time.perf_counter() - t0
+    rss_small = peak_rss_kib(head_root, small, caches)
+    rss_large = peak_rss_kib(head_root, large, caches)
+
+    over_floor = garden_step / floor_step
+    speedup = notebook_step / garden_step
+    worst_scalar = max(errors.values())
+    rss_ratio = rss_large / rss_small
+    results.update({
+        "floor_s_per_step": floor_step,
+        "garden_s_per_step": garden_step,
+        "garden_runs_s": [r[0] for r in runs],
+        "notebook_s_per_step": notebook_step,
+        "garden_over_floor": over_floor,
+        "notebook_over_garden": speedup,
+        "scalar_max_rel_err": errors,
+        "quantile_max_abs_err": q_err,
+        "fine_bin_width": fine_width,
+        "hist_max_count_diff_over_n": h_err,
+        "peak_rss_kib": {str(small): rss_small, str(large): rss_large},
+        "rss_ratio": rss_ratio,
+    })
+
+    rows = [
+        Row("floor: safe_open + .float(), median s/step", f"{floor_step:.4f}"),
+        Row("garden extract, s/step (best of 2 runs)", f"{garden_step:.4f}"),
+        Row("notebook route, s/step", f"{notebook_step:.4f}"),
+        Row("garden / floor", f"{over_floor:.2f}", f"<= {MAX_GARDEN_OVER_FLOOR:g}",
+            over_floor <= MAX_GARDEN_OVER_FLOOR),
+        Row("notebook / garden (speedup)", f"{speedup:.2f}x", f">= {MIN_SPEEDUP_OVER_NOTEBOOK:g}x",
+            speedup >= MIN_SPEEDUP_OVER_NOTEBOOK),
+        *(Row(f"max rel diff {c} (vs numpy/scipy)", f"{e:.2e}", f"< {SCALAR_RTOL:g}") for c, e in errors.items()),
+        Row("max rel diff, all scalar columns", f"{worst_scalar:.2e}", f"< {SCALAR_RTOL:g}",
+            worst_scalar < SCALAR_RTOL),
+        Row("max |quantile diff| (vs np.quantile)", f"{q_err:.3e} ({q_err / fine_width:.2f} fine bins)",
+            f"<= {QUANTILE_FINE_BINS:g} x {fine_width:.3e}", q_err <= QUANTILE_FINE_BINS * fine_width),
+        Row("max |hist count diff| / n (vs np.histogram)", f"{h_err:.2e}", f"< {MAX_HIST_DIFF_FRACTION:g}",
+            h_err < MAX_HIST_DIFF_FRACTION),
+        Row(f"peak RSS, {small} steps (head-only series)", f"{rss_small / 1024:.1f} MiB"),
+        Row(f"peak RSS, {large} steps (head-only series)", f"{rss_large / 1024:.1f} MiB"),
+        Row(f"peak RSS ratio {large}/{small}", f"{rss_ratio:.3f}", f"<= {MAX_RSS_RATIO:.2f}",
+            rss_ratio <= MAX_RSS_RATIO),
+    ]
+    return rows, results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.rss_child:
+        root, n = args.rss_child
+        rss_child(Path(root), int(n), args.workdir or Path(tempfile.gettempdir()))
+        return 0
+
+    started = time.perf_counter()
+    made_temp = args.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="garden-bench-", dir="/tmp")) if made_temp else args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(machine_line(), flush=True)
+    try:
+        rows, results = run_bench(args, workdir)
+    finally:
+        if not args.keep:
+            if made_temp:
+                shutil.rmtree(workdir, ignore_errors=True)
+            else:
+                for child in (f"pythia160m-{args.steps}", f"head-{args.rss_steps[1]}", "caches"):
+                    shutil.rmtree(workdir / child, ignore_errors=True)
+    results["wall_s"] = time.perf_counter() - started
+    print()
+    print(machine_line())
+    print_table(rows)
+    failed = [r.measure for r in rows if r.passed is False]
+    results["failed"] = failed
+    print(f"\nwall time {results['wall_s']:.1f}s; " + (f"FAILED: {', '.join(failed)}" if failed else "all targets met"))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=1, default=float))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Shared helpers: in-memory series, series written to disk in each layout, a composed config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import save_file
+
+from garden.config import config_dir
+from garden.series import CheckpointSeries
+
+
+class ArraySeries(CheckpointSeries):
+    """A series held in memory: {step: {name: tensor}}; counts reads so tests can see recomputation."""
+
+    def __init__(self, tensors: dict[int, dict[str, torch.Tensor]], fail_at: int | None = None):
+        self.tensors = tensors
+        self.identity = f"memory:{id(self)}"
+        self.label = "memory"
+        self.reads: list[int] = []
+        self.fail_at = fail_at
+
+    def steps(self) -> list[int]:
+        return sorted(self.tensors)
+
+    def tensor_names(self, step: int) -> list[str]:
+        return sorted(self.tensors[step])
+
+    def read_tensor(self, step: int, name: str) -> torch.Tensor:
+        if self.fail_at is not None and step == self.fail_at:
+            raise KeyboardInterrupt(f"simulated interruption at step {step}")
+        self.reads.append(step)
+        return self.tensors[step][name]
+
+    def fingerprint(self, step: int) -> str:
+        return f"{step}:{float(self.tensors[step][next(iter(self.tensors[step]))].double().sum()):.17g}"
+
+
+def random_walk(steps: list[int], shape: tuple[int, ...], rate: float, seed: int = 0) -> dict[int, torch.Tensor]:
+    """w(t) = w(0) + sum of N(0, rate) increments per training step: MSD(t) = rate * t exactly in expectation."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=gen, dtype=torch.float64) * 0.02
+    out, previous = {}, 0
+    for step in steps:
+        gap = step - previous
+        if gap > 0:
+            w = w + torch.randn(shape, generator=gen, dtype=torch.float64) * np.sqrt(rate * gap)
+        out[step] = w.float().clone()
+        previous = step
+    return out
+
+
+def planted_fork(steps: list[int], onset: int, n: int = 20000, seed: int = 0) -> dict[int, torch.Tensor]:
+    """Unimodal noise that splits into two branches (+/-) from `onset` on, widening with time."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, generator=gen) * 0.05
+    signs = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    out = {}
+    for step in steps:
+        split = 0.3 * (1 + np.log1p(step - onset)) if step >= onset else 0.0
+        jitter = torch.randn(n, generator=gen) * 0.01
+        out[step] = (noise + jitter + signs * split).float()
+    return out
+
+
+def write_series(root: Path, tensors: dict[int, dict[str, torch.Tensor]], layout: str = "safetensors",
+                 config: dict | None = None) -> Path:
+    """Write {step: {name: tensor}} as step{N}/ folders in one of the four Hugging Face layouts."""
+    root.mkdir(parents=True, exist_ok=True)
+    for step, state in tensors.items():
+        folder = root / f"step{step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in state.items()}
+        names = sorted(state)
+        if layout == "safetensors":
+            save_file(state, folder / "model.safetensors")
+        elif layout == "bin":
+            torch.save(state, folder / "pytorch_model.bin")
+        elif layout in ("sharded_safetensors", "sharded_bin"):
+            halves = [names[: len(names) // 2 or 1], names[len(names) // 2 or 1:]]
+            halves = [h for h in halves if h]
+            weight_map = {}
+            for i, part in enumerate(halves, start=1):
+                if layout == "sharded_safetensors":
+                    filename = f"model-{i:05d}-of-{len(halves):05d}.safetensors"
+                    save_file({k: state[k] for k in part}, folder / filename)
+                else:
+                    filename = f"pytorch_model-{i:05d}-of-{len(halves):05d}.bin"
+                    torch.save({k: state[k] for k in part}, folder / filename)
+                weight_map.update({k: filename for k in part})
+            index = "model.safetensors.index.json" if layout == "sharded_safetensors" else "pytorch_model.bin.index.json"
+            (folder / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        else:
+            raise ValueError(layout)
+    if config is not None:
+        (root / "config.json").write_text(json.dumps(config))
+    return root
+
+
+def neox_state(step_tensor: torch.Tensor, n_layers: int = 2, d: int = 8, vocab: int = 16) -> dict[str, torch.Tensor]:
+    """A GPT-NeoX-named state dict whose embed_out is the given tensor (other tensors small and fixed)."""
+    state = {"gpt_neox.embed_in.weight": torch.zeros(vocab, d), "embed_out.weight": step_tensor}
+    for i in range(n_layers):
+        prefix = f"gpt_neox.layers.{i}."
+        state[prefix + "attention.query_key_value.weight"] = torch.full((3 * d, d), float(i))
+        state[prefix + "attention.dense.weight"] = torch.ones(d, d)
+        state[prefix + "mlp.dense_h_to_4h.weight"] = torch.ones(4 * d, d)
+        state[prefix + "mlp.dense_4h_to_h.weight"] = torch.arange(4 * d * d, dtype=torch.float32).reshape(d, 4 * d)
+    return state
+
+
+@pytest.fixture
+def compose_config():
+    """Compose the real config tree with overrides (Hydra's compose API, no app run)."""
+
+    def _compose(*overrides: str):
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+
+    return _compose

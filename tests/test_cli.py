@@ -1,0 +1,152 @@
+"""End to end: `python -m garden` on small series in a temp dir, read back from MLflow."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import neox_state, planted_fork, write_series
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+FORK_STEPS = [0, 1, 2, 4, 8, 12, 16, 20, 24]
+FIGURES = {"figures/density.png", "figures/forking_trajectories.png", "figures/msd_loglog.png",
+           "figures/bimodality.png"}
+
+
+def garden(workdir, *overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "garden", "progress=false", f"tracking.uri=sqlite:///{workdir}/mlflow.db",
+               f"paths.data_dir={workdir}/data", f"hydra.run.dir={workdir}/out", *overrides]
+    return subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=600)
+
+
+def runs(workdir):
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    experiment = client.get_experiment_by_name("garden")
+    return client, ([] if experiment is None else client.search_runs([experiment.experiment_id]))
+
+
+def artifact_paths(client, run_id, path=None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+@pytest.fixture(scope="module")
+def fork_series(tmp_path_factory):
+    """A fp16 GPT-NeoX-named series whose unembedding forks at step 8."""
+    root = tmp_path_factory.mktemp("series") / "fork"
+    values = planted_fork(FORK_STEPS, onset=8, n=16 * 1000)
+    states = {s: neox_state(v.reshape(1000, 16).half(), d=16) for s, v in values.items()}
+    return write_series(root, states, "safetensors", config={"num_hidden_layers": 2})
+
+
+def test_cli_logs_the_forking_paths_run(tmp_path, fork_series):
+    done = garden(tmp_path, "model=local", f"model.path={fork_series}")
+    assert done.returncode == 0, done.stderr
+    client, found = runs(tmp_path)
+    assert len(found) == 1
+    run = found[0]
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "local/standard/unembedding"
+    assert run.data.params["layer.pattern"] == "embed_out.weight"
+    assert run.data.params["model.path"] == str(fork_series)
+    assert run.data.params["metrics.bifurcation_criterion"] == "bimodality_coefficient"
+    for key in ("msd", "displacement", "bimodality_coefficient", "std"):
+        history = client.get_metric_history(run.info.run_id, key)
+        expected = FORK_STEPS if key != "displacement" else FORK_STEPS[1:]
+        assert sorted(m.step for m in history) == expected, key
+    msd = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "msd")}
+    assert msd[0] == 0 and msd[24] > msd[12] > 0
+    assert run.data.metrics["bifurcation_step"] == 8
+    assert run.data.tags["garden.bifurcation"] == "detected"
+    assert "alpha" in run.data.metrics and run.data.tags["garden.stationary"] in ("detected", "none")
+    paths = artifact_paths(client, run.info.run_id)
+    assert FIGURES <= paths
+    assert {"tables/steps.csv", "tables/lag_msd.csv", "summary.json"} <= paths
+
+    # A second run reuses the extraction cache and reports the same numbers.
+    again = garden(tmp_path, "model=local", f"model.path={fork_series}", "hydra.run.dir=" + str(tmp_path / "o2"))
+    assert again.returncode == 0, again.stderr
+    _, both = runs(tmp_path)
+    assert len(both) == 2
+    assert both[0].data.metrics["bifurcation_step"] == both[1].data.metrics["bifurcation_step"] == 8
+    assert both[0].data.metrics["alpha"] == both[1].data.metrics["alpha"]
+
+
+def test_block_layer_and_step_selection(tmp_path, fork_series):
+    done = garden(tmp_path, "model=local", f"model.path={fork_series}", "layer=mlp_out", "layer.index=1",
+                  "steps=list", "steps.values=[0,4,24]", "metrics=minimal")
+    assert done.returncode == 0, done.stderr
+    client, (run,) = runs(tmp_path)
+    assert run.info.run_name == "local/standard/mlp_out.1"
+    assert run.data.tags["garden.tensor"] == "gpt_neox.layers.1.mlp.dense_4h_to_h.weight"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "msd")) == [0, 4, 24]
+    # The block tensor never moves in this series: no fork, no motion.
+    assert run.data.tags["garden.bifurcation"] == "none"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model=gpt5"], "Available options in 'model'"),
+        (["model=local", "layer=mlp_out", "layer.index=7"], "valid layer.index is 0..1"),
+        (["model=local", "layer.tensor=nope"], "has no tensor 'nope'"),
+        (["model=local", "metrics.names=[msd,entropy]"], "unknown metric"),
+        (["model=local", "steps=list", "steps.values=[0,5]"], r"steps [5] are not in the series"),
+        (["model=local", "variant=filtered"], "valid: standard, deduped"),
+        (["model=tiny", "variant=deduped"], "model=tiny has no deduped variant"),
+        (["model=local", "model.path="], "needs model.path"),
+        (["layer=mlp_out", "layer.index=9"], "valid layer.index is 0..3"),
+    ],
+)
+def test_bad_input_fails_before_any_work(tmp_path, fork_series, overrides, message):
+    if "model=local" in overrides and not any(o.startswith("model.path") for o in overrides):
+        overrides.append(f"model.path={fork_series}")
+    done = garden(tmp_path, *overrides)
+    assert done.returncode != 0
+    assert message in done.stderr, done.stderr[-3000:]
+    assert runs(tmp_path)[1] == []  # no MLflow run was started
+    assert not (tmp_path / "data" / "series").exists()  # nothing was trained
+
+
+def test_corrupt_step_fails_the_run_naming_the_step(tmp_path, fork_series):
+    broken = tmp_path / "broken"
+    shutil.copytree(fork_series, broken)
+    (broken / "step16" / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    done = garden(tmp_path, "model=local", f"model.path={broken}")
+    assert done.returncode != 0
+    assert "step 16: cannot read" in done.stderr and str(broken / "step16") in done.stderr
+    _, (run,) = runs(tmp_path)
+    assert run.info.status == "FAILED"
+
+
+def test_missing_step_folder_weights(tmp_path, fork_series):
+    broken = tmp_path / "holes"
+    shutil.copytree(fork_series, broken)
+    (broken / "step12" / "model.safetensors").unlink()
+    done = garden(tmp_path, "model=local", f"model.path={broken}")
+    assert done.returncode != 0
+    assert "step 12: no weights in" in done.stderr
+    _, found = runs(tmp_path)
+    assert all(r.info.status != "FINISHED" for r in found)
+
+
+def test_bin_series_gives_the_same_numbers_as_safetensors(tmp_path, fork_series):
+    from safetensors.torch import load_file
+
+    as_bin = tmp_path / "bin"
+    for step_dir in sorted(fork_series.glob("step*")):
+        (as_bin / step_dir.name).mkdir(parents=True)
+        torch.save(load_file(step_dir / "model.safetensors"), as_bin / step_dir.name / "pytorch_model.bin")
+    a = garden(tmp_path, "model=local", f"model.path={fork_series}", "metrics=minimal")
+    b = garden(tmp_path, "model=local", f"model.path={as_bin}", "metrics=minimal", f"hydra.run.dir={tmp_path}/o2")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    _, (r1, r2) = runs(tmp_path)
+    for key in ("alpha", "final_msd", "final_bimodality_coefficient", "bifurcation_step"):
+        assert r1.data.metrics[key] == pytest.approx(r2.data.metrics[key], rel=1e-12), key

@@ -1,0 +1,74 @@
+"""Hydra compose tests of every config group, from the repository's conf/ tree."""
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import MissingConfigException
+
+from garden.config import config_dir
+
+GROUPS = {
+    "model": ["tiny", "local"],
+    "layer": ["unembedding", "embedding", "attn_qkv", "attn_out", "mlp_in", "mlp_out"],
+    "metrics": ["forking_paths", "minimal"],
+    "steps": ["all", "eval", "every", "list"],
+    "tracking": ["mlflow"],
+    "corpus": ["shakespeare"],
+}
+
+
+def test_config_tree_is_found_and_complete():
+    root = config_dir()
+    assert (root / "config.yaml").is_file()
+    for group, options in GROUPS.items():
+        assert sorted(p.stem for p in (root / group).glob("*.yaml")) == sorted(options), group
+
+
+def test_defaults(compose_config):
+    cfg = compose_config()
+    assert cfg.model.name == "tiny" and cfg.layer.name == "unembedding" and cfg.steps.select == "all"
+    assert cfg.layer.pattern == "embed_out.weight"
+    assert cfg.tracking.experiment == "garden"
+    assert cfg.metrics.bifurcation_criterion == "bimodality_coefficient"
+    assert cfg.variant == "standard"
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_group_option_composes(compose_config, group, option):
+    cfg = compose_config(f"{group}={option}")
+    assert cfg[group] is not None
+
+
+def test_block_layers_take_an_index(compose_config):
+    cfg = compose_config("layer=mlp_out", "layer.index=3")
+    assert cfg.layer.pattern.format(index=cfg.layer.index) == "gpt_neox.layers.3.mlp.dense_4h_to_h.weight"
+    cfg = compose_config("layer.tensor=gpt_neox.embed_in.weight")
+    assert cfg.layer.tensor == "gpt_neox.embed_in.weight"
+
+
+def test_minimal_metrics_inherit_the_thresholds(compose_config):
+    cfg = compose_config("metrics=minimal")
+    assert "dip" not in cfg.metrics.names and cfg.metrics.stationary_threshold == 0.05
+
+
+def test_tracking_uri_follows_the_environment(compose_config, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    assert compose_config().tracking.uri == "sqlite:///elsewhere.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert compose_config().tracking.uri == "sqlite:///mlflow.db"
+
+
+@pytest.mark.parametrize("override", ["model=gpt5", "layer=attention", "metrics=everything", "steps=some"])
+def test_unknown_choices_list_the_valid_ones(compose_config, override):
+    group = override.split("=")[0]
+    with pytest.raises(MissingConfigException) as err:
+        compose_config(override)
+    message = str(err.value)
+    assert f"Available options in '{group}'" in message
+    assert all(f"\t{option}" in message for option in GROUPS[group])
+
+
+def test_installed_wheel_ships_the_config(tmp_path):
+    """pyproject force-includes conf/ as garden/conf so an installed package finds it."""
+    text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert '"conf" = "garden/conf"' in text

@@ -1,0 +1,51 @@
+import pytest
+
+from garden.errors import GardenError
+from garden.schedule import PYTHIA_STEPS, eval_subset, log_linear_schedule, select_steps
+
+PYTHIA_EVAL = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000] + [3000 + 10000 * i for i in range(15)]
+
+
+def test_pythia_schedule_has_exactly_the_154_steps():
+    assert len(PYTHIA_STEPS) == 154
+    assert PYTHIA_STEPS[:11] == (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+    assert PYTHIA_STEPS[11:] == tuple(range(1000, 143001, 1000))
+    assert len(set(PYTHIA_STEPS)) == 154
+
+
+def test_eval_subset_is_eleutherais_27_steps():
+    subset = eval_subset(PYTHIA_STEPS)
+    assert subset == PYTHIA_EVAL
+    assert len(subset) == 27
+
+
+def test_eval_subset_of_a_scaled_schedule_keeps_the_shape():
+    steps = log_linear_schedule(20, 1200)
+    assert steps[:6] == [0, 1, 2, 4, 8, 16]
+    assert eval_subset(steps) == [0, 1, 2, 4, 8, 16, 20, 60, 260, 460, 660, 860, 1060]
+
+
+def test_every_keeps_first_and_last():
+    chosen = select_steps(PYTHIA_STEPS, {"select": "every", "stride": 50})
+    assert chosen[0] == 0 and chosen[-1] == 143000
+    assert chosen == sorted(set(PYTHIA_STEPS[::50]) | {143000})
+
+
+def test_list_selection_and_missing_steps_are_named():
+    assert select_steps(PYTHIA_STEPS, {"select": "list", "values": [143000, 0, 1000]}) == [0, 1000, 143000]
+    with pytest.raises(GardenError, match=r"steps \[1500\] are not in the series"):
+        select_steps(PYTHIA_STEPS, {"select": "list", "values": [0, 1500]})
+
+
+@pytest.mark.parametrize(
+    "selection, message",
+    [
+        ({"select": "sometimes"}, "valid: all, eval, every, list"),
+        ({"select": "every", "stride": 0}, "positive integer"),
+        ({"select": "list", "values": []}, "needs steps.values"),
+        ({"select": "list", "values": [0]}, "at least two checkpoints"),
+    ],
+)
+def test_bad_selections_fail_clearly(selection, message):
+    with pytest.raises(GardenError, match=message):
+        select_steps(PYTHIA_STEPS, selection)
