@@ -41,8 +41,10 @@ class ArraySeries(CheckpointSeries):
         return f"{step}:{float(self.tensors[step][next(iter(self.tensors[step]))].double().sum()):.17g}"
 
 
-def random_walk(steps: list[int], shape: tuple[int, ...], rate: float, seed: int = 0) -> dict[int, torch.Tensor]:
-    """w(t) = w(0) + sum of N(0, rate) increments per training step: MSD(t) = rate * t exactly in expectation."""
+def random_walk(
+    steps: list[int], shape: tuple[int, ...], rate: float, seed: int = 0
+) -> dict[int, torch.Tensor]:
+    """w(t) = w(0) + N(0, rate) increments per training step, so E[MSD(t)] = rate * t."""
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=gen, dtype=torch.float64) * 0.02
     out, previous = {}, 0
@@ -68,8 +70,12 @@ def planted_fork(steps: list[int], onset: int, n: int = 20000, seed: int = 0) ->
     return out
 
 
-def write_series(root: Path, tensors: dict[int, dict[str, torch.Tensor]], layout: str = "safetensors",
-                 config: dict | None = None) -> Path:
+def write_series(
+    root: Path,
+    tensors: dict[int, dict[str, torch.Tensor]],
+    layout: str = "safetensors",
+    config: dict | None = None,
+) -> Path:
     """Write {step: {name: tensor}} as step{N}/ folders in one of the four Hugging Face layouts."""
     root.mkdir(parents=True, exist_ok=True)
     for step, state in tensors.items():
@@ -82,7 +88,7 @@ def write_series(root: Path, tensors: dict[int, dict[str, torch.Tensor]], layout
         elif layout == "bin":
             torch.save(state, folder / "pytorch_model.bin")
         elif layout in ("sharded_safetensors", "sharded_bin"):
-            halves = [names[: len(names) // 2 or 1], names[len(names) // 2 or 1:]]
+            halves = [names[: len(names) // 2 or 1], names[len(names) // 2 or 1 :]]
             halves = [h for h in halves if h]
             weight_map = {}
             for i, part in enumerate(halves, start=1):
@@ -93,7 +99,11 @@ def write_series(root: Path, tensors: dict[int, dict[str, torch.Tensor]], layout
                     filename = f"pytorch_model-{i:05d}-of-{len(halves):05d}.bin"
                     torch.save({k: state[k] for k in part}, folder / filename)
                 weight_map.update({k: filename for k in part})
-            index = "model.safetensors.index.json" if layout == "sharded_safetensors" else "pytorch_model.bin.index.json"
+            index = (
+                "model.safetensors.index.json"
+                if layout == "sharded_safetensors"
+                else "pytorch_model.bin.index.json"
+            )
             (folder / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
         else:
             raise ValueError(layout)
@@ -102,7 +112,9 @@ def write_series(root: Path, tensors: dict[int, dict[str, torch.Tensor]], layout
     return root
 
 
-def neox_state(step_tensor: torch.Tensor, n_layers: int = 2, d: int = 8, vocab: int = 16) -> dict[str, torch.Tensor]:
+def neox_state(
+    step_tensor: torch.Tensor, n_layers: int = 2, d: int = 8, vocab: int = 16
+) -> dict[str, torch.Tensor]:
     """A GPT-NeoX-named state dict whose embed_out is the given tensor (other tensors small and fixed)."""
     state = {"gpt_neox.embed_in.weight": torch.zeros(vocab, d), "embed_out.weight": step_tensor}
     for i in range(n_layers):
@@ -110,7 +122,9 @@ def neox_state(step_tensor: torch.Tensor, n_layers: int = 2, d: int = 8, vocab: 
         state[prefix + "attention.query_key_value.weight"] = torch.full((3 * d, d), float(i))
         state[prefix + "attention.dense.weight"] = torch.ones(d, d)
         state[prefix + "mlp.dense_h_to_4h.weight"] = torch.ones(4 * d, d)
-        state[prefix + "mlp.dense_4h_to_h.weight"] = torch.arange(4 * d * d, dtype=torch.float32).reshape(d, 4 * d)
+        state[prefix + "mlp.dense_4h_to_h.weight"] = torch.arange(4 * d * d, dtype=torch.float32).reshape(
+            d, 4 * d
+        )
     return state
 
 

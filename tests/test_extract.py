@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ArraySeries, random_walk
 
+from conftest import ArraySeries, random_walk
 from garden.errors import GardenError
 from garden.extract import ExtractionPlan, extract
 
@@ -82,7 +82,11 @@ def test_tensor_of_changing_size_is_an_error(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"subsample": 1}, "subsample"), ({"quantile_bins": 1000}, "multiple"), ({"quantiles": (1.5,)}, r"\[0, 1\]")],
+    [
+        ({"subsample": 1}, "subsample"),
+        ({"quantile_bins": 1000}, "multiple"),
+        ({"quantiles": (1.5,)}, r"\[0, 1\]"),
+    ],
 )
 def test_bad_extraction_settings(kwargs, message):
     with pytest.raises(GardenError, match=message):

@@ -3,17 +3,27 @@
 import numpy as np
 import pytest
 import torch
-from conftest import ArraySeries, planted_fork, random_walk
 from scipy import stats
 
+from conftest import ArraySeries, planted_fork, random_walk
 from garden.errors import GardenError
 from garden.extract import ExtractionPlan, extract, histogram_quantiles, step_statistics
 from garden.metrics import available_metrics, compute_metrics, validate_metric_names
 from garden.metrics.distribution import ashman_d, sarle_bimodality
 from garden.metrics.events import onset_index
 
-ALL = ["msd", "displacement", "lag_msd", "alpha", "moments", "bimodality_coefficient", "dip", "gmm",
-       "bifurcation", "stationary"]
+ALL = [
+    "msd",
+    "displacement",
+    "lag_msd",
+    "alpha",
+    "moments",
+    "bimodality_coefficient",
+    "dip",
+    "gmm",
+    "bifurcation",
+    "stationary",
+]
 
 
 def trajectory_of(tensors: dict[int, torch.Tensor], tmp_path, **plan_args):
@@ -25,7 +35,7 @@ def trajectory_of(tensors: dict[int, torch.Tensor], tmp_path, **plan_args):
 
 def test_registry_holds_the_forking_paths_metrics():
     assert set(ALL) <= set(available_metrics())
-    with pytest.raises(GardenError, match="valid: .*bimodality_coefficient"):
+    with pytest.raises(GardenError, match=r"valid: .*bimodality_coefficient"):
         validate_metric_names(["msd", "entropy"])
 
 
@@ -66,7 +76,7 @@ def test_msd_of_a_random_walk_grows_at_its_known_rate(tmp_path):
 
 def test_lag_msd_of_a_random_walk_is_linear_in_the_lag(tmp_path):
     rate = 1e-6
-    steps = [0, 1, 2, 4] + list(range(10, 310, 10))
+    steps = [0, 1, 2, 4, *list(range(10, 310, 10))]
     traj = trajectory_of(random_walk(steps, (500, 200), rate, seed=3), tmp_path, n_distribution_sample=50_000)
     table = compute_metrics(traj, ["lag_msd"], {"lag_msd_max_lag": 5})["lag_msd"].tables["lag_msd"]
     assert list(table["lag_steps"]) == [10, 20, 30, 40, 50]

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import neox_state, write_series
 
+from conftest import neox_state, write_series
 from garden.errors import GardenError
 from garden.layers import resolve_layer
 from garden.series import LocalSeries
@@ -12,8 +12,10 @@ LAYOUTS = ["safetensors", "sharded_safetensors", "bin", "sharded_bin"]
 
 
 def small_series(root, layout="safetensors", steps=(0, 1, 2), dtype=torch.float16):
-    tensors = {s: neox_state((torch.arange(32 * 8, dtype=torch.float32).reshape(32, 8) * (s + 1)).to(dtype))
-               for s in steps}
+    tensors = {
+        s: neox_state((torch.arange(32 * 8, dtype=torch.float32).reshape(32, 8) * (s + 1)).to(dtype))
+        for s in steps
+    }
     return write_series(root, tensors, layout, config={"num_hidden_layers": 2})
 
 
@@ -44,7 +46,9 @@ def test_fingerprint_changes_with_the_file(tmp_path):
 
 def test_missing_tensor_lists_what_the_checkpoint_has(tmp_path):
     series = LocalSeries(small_series(tmp_path / "s"))
-    with pytest.raises(GardenError, match=r"step 1: the checkpoint has no tensor 'nope'.*\n.*embed_out.weight"):
+    with pytest.raises(
+        GardenError, match=r"step 1: the checkpoint has no tensor 'nope'.*\n.*embed_out.weight"
+    ):
         series.read_tensor(1, "nope")
 
 
@@ -72,8 +76,12 @@ def test_corrupt_bin_names_the_step(tmp_path):
 
 
 def test_layer_resolution_and_index_range():
-    block = {"name": "mlp_out", "pattern": "gpt_neox.layers.{index}.mlp.dense_4h_to_h.weight", "index": 1,
-             "tensor": None}
+    block = {
+        "name": "mlp_out",
+        "pattern": "gpt_neox.layers.{index}.mlp.dense_4h_to_h.weight",
+        "index": 1,
+        "tensor": None,
+    }
     from omegaconf import OmegaConf
 
     assert resolve_layer(OmegaConf.create(block), 2).tensor == "gpt_neox.layers.1.mlp.dense_4h_to_h.weight"

@@ -108,7 +108,8 @@ def check_config(cfg: DictConfig) -> None:
     criterion = cfg.metrics.get("bifurcation_criterion")
     if criterion not in BIFURCATION_CRITERIA:
         raise GardenError(
-            f"metrics.bifurcation_criterion={criterion!r} is not valid; valid: {', '.join(BIFURCATION_CRITERIA)}"
+            f"metrics.bifurcation_criterion={criterion!r} is not valid; "
+            f"valid: {', '.join(BIFURCATION_CRITERIA)}"
         )
     from garden.tiny import resolve_device
 
@@ -160,7 +161,10 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
         results = compute_metrics(trajectory, cfg.metrics.names, metric_params)
 
         per_step: dict = {}
-        summary: dict[str, float] = {"n_steps": float(len(trajectory.steps)), "n_parameters": float(trajectory.n)}
+        summary: dict[str, float] = {
+            "n_steps": float(len(trajectory.steps)),
+            "n_parameters": float(trajectory.n),
+        }
         for result in results.values():
             per_step.update(result.per_step)
             summary.update(result.summary)
@@ -181,7 +185,9 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
     return RunOutcome(run_id, run_name, output_dir, trajectory, results, summary, tags)
 
 
-def _write_outputs(folder: Path, trajectory: Trajectory, results, per_step, summary, tags, run_name, cfg) -> None:
+def _write_outputs(
+    folder: Path, trajectory: Trajectory, results, per_step, summary, tags, run_name, cfg
+) -> None:
     from garden.figures import draw_all
 
     tables = folder / "tables"
@@ -193,9 +199,12 @@ def _write_outputs(folder: Path, trajectory: Trajectory, results, per_step, summ
     for result in results.values():
         for name, extra in result.tables.items():
             extra.to_csv(tables / f"{name}.csv", index=False)
-    pd.DataFrame({"index": trajectory.trajectory_indices}).to_csv(tables / "trajectory_indices.csv", index=False)
-    (folder / "summary.json").write_text(json.dumps({"run_name": run_name, "summary": summary, "tags": tags},
-                                                    indent=1))
+    pd.DataFrame({"index": trajectory.trajectory_indices}).to_csv(
+        tables / "trajectory_indices.csv", index=False
+    )
+    (folder / "summary.json").write_text(
+        json.dumps({"run_name": run_name, "summary": summary, "tags": tags}, indent=1)
+    )
     draw_all(trajectory, results, run_name, float(cfg.metrics.bimodality_threshold), folder / "figures")
 
 
@@ -205,7 +214,9 @@ def _report(run_name: str, summary: dict, tags: dict, output_dir: Path, run_id: 
     log.info(
         "%s: bifurcation %s, stationary step %s, alpha %s; results in %s (MLflow run %s)",
         run_name,
-        f"at step {bifurcation:g}" if bifurcation is not None else tags.get("garden.bifurcation", "not computed"),
+        f"at step {bifurcation:g}"
+        if bifurcation is not None
+        else tags.get("garden.bifurcation", "not computed"),
         f"{stationary:g}" if stationary is not None else "none",
         f"{summary['alpha']:.3f}" if "alpha" in summary else "n/a",
         output_dir,

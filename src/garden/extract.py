@@ -62,7 +62,8 @@ class ExtractionPlan:
             histogram_bins=int(extract_cfg.histogram_bins),
             quantile_bins=int(extract_cfg.quantile_bins),
             quantiles=tuple(float(q) for q in extract_cfg.quantiles),
-            histogram_range=None if extract_cfg.get("histogram_range") is None
+            histogram_range=None
+            if extract_cfg.get("histogram_range") is None
             else float(extract_cfg.histogram_range),
             chunk_size=int(extract_cfg.chunk_size),
             seed=int(extract_cfg.seed),
@@ -180,7 +181,9 @@ def step_statistics(
     }
 
 
-def histogram_quantiles(counts: np.ndarray, lo: float, hi: float, qs, vmin: float, vmax: float) -> list[float]:
+def histogram_quantiles(
+    counts: np.ndarray, lo: float, hi: float, qs, vmin: float, vmax: float
+) -> list[float]:
     """Quantiles (numpy's 'linear' rank q*(n-1)) read off a fine histogram, spreading each bin evenly.
 
     Exact to within one fine bin width; an exact selection would cost a sort per step (~5x the read).

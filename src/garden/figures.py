@@ -7,11 +7,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from garden.metrics import MetricResult  # noqa: E402
-from garden.trajectory import Trajectory  # noqa: E402
+from garden.metrics import MetricResult
+from garden.trajectory import Trajectory
 
 
 def _step_axis(ax) -> None:
@@ -33,7 +33,10 @@ def density_heatmap(traj: Trajectory, title: str, bifurcation_step: float | None
     x_edges = np.concatenate([[steps[0] - 0.5], (steps[1:] + steps[:-1]) / 2, [steps[-1] + 0.5]])
     x_edges[0] = max(x_edges[0], -0.5)
     with np.errstate(divide="ignore"):
-        image = ax.pcolormesh(x_edges, traj.hist_edges, np.log10(density.T), shading="flat", cmap="magma")
+        log_density = np.ma.masked_invalid(np.log10(density.T))
+    cmap = plt.get_cmap("magma").copy()
+    cmap.set_bad(cmap(0.0))  # empty bins read as the lowest density, not as holes
+    image = ax.pcolormesh(x_edges, traj.hist_edges, log_density, shading="flat", cmap=cmap)
     fig.colorbar(image, ax=ax, label="log10 fraction of parameters")
     _step_axis(ax)
     ax.set_ylabel("parameter value")
@@ -64,8 +67,13 @@ def msd_loglog(traj: Trajectory, title: str, alpha: MetricResult | None):
     if alpha is not None and "alpha" in alpha.summary:
         slope, intercept = alpha.summary["alpha"], alpha.summary["alpha_log_intercept"]
         fit_x = steps[keep]
-        ax.loglog(fit_x, np.exp(intercept) * fit_x**slope, "--", color="crimson",
-                  label=f"fit: alpha = {slope:.3f} (r² = {alpha.summary['alpha_r2']:.3f})")
+        ax.loglog(
+            fit_x,
+            np.exp(intercept) * fit_x**slope,
+            "--",
+            color="crimson",
+            label=f"fit: alpha = {slope:.3f} (r² = {alpha.summary['alpha_r2']:.3f})",
+        )
     ax.set_xlabel("training step")
     ax.set_ylabel("mean square displacement")
     ax.set_title(f"MSD of {traj.tensor}\n{title}")
@@ -73,19 +81,41 @@ def msd_loglog(traj: Trajectory, title: str, alpha: MetricResult | None):
     return fig
 
 
-def bimodality_vs_step(traj: Trajectory, title: str, results: dict[str, MetricResult], threshold: float,
-                       bifurcation_step: float | None):
+def bimodality_vs_step(
+    traj: Trajectory,
+    title: str,
+    results: dict[str, MetricResult],
+    threshold: float,
+    bifurcation_step: float | None,
+):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if "bimodality_coefficient" in results:
-        ax.plot(traj.steps, results["bimodality_coefficient"].per_step["bimodality_coefficient"], "o-",
-                markersize=3, label="Sarle's bimodality coefficient")
+        ax.plot(
+            traj.steps,
+            results["bimodality_coefficient"].per_step["bimodality_coefficient"],
+            "o-",
+            markersize=3,
+            label="Sarle's bimodality coefficient",
+        )
         ax.axhline(threshold, color="grey", linestyle=":", label=f"threshold {threshold:.3f}")
     if "dip" in results:
-        ax.plot(traj.steps, results["dip"].per_step["dip"] * 10, "s-", markersize=2, alpha=0.7,
-                label="Hartigan's dip x 10")
+        ax.plot(
+            traj.steps,
+            results["dip"].per_step["dip"] * 10,
+            "s-",
+            markersize=2,
+            alpha=0.7,
+            label="Hartigan's dip x 10",
+        )
     if "gmm" in results:
-        ax.plot(traj.steps, results["gmm"].per_step["ashman_d"] / 4, "^-", markersize=2, alpha=0.7,
-                label="Ashman's D / 4")
+        ax.plot(
+            traj.steps,
+            results["gmm"].per_step["ashman_d"] / 4,
+            "^-",
+            markersize=2,
+            alpha=0.7,
+            label="Ashman's D / 4",
+        )
     _step_axis(ax)
     _mark(ax, bifurcation_step, "bifurcation onset")
     ax.set_ylabel("bimodality")
@@ -94,8 +124,9 @@ def bimodality_vs_step(traj: Trajectory, title: str, results: dict[str, MetricRe
     return fig
 
 
-def draw_all(traj: Trajectory, results: dict[str, MetricResult], title: str, threshold: float,
-             folder: Path) -> list[Path]:
+def draw_all(
+    traj: Trajectory, results: dict[str, MetricResult], title: str, threshold: float, folder: Path
+) -> list[Path]:
     """Draw every figure the results allow into `folder`; returns the written paths."""
     folder.mkdir(parents=True, exist_ok=True)
     bifurcation = results.get("bifurcation")

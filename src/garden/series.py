@@ -102,7 +102,7 @@ def read_tensor_from(files: WeightFiles, tensor: str) -> torch.Tensor:
     try:
         if files.fmt == "safetensors":
             with safe_open(str(path), framework="pt") as handle:
-                if tensor not in handle.keys():
+                if tensor not in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
                     raise missing_tensor_error(files.step, tensor, list(handle.keys()))
                 return handle.get_tensor(tensor)
         state = _load_bin(path)
@@ -207,7 +207,10 @@ class LocalSeries(CheckpointSeries):
         return digest.hexdigest()[:16]
 
     def model_config(self) -> dict | None:
-        for candidate in (self.root / "config.json", *(f / "config.json" for f in self._step_folders.values())):
+        for candidate in (
+            self.root / "config.json",
+            *(f / "config.json" for f in self._step_folders.values()),
+        ):
             if candidate.is_file():
                 try:
                     return json.loads(candidate.read_text())

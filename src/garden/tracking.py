@@ -63,7 +63,7 @@ class MlflowTracker:
             if v is not None and math.isfinite(float(v))
         ]
         for start in range(0, len(batch), MAX_BATCH):
-            self.client.log_batch(self.run_id, metrics=batch[start: start + MAX_BATCH])
+            self.client.log_batch(self.run_id, metrics=batch[start : start + MAX_BATCH])
 
     def log_summary(self, values: Mapping[str, float]) -> None:
         finite = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}

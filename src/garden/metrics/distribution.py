@@ -33,7 +33,9 @@ def sarle_bimodality(skewness, excess_kurtosis, n: int):
 @register_metric("bimodality_coefficient")
 def bimodality_coefficient(traj: Trajectory, ctx: MetricContext) -> MetricResult:
     bc = sarle_bimodality(traj.column("skewness"), traj.column("kurtosis"), traj.n)
-    return MetricResult(per_step={"bimodality_coefficient": bc}, summary={"final_bimodality_coefficient": bc[-1]})
+    return MetricResult(
+        per_step={"bimodality_coefficient": bc}, summary={"final_bimodality_coefficient": bc[-1]}
+    )
 
 
 @register_metric("dip")
@@ -56,7 +58,12 @@ def gmm(traj: Trajectory, ctx: MetricContext) -> MetricResult:
     for row in traj.distribution_sample:
         sample = np.asarray(row, dtype=np.float64).reshape(-1, 1)
         if np.ptp(sample) == 0:
-            d_values.append(0.0), weight_min.append(0.0), mu_lo.append(sample[0, 0]), mu_hi.append(sample[0, 0])
+            (
+                d_values.append(0.0),
+                weight_min.append(0.0),
+                mu_lo.append(sample[0, 0]),
+                mu_hi.append(sample[0, 0]),
+            )
             continue
         model = GaussianMixture(n_components=2, random_state=seed, n_init=1, max_iter=200).fit(sample)
         means = model.means_.ravel()

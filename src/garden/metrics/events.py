@@ -46,7 +46,9 @@ def bifurcation(traj: Trajectory, ctx: MetricContext) -> MetricResult:
     criterion = str(ctx.param("bifurcation_criterion", "bimodality_coefficient"))
     mask = bimodal_mask(ctx, criterion)
     index = onset_index(mask)
-    result = MetricResult(per_step={"bimodal": mask.astype(float)}, tags={"garden.bifurcation_criterion": criterion})
+    result = MetricResult(
+        per_step={"bimodal": mask.astype(float)}, tags={"garden.bifurcation_criterion": criterion}
+    )
     if index is None:
         result.tags["garden.bifurcation"] = "none"
     else:

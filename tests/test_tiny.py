@@ -1,0 +1,136 @@
+"""The offline tiny series: trained by garden, Hugging Face format, deterministic, resumable."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from garden import tiny
+from garden.config import config_dir
+
+pytestmark = pytest.mark.slow
+
+WORDS = (
+    "the king and the queen walk in the garden of forking paths while the fool sings of rain "
+    "and the lords argue over crowns swords letters and the long night"
+).split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    import random
+
+    rng = random.Random(0)
+    folder = tmp_path_factory.mktemp("corpus")
+    for i in range(3):
+        lines = [" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(400)]
+        (folder / f"part{i}.txt").write_text("\n".join(lines))
+    return folder
+
+
+def small_model(corpus, steps=12, interval=4):
+    model = OmegaConf.load(config_dir() / "model" / "tiny.yaml")
+    model.architecture.update(
+        vocab_size=300,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
+    model.train.update(steps=steps, interval=interval, batch_size=4, seq_len=16, seed=7)
+    corpus_cfg = OmegaConf.load(config_dir() / "corpus" / "shakespeare.yaml")
+    corpus_cfg.path = str(corpus)
+    return model, corpus_cfg
+
+
+def weights(folder, step):
+    return load_file(folder / f"step{step}" / "model.safetensors")
+
+
+def test_same_seed_same_weights_and_loadable(tmp_path, corpus):
+    model, corpus_cfg = small_model(corpus)
+    a = tiny.ensure_tiny_series(model, corpus_cfg, tmp_path / "a", "cpu", progress=False)
+    b = tiny.ensure_tiny_series(model, corpus_cfg, tmp_path / "b", "cpu", progress=False)
+    assert sorted(p.name for p in a.glob("step*")) == sorted(f"step{s}" for s in [0, 1, 2, 4, 8, 12])
+    for step in (0, 12):
+        wa, wb = weights(a, step), weights(b, step)
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not torch.equal(weights(a, 0)["embed_out.weight"], weights(a, 12)["embed_out.weight"])
+    assert set(tiny.tensor_names_on_disk(model)) == set(weights(a, 4))
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(a / "step12")
+    tokenizer = AutoTokenizer.from_pretrained(a / "step12")
+    ids = tokenizer("the king walks in the garden", return_tensors="pt")["input_ids"]
+    assert loaded(input_ids=ids).logits.shape == (1, ids.shape[1], 300)
+    torch.testing.assert_close(loaded.get_output_embeddings().weight, weights(a, 12)["embed_out.weight"])
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, corpus, monkeypatch):
+    model, corpus_cfg = small_model(corpus)
+    clean = tiny.ensure_tiny_series(model, corpus_cfg, tmp_path / "clean", "cpu", progress=False)
+
+    original = tiny._save_checkpoint
+
+    def crash_at_8(model_, tokenizer, folder, step, dtype):
+        if step == 8:
+            raise KeyboardInterrupt("simulated crash")
+        original(model_, tokenizer, folder, step, dtype)
+
+    monkeypatch.setattr(tiny, "_save_checkpoint", crash_at_8)
+    with pytest.raises(KeyboardInterrupt):
+        tiny.ensure_tiny_series(model, corpus_cfg, tmp_path / "crash", "cpu", progress=False)
+    crashed = tiny.tiny_series_dir(model, corpus_cfg, tmp_path / "crash")
+    assert not (crashed / tiny.COMPLETE_MARKER).exists() and not (crashed / "step8").exists()
+
+    monkeypatch.setattr(tiny, "_save_checkpoint", original)
+    resumed = tiny.ensure_tiny_series(model, corpus_cfg, tmp_path / "crash", "cpu", progress=False)
+    assert (resumed / tiny.COMPLETE_MARKER).exists()
+    for step in (8, 12):
+        wa, wb = weights(clean, step), weights(resumed, step)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), step
+
+
+def test_default_cli_on_a_shrunken_tiny_series(tmp_path, corpus):
+    """`python -m garden` with the tiny model shrunk by overrides: trains, analyses, logs; then reuses."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    overrides = [
+        "progress=false",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"paths.data_dir={tmp_path}/data",
+        f"corpus.path={corpus}",
+        "model.architecture.vocab_size=300",
+        "model.architecture.hidden_size=32",
+        "model.architecture.num_hidden_layers=2",
+        "model.architecture.num_attention_heads=2",
+        "model.architecture.intermediate_size=64",
+        "model.train.steps=40",
+        "model.train.interval=8",
+        "model.train.batch_size=4",
+        "model.train.seq_len=16",
+    ]
+    for attempt in (1, 2):
+        done = subprocess.run(
+            [sys.executable, "-m", "garden", *overrides, f"hydra.run.dir={tmp_path}/o{attempt}"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list((tmp_path / "data" / "series").iterdir())) == 1  # trained once, reused
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    found = client.search_runs([client.get_experiment_by_name("garden").experiment_id])
+    assert [r.info.run_name for r in found] == ["tiny/standard/unembedding"] * 2
+    assert all(r.info.status == "FINISHED" for r in found)
+    steps = sorted(m.step for m in client.get_metric_history(found[0].info.run_id, "msd"))
+    assert steps == [0, 1, 2, 4, 8, 16, 24, 32, 40]
