@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from garden.errors import GardenError
 from garden.extract import ExtractionPlan, extract
@@ -222,12 +222,3 @@ def _report(run_name: str, summary: dict, tags: dict, output_dir: Path, run_id: 
         output_dir,
         run_id,
     )
-
-
-def with_overrides(cfg: DictConfig, **values) -> DictConfig:
-    """A copy of cfg with dotted keys set (tests and other entry points use it)."""
-    cfg = cfg.copy()
-    with open_dict(cfg):
-        for key, value in values.items():
-            OmegaConf.update(cfg, key, value, merge=False)
-    return cfg

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -35,14 +34,3 @@ class Trajectory:
 
     def column(self, name: str) -> np.ndarray:
         return self.table[name].to_numpy(dtype=float)
-
-    def save(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.table.to_csv(folder / "steps.csv", index=False)
-        np.savez_compressed(
-            folder / "arrays.npz",
-            hist_edges=self.hist_edges,
-            hist=self.hist,
-            trajectories=self.trajectories,
-            trajectory_indices=self.trajectory_indices,
-        )

@@ -50,34 +50,29 @@ def ashman_d(mu1: float, mu2: float, var1: float, var2: float) -> float:
     return float(np.sqrt(2.0) * abs(mu1 - mu2) / np.sqrt(var1 + var2))
 
 
+def fit_two_gaussians(sample: np.ndarray, seed: int) -> tuple[float, float, float, float]:
+    """(Ashman's D, smaller weight, lower mean, higher mean) of a seeded two-component mixture."""
+    if np.ptp(sample) == 0:  # a point mass: one component, no separation
+        return 0.0, 0.0, float(sample[0]), float(sample[0])
+    model = GaussianMixture(n_components=2, random_state=seed, n_init=1, max_iter=200)
+    model.fit(sample.reshape(-1, 1))
+    means = model.means_.ravel()
+    variances = model.covariances_.reshape(-1)
+    low, high = np.argsort(means)
+    return (
+        ashman_d(means[0], means[1], variances[0], variances[1]),
+        float(model.weights_.min()),
+        float(means[low]),
+        float(means[high]),
+    )
+
+
 @register_metric("gmm")
 def gmm(traj: Trajectory, ctx: MetricContext) -> MetricResult:
-    """Two-component Gaussian mixture per step (seeded), summarised by Ashman's D and the weights."""
+    """Two-component Gaussian mixture per step on the distribution sample, summarised by Ashman's D."""
     seed = int(ctx.param("seed", 0))
-    d_values, weight_min, mu_lo, mu_hi = [], [], [], []
-    for row in traj.distribution_sample:
-        sample = np.asarray(row, dtype=np.float64).reshape(-1, 1)
-        if np.ptp(sample) == 0:
-            (
-                d_values.append(0.0),
-                weight_min.append(0.0),
-                mu_lo.append(sample[0, 0]),
-                mu_hi.append(sample[0, 0]),
-            )
-            continue
-        model = GaussianMixture(n_components=2, random_state=seed, n_init=1, max_iter=200).fit(sample)
-        means = model.means_.ravel()
-        variances = model.covariances_.reshape(-1)
-        order = np.argsort(means)
-        d_values.append(ashman_d(means[0], means[1], variances[0], variances[1]))
-        weight_min.append(float(model.weights_.min()))
-        mu_lo.append(float(means[order[0]]))
-        mu_hi.append(float(means[order[1]]))
-    return MetricResult(
-        per_step={
-            "ashman_d": np.array(d_values),
-            "gmm_min_weight": np.array(weight_min),
-            "gmm_mean_low": np.array(mu_lo),
-            "gmm_mean_high": np.array(mu_hi),
-        }
+    fits = np.array(
+        [fit_two_gaussians(np.asarray(row, dtype=np.float64), seed) for row in traj.distribution_sample]
     )
+    names = ("ashman_d", "gmm_min_weight", "gmm_mean_low", "gmm_mean_high")
+    return MetricResult(per_step={name: fits[:, i] for i, name in enumerate(names)})
