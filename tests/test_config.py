@@ -78,7 +78,9 @@ def test_built_wheel_carries_the_config_tree(tmp_path):
     root = Path(__file__).parents[1]
     done = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path), str(root)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     (wheel,) = tmp_path.glob("garden-*.whl")

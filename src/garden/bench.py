@@ -256,14 +256,16 @@ def scalar_agreement(trajectory: Trajectory, notebook: NotebookResult) -> list[S
         with np.errstate(divide="ignore", invalid="ignore"):
             rel = np.where(diff == 0, 0.0, diff / np.abs(b))
         atol = SCALAR_ATOL[column]
-        out.append(ScalarAgreement(
-            column=column,
-            max_rel=float(np.nanmax(np.where(np.isnan(rel), np.inf, rel))),
-            max_abs=float(diff.max()),
-            atol=atol,
-            passed=bool(np.all(diff <= SCALAR_RTOL * np.abs(np.nan_to_num(b)) + atol)),
-            passed_strict=bool(np.all(diff <= SCALAR_RTOL * np.abs(np.nan_to_num(b)) + STRICT_ATOL)),
-        ))
+        out.append(
+            ScalarAgreement(
+                column=column,
+                max_rel=float(np.nanmax(np.where(np.isnan(rel), np.inf, rel))),
+                max_abs=float(diff.max()),
+                atol=atol,
+                passed=bool(np.all(diff <= SCALAR_RTOL * np.abs(np.nan_to_num(b)) + atol)),
+                passed_strict=bool(np.all(diff <= SCALAR_RTOL * np.abs(np.nan_to_num(b)) + STRICT_ATOL)),
+            )
+        )
     return out
 
 
@@ -303,8 +305,16 @@ FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "1
 
 
 def peak_rss_kib(root: Path, n_steps: int, cache_parent: Path, env: dict[str, str] | None = None) -> dict:
-    command = [sys.executable, "-m", "garden.bench", "--rss-child", str(root), str(n_steps),
-               "--workdir", str(cache_parent)]
+    command = [
+        sys.executable,
+        "-m",
+        "garden.bench",
+        "--rss-child",
+        str(root),
+        str(n_steps),
+        "--workdir",
+        str(cache_parent),
+    ]
     child_env = {**os.environ, **(env or {})}
     done = subprocess.run(command, check=True, capture_output=True, text=True, env=child_env)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -349,14 +359,28 @@ def machine_line() -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m garden.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="checkpoints in the pythia-160m-shaped series")
-    parser.add_argument("--rss-steps", type=int, nargs=2, default=(10, 40), metavar=("SMALL", "LARGE"),
-                        help="step counts whose peak RSS is compared (head-only series of LARGE steps)")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where to build the series (default: a fresh temp dir under /tmp); "
-                             "a complete series from an earlier run with the same settings is reused")
+    parser.add_argument(
+        "--rss-steps",
+        type=int,
+        nargs=2,
+        default=(10, 40),
+        metavar=("SMALL", "LARGE"),
+        help="step counts whose peak RSS is compared (head-only series of LARGE steps)",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where to build the series (default: a fresh temp dir under /tmp); "
+        "a complete series from an earlier run with the same settings is reused",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the series and the workdir afterwards")
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="full extraction runs; the fastest counts (the first also warms the page cache)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="full extraction runs; the fastest counts (the first also warms the page cache)",
+    )
     parser.add_argument("--rss-repeats", type=int, default=3, help="subprocess runs per step count")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
@@ -389,8 +413,11 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict]
     garden_total, trajectory = min(runs, key=lambda r: r[0])
     garden_step = garden_total / len(steps)
     floor_step = statistics.median(floor_seconds(full_root, steps))
-    print(f"garden {garden_step:.4f}s/step (runs {[round(r[0], 2) for r in runs]}s), "
-          f"floor {floor_step:.4f}s/step", flush=True)
+    print(
+        f"garden {garden_step:.4f}s/step (runs {[round(r[0], 2) for r in runs]}s), "
+        f"floor {floor_step:.4f}s/step",
+        flush=True,
+    )
 
     plan_quantiles = ExtractionPlan(tensor=HEAD, steps=(0,), reference_step=0).quantiles
     notebook = notebook_route(full_root, steps, trajectory.hist_edges, plan_quantiles)
@@ -419,45 +446,88 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict]
     speedup = notebook_step / garden_step
     strict_failures = [a.column for a in agreement if not a.passed_strict]
     rss_ratio = rss_large / rss_small
-    results.update({
-        "floor_s_per_step": floor_step,
-        "garden_s_per_step": garden_step,
-        "garden_runs_s": [r[0] for r in runs],
-        "notebook_s_per_step": notebook_step,
-        "garden_over_floor": over_floor,
-        "notebook_over_garden": speedup,
-        "scalar_agreement": {a.column: {"max_rel": a.max_rel, "max_abs": a.max_abs, "atol": a.atol,
-                                        "passed": a.passed, "passed_with_atol_1e-9": a.passed_strict}
-                             for a in agreement},
-        "quantile_max_abs_err": q_err,
-        "fine_bin_width": fine_width,
-        "hist_max_count_diff_over_n": h_err,
-        "peak_rss_kib": {str(n): child_runs for n, child_runs in usage.items()},
-        "rss_ratio": rss_ratio,
-        "peak_rss_fixed_malloc_kib": {str(n): v for n, v in fixed.items()},
-    })
+    results.update(
+        {
+            "floor_s_per_step": floor_step,
+            "garden_s_per_step": garden_step,
+            "garden_runs_s": [r[0] for r in runs],
+            "notebook_s_per_step": notebook_step,
+            "garden_over_floor": over_floor,
+            "notebook_over_garden": speedup,
+            "scalar_agreement": {
+                a.column: {
+                    "max_rel": a.max_rel,
+                    "max_abs": a.max_abs,
+                    "atol": a.atol,
+                    "passed": a.passed,
+                    "passed_with_atol_1e-9": a.passed_strict,
+                }
+                for a in agreement
+            },
+            "quantile_max_abs_err": q_err,
+            "fine_bin_width": fine_width,
+            "hist_max_count_diff_over_n": h_err,
+            "peak_rss_kib": {str(n): child_runs for n, child_runs in usage.items()},
+            "rss_ratio": rss_ratio,
+            "peak_rss_fixed_malloc_kib": {str(n): v for n, v in fixed.items()},
+        }
+    )
 
     rows = [
         Row("floor: safe_open + .float(), median s/step", f"{floor_step:.4f}"),
         Row(f"garden extract, s/step (best of {args.repeats} runs)", f"{garden_step:.4f}"),
         Row("notebook route, s/step", f"{notebook_step:.4f}"),
-        Row("garden / floor", f"{over_floor:.2f}", f"<= {MAX_GARDEN_OVER_FLOOR:g}",
-            over_floor <= MAX_GARDEN_OVER_FLOOR),
-        Row("notebook / garden (speedup)", f"{speedup:.2f}x", f">= {MIN_SPEEDUP_OVER_NOTEBOOK:g}x",
-            speedup >= MIN_SPEEDUP_OVER_NOTEBOOK),
-        *(Row(f"{a.column} vs numpy/scipy: max rel (abs) diff", f"{a.max_rel:.2e} ({a.max_abs:.2e})",
-              f"|d| <= {SCALAR_RTOL:g}|ref| + {a.atol:g}", a.passed) for a in agreement),
+        Row(
+            "garden / floor",
+            f"{over_floor:.2f}",
+            f"<= {MAX_GARDEN_OVER_FLOOR:g}",
+            over_floor <= MAX_GARDEN_OVER_FLOOR,
+        ),
+        Row(
+            "notebook / garden (speedup)",
+            f"{speedup:.2f}x",
+            f">= {MIN_SPEEDUP_OVER_NOTEBOOK:g}x",
+            speedup >= MIN_SPEEDUP_OVER_NOTEBOOK,
+        ),
+        *(
+            Row(
+                f"{a.column} vs numpy/scipy: max rel (abs) diff",
+                f"{a.max_rel:.2e} ({a.max_abs:.2e})",
+                f"|d| <= {SCALAR_RTOL:g}|ref| + {a.atol:g}",
+                a.passed,
+            )
+            for a in agreement
+        ),
         Row(f"columns failing with atol {STRICT_ATOL:g} everywhere", ", ".join(strict_failures) or "none"),
-        Row("max |quantile diff| (vs np.quantile)", f"{q_err:.3e} ({q_err / fine_width:.2f} fine bins)",
-            f"<= {QUANTILE_FINE_BINS:g} x {fine_width:.3e}", q_err <= QUANTILE_FINE_BINS * fine_width),
-        Row("max |hist count diff| / n (vs np.histogram)", f"{h_err:.2e}", f"< {MAX_HIST_DIFF_FRACTION:g}",
-            h_err < MAX_HIST_DIFF_FRACTION),
-        *(Row(f"peak RSS (VmHWM), {n} steps, median of {len(h)}", f"{statistics.median(h) / 1024:.1f} MiB "
-              f"({min(h) / 1024:.0f}-{max(h) / 1024:.0f})") for n, h in hwm.items()),
-        Row(f"peak RSS ratio {large}/{small}", f"{rss_ratio:.3f}", f"<= {MAX_RSS_RATIO:.2f}",
-            rss_ratio <= MAX_RSS_RATIO),
-        Row(f"  same, fixed glibc mmap threshold, {small} / {large} steps",
-            f"{fixed[small] / 1024:.1f} / {fixed[large] / 1024:.1f} MiB"),
+        Row(
+            "max |quantile diff| (vs np.quantile)",
+            f"{q_err:.3e} ({q_err / fine_width:.2f} fine bins)",
+            f"<= {QUANTILE_FINE_BINS:g} x {fine_width:.3e}",
+            q_err <= QUANTILE_FINE_BINS * fine_width,
+        ),
+        Row(
+            "max |hist count diff| / n (vs np.histogram)",
+            f"{h_err:.2e}",
+            f"< {MAX_HIST_DIFF_FRACTION:g}",
+            h_err < MAX_HIST_DIFF_FRACTION,
+        ),
+        *(
+            Row(
+                f"peak RSS (VmHWM), {n} steps, median of {len(h)}",
+                f"{statistics.median(h) / 1024:.1f} MiB ({min(h) / 1024:.0f}-{max(h) / 1024:.0f})",
+            )
+            for n, h in hwm.items()
+        ),
+        Row(
+            f"peak RSS ratio {large}/{small}",
+            f"{rss_ratio:.3f}",
+            f"<= {MAX_RSS_RATIO:.2f}",
+            rss_ratio <= MAX_RSS_RATIO,
+        ),
+        Row(
+            f"  same, fixed glibc mmap threshold, {small} / {large} steps",
+            f"{fixed[small] / 1024:.1f} / {fixed[large] / 1024:.1f} MiB",
+        ),
     ]
     return rows, results
 
