@@ -37,7 +37,7 @@ class ArraySeries(CheckpointSeries):
         self.reads.append(step)
         return self.tensors[step][name]
 
-    def fingerprint(self, step: int) -> str:
+    def fingerprint(self, step: int, tensor: str) -> str:
         return f"{step}:{float(self.tensors[step][next(iter(self.tensors[step]))].double().sum()):.17g}"
 
 

@@ -8,7 +8,11 @@ from hydra.errors import MissingConfigException
 from garden.config import config_dir
 
 GROUPS = {
-    "model": ["tiny", "local"],
+    "model": ["tiny", "local"]
+    + [
+        f"pythia-{size}"
+        for size in ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")
+    ],
     "layer": ["unembedding", "embedding", "attn_qkv", "attn_out", "mlp_in", "mlp_out"],
     "metrics": ["forking_paths", "minimal"],
     "steps": ["all", "eval", "every", "list"],

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -23,7 +23,14 @@ from garden.layers import ResolvedLayer, resolve_layer
 from garden.metrics import MetricResult, compute_metrics, validate_metric_names
 from garden.metrics.events import BIFURCATION_CRITERIA
 from garden.schedule import select_steps
-from garden.series import CheckpointSeries, LocalSeries, missing_tensor_error
+from garden.series import (
+    DUPLICATE_POLICIES,
+    CheckpointSeries,
+    LocalSeries,
+    apply_duplicate_policy,
+    find_duplicates,
+    missing_tensor_error,
+)
 from garden.tracking import MlflowTracker, flatten
 from garden.trajectory import Trajectory
 
@@ -93,7 +100,39 @@ def describe_series(cfg: DictConfig) -> SeriesHandle:
             tensor_names=lambda: series.tensor_names(steps[0]),
             open=lambda: series,
         )
-    raise GardenError(f"model.source={source!r} is not a known source; valid: tiny, local")
+    if source == "hub":
+        return describe_hub_series(cfg)
+    raise GardenError(f"model.source={source!r} is not a known source; valid: tiny, local, hub")
+
+
+def hub_repo(cfg: DictConfig) -> str:
+    """The repository of the chosen variant (`-deduped` repos hold the deduplicated-Pile runs)."""
+    repo = cfg.model.get("deduped_repo") if cfg.variant == "deduped" else cfg.model.get("repo")
+    if not repo:
+        raise GardenError(f"model={cfg.model.name} names no repository for variant={cfg.variant}")
+    return str(repo)
+
+
+def describe_hub_series(cfg: DictConfig) -> SeriesHandle:
+    from garden.hub import HubSeries
+
+    series = HubSeries(
+        hub_repo(cfg),
+        label=str(cfg.model.name),
+        cache_dir=cfg.paths.get("hf_cache"),
+        retries=int(cfg.series.retries),
+        backoff_seconds=float(cfg.series.backoff_seconds),
+        timeout_seconds=float(cfg.series.timeout_seconds),
+    )
+    steps = series.steps()
+    layers = cfg.model.get("architecture", {}).get("num_hidden_layers")
+    return SeriesHandle(
+        label=series.label,
+        steps=steps,
+        num_layers=int(layers) if layers is not None else series.num_layers(steps[0]),
+        tensor_names=lambda: series.tensor_names(steps[0]),
+        open=lambda: series,
+    )
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -105,6 +144,11 @@ def check_config(cfg: DictConfig) -> None:
     if variant not in has:
         raise GardenError(f"model={cfg.model.name} has no {variant} variant; it has: {', '.join(has)}")
     validate_metric_names(cfg.metrics.names)
+    if cfg.series.get("on_duplicate") not in DUPLICATE_POLICIES:
+        raise GardenError(
+            f"series.on_duplicate={cfg.series.get('on_duplicate')!r} is not valid; "
+            f"valid: {', '.join(DUPLICATE_POLICIES)}"
+        )
     criterion = cfg.metrics.get("bifurcation_criterion")
     if criterion not in BIFURCATION_CRITERIA:
         raise GardenError(
@@ -122,6 +166,10 @@ def resolve_tensor(cfg: DictConfig, handle: SeriesHandle) -> ResolvedLayer:
     if layer.tensor not in names:
         raise missing_tensor_error(handle.steps[0], layer.tensor, names)
     return layer
+
+
+def _offline_hub(series: CheckpointSeries) -> bool:
+    return hasattr(series, "missing_from_cache") and series.offline()
 
 
 def output_folder(cfg: DictConfig) -> Path:
@@ -145,6 +193,24 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
     output_dir.mkdir(parents=True, exist_ok=True)
 
     series = handle.open()
+    missing = series.missing_from_cache(list(plan.steps), plan.tensor) if _offline_hub(series) else []
+    if missing:
+        raise GardenError(
+            f"HF_HUB_OFFLINE is set and the cache lacks {plan.tensor} for steps {missing} of "
+            f"{series.identity}; run once online, or select the cached steps (steps=list steps.values=[...])"
+        )
+    duplicates = find_duplicates(series, list(plan.steps), plan.tensor)
+    kept = apply_duplicate_policy(list(plan.steps), duplicates, str(cfg.series.on_duplicate))
+    if duplicates:
+        log.warning(
+            "%d duplicated checkpoint(s) (identical weight files): %s; series.on_duplicate=%s",
+            len(duplicates),
+            ", ".join(f"step{d} = step{o}" for d, o in sorted(duplicates.items())),
+            cfg.series.on_duplicate,
+        )
+    if len(kept) < 2:
+        raise GardenError(f"after excluding duplicated checkpoints only {kept} remain; nothing to analyse")
+    plan = replace(plan, steps=tuple(kept))
     tracker = MlflowTracker(str(cfg.tracking.uri), str(cfg.tracking.experiment))
     tags = {
         "garden.model": str(cfg.model.name),
@@ -152,6 +218,8 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
         "garden.layer": layer.label,
         "garden.tensor": layer.tensor,
         "garden.series": series.identity,
+        "garden.duplicates": ", ".join(f"step{d}=step{o}" for d, o in sorted(duplicates.items())) or "none",
+        "garden.duplicates_policy": str(cfg.series.on_duplicate),
     }
     with tracker.start(run_name, tags):
         tracker.log_params(flatten(cfg))
@@ -164,14 +232,23 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
         summary: dict[str, float] = {
             "n_steps": float(len(trajectory.steps)),
             "n_parameters": float(trajectory.n),
+            "n_duplicate_steps": float(len(duplicates)),
         }
+        if hasattr(series, "manifest_rows"):
+            rows = series.manifest_rows(list(plan.steps), plan.tensor)
+            summary["hub_bytes_fetched"] = float(sum(series.fetched.values()))
+            summary["hub_file_bytes"] = float(sum(r["file_size"] for r in rows))
+            (output_dir / "tables").mkdir(parents=True, exist_ok=True)
+            manifest = pd.DataFrame(rows)
+            manifest["duplicate_of"] = manifest["step"].map(duplicates)
+            manifest.to_csv(output_dir / "tables" / "hub_manifest.csv", index=False)
         for result in results.values():
             per_step.update(result.per_step)
             summary.update(result.summary)
             tags.update(result.tags)
         tracker.log_step_metrics(trajectory.steps, per_step)
         tracker.log_summary(summary)
-        tracker.set_tags({k: v for k, v in tags.items() if not k.startswith("garden.series")})
+        tracker.set_tags(tags)
 
         _write_outputs(output_dir, trajectory, results, per_step, summary, tags, run_name, cfg)
         tracker.log_artifacts(output_dir / "tables", "tables")

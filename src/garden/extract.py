@@ -90,9 +90,11 @@ class ExtractionPlan:
             raise GardenError(f"extract.chunk_size must be positive, got {self.chunk_size}")
 
     def cache_key(self, series_identity: str) -> str:
-        """Hash of what the per-step numbers depend on; the step list and chunking are not part of it."""
+        """Hash of what the per-step numbers depend on: not the step list or chunking, but the last
+        selected step, whose values (with the reference's) fix the shared histogram range."""
         fields = asdict(self)
         del fields["steps"], fields["chunk_size"]
+        fields["range_basis_step"] = self.steps[-1]
         payload = json.dumps({"v": CACHE_VERSION, "series": series_identity, **fields}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
@@ -211,14 +213,14 @@ def extract(
     sampling = _Sampling(int(np.prod(meta["shape"])), plan)
     lo, hi = -meta["half_range"], meta["half_range"]
     reference = None
-    ref_fp = series.fingerprint(plan.reference_step)
+    ref_fp = series.fingerprint(plan.reference_step, plan.tensor)
     prev_step: int | None = None
     prev_fp = ""
     prev: torch.Tensor | None = None
     records = []
     bar = tqdm(plan.steps, desc=f"extract {plan.tensor}", unit="step", disable=not progress)
     for step in bar:
-        fingerprint = series.fingerprint(step)
+        fingerprint = series.fingerprint(step, plan.tensor)
         depends = f"{fingerprint}|ref:{ref_fp}|prev:{prev_step}:{prev_fp}"
         path = folder / "steps" / f"step{step}.npz"
         record = _load_record(path, depends)
@@ -260,15 +262,12 @@ def _compute_record(x, ref, prev, step, prev_step, plan, sampling, lo, hi) -> di
 
 
 def _prepare_meta(series: CheckpointSeries, plan: ExtractionPlan, folder: Path) -> dict:
-    """Shape, dtype and the shared histogram range, fixed once per cache folder.
-
-    The range comes from the reference and the series' final step (not the selection's), so it does not
-    depend on which steps a run happens to select first.
-    """
-    final_step = series.steps()[-1]
+    """Shape, dtype and the shared histogram range, fixed once per cache folder (whose key names the
+    last selected step, so the range never depends on which run filled the cache first)."""
+    final_step = plan.steps[-1]
     depends = {
-        "reference": series.fingerprint(plan.reference_step),
-        "final": series.fingerprint(final_step),
+        "reference": series.fingerprint(plan.reference_step, plan.tensor),
+        "final": series.fingerprint(final_step, plan.tensor),
     }
     meta_path = folder / "meta.json"
     if meta_path.is_file():

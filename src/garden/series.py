@@ -79,14 +79,14 @@ def _read_names(step: int, fmt: str, path: Path) -> list[str]:
         if fmt == "safetensors":
             with safe_open(str(path), framework="pt") as handle:
                 return list(handle.keys())
-        return list(_load_bin(path).keys())
+        return list(load_bin(path).keys())
     except GardenError:
         raise
     except Exception as err:  # safetensors/torch raise several types for a corrupt file
         raise GardenError(f"step {step}: cannot read {path}: {err}") from err
 
 
-def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+def load_bin(path: Path) -> dict[str, torch.Tensor]:
     """Memory-map a zip-format checkpoint; tensors are paged in only when touched."""
     state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
     if not isinstance(state, dict):
@@ -105,7 +105,7 @@ def read_tensor_from(files: WeightFiles, tensor: str) -> torch.Tensor:
                 if tensor not in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
                     raise missing_tensor_error(files.step, tensor, list(handle.keys()))
                 return handle.get_tensor(tensor)
-        state = _load_bin(path)
+        state = load_bin(path)
         if tensor not in state:
             raise missing_tensor_error(files.step, tensor, list(state))
         return state[tensor]
@@ -141,11 +141,16 @@ class CheckpointSeries(ABC):
         """One tensor of one step, in its stored dtype, on the CPU."""
 
     @abstractmethod
-    def fingerprint(self, step: int) -> str:
-        """Changes whenever the step's stored weights change (invalidates cached statistics)."""
+    def fingerprint(self, step: int, tensor: str) -> str:
+        """Changes whenever the stored weights holding `tensor` change (invalidates cached statistics)."""
 
     def model_config(self) -> dict | None:
         """The Hugging Face config.json of the series, when it has one."""
+        return None
+
+    def content_id(self, step: int, tensor: str) -> str | None:
+        """A content hash of the stored weights holding `tensor`, where one is known without reading
+        them (the Hub's LFS sha256); identical ids mark duplicated checkpoints."""
         return None
 
     def num_layers(self, step: int) -> int | None:
@@ -198,10 +203,11 @@ class LocalSeries(CheckpointSeries):
     def read_tensor(self, step: int, name: str) -> torch.Tensor:
         return read_tensor_from(self.weight_files(step), name)
 
-    def fingerprint(self, step: int) -> str:
+    def fingerprint(self, step: int, tensor: str) -> str:
         files = self.weight_files(step)
+        holder = files.file_for(tensor)
         digest = hashlib.sha256()
-        for path in files.files:
+        for path in [holder] if holder is not None else files.files:
             stat = path.stat()
             digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
         return digest.hexdigest()[:16]
@@ -217,3 +223,41 @@ class LocalSeries(CheckpointSeries):
                 except json.JSONDecodeError as err:
                     raise GardenError(f"unreadable {candidate}: {err}") from err
         return None
+
+
+DUPLICATE_POLICIES = ("exclude", "keep", "error")
+
+
+def find_duplicates(series: CheckpointSeries, steps: list[int], tensor: str) -> dict[int, int]:
+    """{step: earlier step with byte-identical weights} among `steps`, where content ids are known."""
+    first_with: dict[str, int] = {}
+    duplicates: dict[int, int] = {}
+    for step in steps:
+        content = series.content_id(step, tensor)
+        if content is None:
+            continue
+        if content in first_with:
+            duplicates[step] = first_with[content]
+        else:
+            first_with[content] = step
+    return duplicates
+
+
+def apply_duplicate_policy(steps: list[int], duplicates: dict[int, int], policy: str) -> list[int]:
+    """Drop (exclude), keep, or refuse (error) checkpoints that duplicate an earlier one.
+
+    A duplicated branch looks exactly like a frozen or forking dynamic, so the default is to drop it.
+    """
+    if policy not in DUPLICATE_POLICIES:
+        raise GardenError(
+            f"series.on_duplicate={policy!r} is not valid; valid: {', '.join(DUPLICATE_POLICIES)}"
+        )
+    if not duplicates or policy == "keep":
+        return list(steps)
+    listing = ", ".join(f"step{d} = step{o}" for d, o in sorted(duplicates.items()))
+    if policy == "error":
+        raise GardenError(
+            f"duplicated checkpoints (identical weight files): {listing}; "
+            "set series.on_duplicate=exclude or keep"
+        )
+    return [s for s in steps if s not in duplicates]
