@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import neox_state, planted_fork, write_series
 from mlflow.tracking import MlflowClient
 
+from conftest import neox_state, planted_fork, write_series
 from garden.errors import GardenError
 from garden.fakehub import FakeHub, Fault
 from garden.hub import HubSeries
@@ -135,9 +135,11 @@ def garden(
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(workdir / "hf"), "HF_HUB_OFFLINE": "0"}
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
-    command = [sys.executable, "-m", "garden", "progress=false", f"tracking.uri=sqlite:///{workdir}/mlflow.db",
-               f"paths.data_dir={workdir}/data", f"hydra.run.dir={workdir}/out", "series.backoff_seconds=0.01",
-               *overrides]  # fmt: skip
+    command = [
+        sys.executable, "-m", "garden", "progress=false", f"tracking.uri=sqlite:///{workdir}/mlflow.db",
+        f"paths.data_dir={workdir}/data", f"hydra.run.dir={workdir}/out", "series.backoff_seconds=0.01",
+        *overrides,
+    ]  # fmt: skip
     return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
 
 
