@@ -168,10 +168,6 @@ def resolve_tensor(cfg: DictConfig, handle: SeriesHandle) -> ResolvedLayer:
     return layer
 
 
-def _offline_hub(series: CheckpointSeries) -> bool:
-    return hasattr(series, "missing_from_cache") and series.offline()
-
-
 def output_folder(cfg: DictConfig) -> Path:
     from hydra.core.hydra_config import HydraConfig
 
@@ -193,7 +189,7 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
     output_dir.mkdir(parents=True, exist_ok=True)
 
     series = handle.open()
-    missing = series.missing_from_cache(list(plan.steps), plan.tensor) if _offline_hub(series) else []
+    missing = series.missing_from_cache(list(plan.steps), plan.tensor)
     if missing:
         raise GardenError(
             f"HF_HUB_OFFLINE is set and the cache lacks {plan.tensor} for steps {missing} of "
@@ -234,8 +230,8 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
             "n_parameters": float(trajectory.n),
             "n_duplicate_steps": float(len(duplicates)),
         }
-        if hasattr(series, "manifest_rows"):
-            rows = series.manifest_rows(list(plan.steps), plan.tensor)
+        rows = series.fetch_report(list(plan.steps), plan.tensor)
+        if rows is not None:
             summary["hub_bytes_fetched"] = float(sum(series.fetched.values()))
             summary["hub_file_bytes"] = float(sum(r["file_size"] for r in rows))
             (output_dir / "tables").mkdir(parents=True, exist_ok=True)

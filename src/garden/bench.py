@@ -7,7 +7,9 @@ measures, in one run so that every ratio compares figures taken on the same mach
 * garden's `extract` (fresh cache each time, so every step is computed);
 * the notebook route: `from_pretrained` per step, then numpy/scipy statistics on a float32 copy;
 * agreement of garden's numbers with the notebook's (moments, distances, quantiles, histogram);
-* peak RSS of `extract` over 10 and over 40 steps, each in a fresh subprocess.
+* peak RSS of `extract` over 10 and over 40 steps, each in a fresh subprocess;
+* the Hub source on a fake Hub (127.0.0.1) serving the same series: bytes fetched for the head against
+  the tensor's own bytes, and time against `hf_hub_download` of the whole files.
 
 Peak RSS is the child's VmHWM (/proc/self/status): on Linux a child's `ru_maxrss` starts from the
 parent's high-water mark (it survives fork and exec), so it would report the bench process, not garden.
@@ -68,6 +70,8 @@ STRICT_ATOL = 1e-9
 QUANTILE_FINE_BINS = 2.0
 MAX_HIST_DIFF_FRACTION = 1e-4
 MAX_RSS_RATIO = 1.10
+MAX_HUB_BYTES_RATIO = 1.05
+HUB_REPO = "bench/pythia-160m-shaped"
 
 
 # --------------------------------------------------------------------------------------------- series
@@ -383,6 +387,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--rss-repeats", type=int, default=3, help="subprocess runs per step count")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hub-steps", type=int, default=6, help="checkpoints fetched through the fake Hub")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     parser.add_argument("--rss-child", nargs=2, metavar=("ROOT", "N_STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -393,6 +398,61 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not 1 <= args.rss_steps[0] < args.rss_steps[1]:
         parser.error("--rss-steps needs 1 <= SMALL < LARGE")
     return args
+
+
+def hub_routes(full_root: Path, steps: list[int], workdir: Path) -> dict:
+    """Serve the series from a fake Hub; fetch the head garden's way, then as whole files.
+
+    Garden's way: the safetensors header by a range request, then the tensor's bytes. The usual way:
+    `hf_hub_download` of each step's model.safetensors, then `safe_open(...).get_tensor`.
+    """
+    from huggingface_hub import hf_hub_download
+
+    from garden.fakehub import FakeHub
+    from garden.hub import HubSeries
+
+    hub_root = workdir / "hub"
+    branches = hub_root / HUB_REPO
+    branches.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+        link = branches / f"step{step}"
+        if not link.exists():
+            link.symlink_to(full_root / f"step{step}", target_is_directory=True)
+    tensor_bytes = VOCAB * HIDDEN * 2
+    with FakeHub(hub_root) as hub:
+        for step in steps:  # hash the files once up front, as the Hub has them stored
+            hub.hashes(branches / f"step{step}" / "model.safetensors")
+        series = HubSeries(HUB_REPO, "bench", cache_dir=workdir / "hf-garden", endpoint=hub.url)
+        started = time.perf_counter()
+        for step in steps:
+            series.read_tensor(step, HEAD).float()
+        garden_s = time.perf_counter() - started
+        garden_bytes = hub.bytes_sent
+        started = time.perf_counter()
+        for step in steps:
+            path = hf_hub_download(
+                HUB_REPO,
+                "model.safetensors",
+                revision=f"step{step}",
+                cache_dir=workdir / "hf-whole",
+                endpoint=hub.url,
+            )
+            with safe_open(path, "pt") as handle:
+                handle.get_tensor(HEAD).float()
+        whole_s = time.perf_counter() - started
+        whole_bytes = hub.bytes_sent - garden_bytes
+    shutil.rmtree(workdir / "hf-whole", ignore_errors=True)
+    shutil.rmtree(workdir / "hf-garden", ignore_errors=True)
+    return {
+        "hub_steps": len(steps),
+        "hub_garden_bytes_per_step": garden_bytes / len(steps),
+        "hub_whole_bytes_per_step": whole_bytes / len(steps),
+        "hub_tensor_bytes": tensor_bytes,
+        "hub_garden_bytes_ratio": garden_bytes / (tensor_bytes * len(steps)),
+        "hub_whole_bytes_ratio": whole_bytes / (tensor_bytes * len(steps)),
+        "hub_garden_s_per_step": garden_s / len(steps),
+        "hub_whole_s_per_step": whole_s / len(steps),
+    }
 
 
 def run_bench(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict]:
@@ -441,6 +501,14 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict]
     hwm = {n: [u["vm_hwm_kib"] for u in child_runs] for n, child_runs in usage.items()}
     rss_small, rss_large = statistics.median(hwm[small]), statistics.median(hwm[large])
     fixed = {n: peak_rss_kib(head_root, n, caches, FIXED_MALLOC)["vm_hwm_kib"] for n in (small, large)}
+
+    hub = hub_routes(full_root, steps[: args.hub_steps], workdir)
+    print(
+        f"hub: garden {hub['hub_garden_bytes_ratio']:.4f}x tensor bytes, whole files "
+        f"{hub['hub_whole_bytes_ratio']:.2f}x",
+        flush=True,
+    )
+    results.update(hub)
 
     over_floor = garden_step / floor_step
     speedup = notebook_step / garden_step
@@ -529,6 +597,21 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict]
             f"{fixed[small] / 1024:.1f} / {fixed[large] / 1024:.1f} MiB",
         ),
     ]
+    rows += [
+        Row(
+            f"Hub: bytes fetched for {HEAD} / its bytes ({hub['hub_steps']} steps)",
+            f"{hub['hub_garden_bytes_ratio']:.4f}",
+            f"<= {MAX_HUB_BYTES_RATIO:g}",
+            hub["hub_garden_bytes_ratio"] <= MAX_HUB_BYTES_RATIO,
+        ),
+        Row("Hub: hf_hub_download of whole files / tensor bytes", f"{hub['hub_whole_bytes_ratio']:.2f}"),
+        Row("Hub: garden range reads, s/step", f"{hub['hub_garden_s_per_step']:.3f}"),
+        Row("Hub: hf_hub_download whole files, s/step", f"{hub['hub_whole_s_per_step']:.3f}"),
+        Row(
+            "Hub: whole-file time / garden time",
+            f"{hub['hub_whole_s_per_step'] / hub['hub_garden_s_per_step']:.2f}x",
+        ),
+    ]
     return rows, results
 
 
@@ -551,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
             if made_temp:
                 shutil.rmtree(workdir, ignore_errors=True)
             else:
-                for child in (f"pythia160m-{args.steps}", f"head-{args.rss_steps[1]}", "caches"):
+                for child in (f"pythia160m-{args.steps}", f"head-{args.rss_steps[1]}", "caches", "hub"):
                     shutil.rmtree(workdir / child, ignore_errors=True)
     results["wall_s"] = time.perf_counter() - started
     print()

@@ -123,6 +123,17 @@ class _Sampling:
         return flat if self._subsample_t is None else flat[self._subsample_t]
 
 
+class Workspace:
+    """Chunk buffers reused by every step: steady allocations keep peak memory flat over any number of
+    steps (fresh multi-MB buffers per step let glibc's heap creep up as its mmap threshold adapts)."""
+
+    def __init__(self, chunk_size: int, fine_bins: int):
+        self.chunk = torch.empty(chunk_size, dtype=torch.float32)
+        self.work = torch.empty(chunk_size, dtype=torch.float32)
+        self.counts = torch.empty(fine_bins, dtype=torch.float32)
+        self.hist = torch.empty(fine_bins, dtype=torch.float64)
+
+
 def step_statistics(
     x: torch.Tensor,
     ref: torch.Tensor | None,
@@ -131,6 +142,7 @@ def step_statistics(
     hi: float,
     fine_bins: int,
     chunk_size: int,
+    workspace: Workspace | None = None,
 ) -> dict:
     """Fused chunked pass over a flat tensor: shifted power sums, distances, extremes, fine histogram.
 
@@ -139,12 +151,12 @@ def step_statistics(
     """
     n = x.numel()
     width = min(chunk_size, n)
-    buf = torch.empty(width, dtype=torch.float32)
-    work = torch.empty(width, dtype=torch.float32)
-    shift = float(x[:width].float().mean())
+    space = workspace if workspace is not None else Workspace(width, fine_bins)
+    buf, work, counts, hist = space.chunk, space.work, space.counts, space.hist
+    hist.zero_()
+    shift = float(buf[:width].copy_(x[:width]).mean())
     s1 = s2 = s3 = s4 = sq_ref = sq_prev = 0.0
     vmin, vmax = float("inf"), float("-inf")
-    hist = torch.zeros(fine_bins, dtype=torch.float64)
     for start in range(0, n, width):
         stop = min(start + width, n)
         c, tmp = buf[: stop - start], work[: stop - start]
@@ -158,7 +170,7 @@ def step_statistics(
             torch.sub(c, prev[start:stop], out=tmp)
             sq_prev += float(torch.dot(tmp, tmp))
         torch.clamp(c, lo, hi, out=tmp)
-        hist += torch.histc(tmp, bins=fine_bins, min=lo, max=hi)
+        hist += torch.histc(tmp, bins=fine_bins, min=lo, max=hi, out=counts)
         c.sub_(shift)
         s1 += float(c.sum())
         torch.mul(c, c, out=tmp)
@@ -179,7 +191,7 @@ def step_statistics(
         "max": vmax,
         "msd": sq_ref / n if ref is not None else float("nan"),
         "step_msd": sq_prev / n if prev is not None else float("nan"),
-        "fine_hist": hist.numpy(),
+        "fine_hist": hist.numpy().copy(),
     }
 
 
@@ -218,6 +230,7 @@ def extract(
     prev_fp = ""
     prev: torch.Tensor | None = None
     records = []
+    workspace = Workspace(min(plan.chunk_size, sampling.n), plan.quantile_bins)
     bar = tqdm(plan.steps, desc=f"extract {plan.tensor}", unit="step", disable=not progress)
     for step in bar:
         fingerprint = series.fingerprint(step, plan.tensor)
@@ -235,7 +248,9 @@ def extract(
                     f"step {step}: {plan.tensor} has {current.numel()} values, the reference step "
                     f"{plan.reference_step} has {reference.numel()}"
                 )
-            record = _compute_record(current, reference, prev, step, prev_step, plan, sampling, lo, hi)
+            record = _compute_record(
+                current, reference, prev, step, prev_step, plan, sampling, lo, hi, workspace
+            )
             record["depends"] = depends
             _save_record(path, record)
             prev = current
@@ -247,8 +262,8 @@ def extract(
     return _assemble(records, plan, meta, sampling, lo, hi)
 
 
-def _compute_record(x, ref, prev, step, prev_step, plan, sampling, lo, hi) -> dict:
-    stats = step_statistics(x, ref, prev, lo, hi, plan.quantile_bins, plan.chunk_size)
+def _compute_record(x, ref, prev, step, prev_step, plan, sampling, lo, hi, workspace) -> dict:
+    stats = step_statistics(x, ref, prev, lo, hi, plan.quantile_bins, plan.chunk_size, workspace)
     fine = stats.pop("fine_hist")
     quantiles = histogram_quantiles(fine, lo, hi, plan.quantiles, stats["min"], stats["max"])
     record = {"step": step, "prev_step": -1 if prev_step is None else prev_step, **stats}

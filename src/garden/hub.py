@@ -254,6 +254,8 @@ class HubSeries(CheckpointSeries):
 
     def missing_from_cache(self, steps: list[int], tensor: str) -> list[int]:
         """Steps whose tensor could not be read offline (for a clear error before any work)."""
+        if not self.offline():
+            return []
         missing = []
         for step in steps:
             try:
@@ -434,7 +436,7 @@ class HubSeries(CheckpointSeries):
                 self._sleep(wait)
         raise GardenError(f"{what}: failed after {self.retries + 1} attempts: {last}")
 
-    def manifest_rows(self, steps: list[int], tensor: str) -> list[dict]:
+    def fetch_report(self, steps: list[int], tensor: str) -> list[dict]:
         """What each step's tensor came from: file, sha256, size, how it was read, bytes fetched."""
         rows = []
         for step in steps:

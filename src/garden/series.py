@@ -148,6 +148,14 @@ class CheckpointSeries(ABC):
         """The Hugging Face config.json of the series, when it has one."""
         return None
 
+    def missing_from_cache(self, steps: list[int], tensor: str) -> list[int]:
+        """Steps that cannot be read without the network while offline (none for files on disk)."""
+        return []
+
+    def fetch_report(self, steps: list[int], tensor: str) -> list[dict] | None:
+        """Per-step provenance of remote reads (file, sha256, size, bytes fetched); None when local."""
+        return None
+
     def content_id(self, step: int, tensor: str) -> str | None:
         """A content hash of the stored weights holding `tensor`, where one is known without reading
         them (the Hub's LFS sha256); identical ids mark duplicated checkpoints."""
