@@ -9,9 +9,11 @@ at it with `HF_ENDPOINT=<server.url>`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
+import socket
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -195,7 +197,7 @@ def _handler(hub: FakeHub):
             if fault == "drop":
                 self.wfile.write(body[: min(len(body), 1024)])
                 self.wfile.flush()
-                self.connection.close()
+                self._hang_up()
                 return
             self.wfile.write(body)
             with hub._lock:
@@ -203,10 +205,15 @@ def _handler(hub: FakeHub):
 
         def _fault(self, kind: str, empty: bytes) -> None:
             if kind == "drop":
-                self.connection.close()
-                self.close_connection = True
+                self._hang_up()
                 return
             self._send(500, b"internal error")
+
+        def _hang_up(self) -> None:
+            """Cut the connection now (shutdown, so the client sees it at once rather than timing out)."""
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
 
         def _send(self, status: int, body: bytes, content_type: str = "text/plain") -> None:
             self.send_response(status)
