@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import fnmatch
 import glob
-import hashlib
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 from garden.errors import GardenError
+from garden.integrity import sha256_of
 
 
 def load_corpus(corpus_cfg, data_dir: Path) -> list[str]:
@@ -43,14 +43,6 @@ def read_text_files(spec: str) -> list[str]:
     if not any(t.strip() for t in texts):
         raise GardenError(f"corpus.path {spec!r}: the files are empty")
     return texts
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch_sdist(requirement: str, sha256: str, folder: Path) -> Path:

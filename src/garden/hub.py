@@ -16,7 +16,6 @@ backoff; a body of the wrong length or hash is never used.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from garden.errors import GardenError
+from garden.integrity import sha256_of
 from garden.series import (
     BIN,
     BIN_INDEX,
@@ -405,7 +405,7 @@ class HubSeries(CheckpointSeries):
         stamp = f"{os.path.realpath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
         if not fresh and seen.get(stamp) == record["sha256"]:
             return True
-        if _sha256(path) != record["sha256"]:
+        if sha256_of(path) != record["sha256"]:
             return False
         seen[stamp] = record["sha256"]
         self._save_manifest()
@@ -456,14 +456,6 @@ def _file_record(info) -> dict:
         "size": int(lfs.size if lfs is not None else info.size),
         "blob_id": getattr(info, "blob_id", None),
     }
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _remove_cached(path: str) -> None:
