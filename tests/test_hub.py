@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -173,6 +174,13 @@ def test_cli_on_the_hub_matches_the_same_series_on_disk(hub, tmp_path):
     assert sorted(hub_msd) == sorted(local_msd) and 1 not in {s for s, _ in hub_msd}
     artifacts = {a.path for a in client.list_artifacts(hub_run.info.run_id, "tables")}
     assert "tables/hub_manifest.csv" in artifacts
+    manifest_path = client.download_artifacts(hub_run.info.run_id, "tables/hub_manifest.csv", str(tmp_path))
+    manifest = pd.read_csv(manifest_path)
+    assert list(manifest["step"]) == STEPS
+    step1 = manifest.set_index("step").loc[1]
+    assert step1["duplicate_of"] == 0 and not step1["analysed"]
+    assert manifest.set_index("step").loc[4, "format"] == "bin"
+    assert (manifest["sha256"].str.len() == 64).all()
 
     # A second run, and an offline one, fetch nothing more.
     assert garden(tmp_path, hub, *HUB_MODEL, f"hydra.run.dir={tmp_path}/o3").returncode == 0

@@ -168,6 +168,39 @@ def resolve_tensor(cfg: DictConfig, handle: SeriesHandle) -> ResolvedLayer:
     return layer
 
 
+def _drop_duplicates(series: CheckpointSeries, plan: ExtractionPlan, policy: str):
+    """Apply series.on_duplicate to checkpoints whose weights are byte-identical to an earlier one."""
+    duplicates = find_duplicates(series, list(plan.steps), plan.tensor)
+    kept = apply_duplicate_policy(list(plan.steps), duplicates, policy)
+    if duplicates:
+        log.warning(
+            "%d duplicated checkpoint(s) (identical weight files): %s; series.on_duplicate=%s",
+            len(duplicates),
+            ", ".join(f"step{d} = step{o}" for d, o in sorted(duplicates.items())),
+            policy,
+        )
+    if len(kept) < 2:
+        raise GardenError(f"after excluding duplicated checkpoints only {kept} remain; nothing to analyse")
+    return replace(plan, steps=tuple(kept)), duplicates
+
+
+def _write_fetch_manifest(series, selected, plan, duplicates, folder: Path) -> dict[str, float]:
+    """The provenance table of a remote series (every selected step, analysed or excluded) and the
+    byte counts logged beside it; nothing for a series on disk."""
+    rows = series.fetch_report(selected, plan.tensor)
+    if rows is None:
+        return {}
+    manifest = pd.DataFrame(rows)
+    manifest["duplicate_of"] = manifest["step"].map(duplicates)
+    manifest["analysed"] = manifest["step"].isin(plan.steps)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest.to_csv(folder / "hub_manifest.csv", index=False)
+    return {
+        "hub_bytes_fetched": float(series.bytes_fetched()),
+        "hub_file_bytes": float(manifest.loc[manifest["analysed"], "file_size"].sum()),
+    }
+
+
 def output_folder(cfg: DictConfig) -> Path:
     from hydra.core.hydra_config import HydraConfig
 
@@ -195,18 +228,8 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
             f"HF_HUB_OFFLINE is set and the cache lacks {plan.tensor} for steps {missing} of "
             f"{series.identity}; run once online, or select the cached steps (steps=list steps.values=[...])"
         )
-    duplicates = find_duplicates(series, list(plan.steps), plan.tensor)
-    kept = apply_duplicate_policy(list(plan.steps), duplicates, str(cfg.series.on_duplicate))
-    if duplicates:
-        log.warning(
-            "%d duplicated checkpoint(s) (identical weight files): %s; series.on_duplicate=%s",
-            len(duplicates),
-            ", ".join(f"step{d} = step{o}" for d, o in sorted(duplicates.items())),
-            cfg.series.on_duplicate,
-        )
-    if len(kept) < 2:
-        raise GardenError(f"after excluding duplicated checkpoints only {kept} remain; nothing to analyse")
-    plan = replace(plan, steps=tuple(kept))
+    selected = list(plan.steps)
+    plan, duplicates = _drop_duplicates(series, plan, str(cfg.series.on_duplicate))
     tracker = MlflowTracker(str(cfg.tracking.uri), str(cfg.tracking.experiment))
     tags = {
         "garden.model": str(cfg.model.name),
@@ -230,14 +253,7 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
             "n_parameters": float(trajectory.n),
             "n_duplicate_steps": float(len(duplicates)),
         }
-        rows = series.fetch_report(list(plan.steps), plan.tensor)
-        if rows is not None:
-            summary["hub_bytes_fetched"] = float(sum(series.fetched.values()))
-            summary["hub_file_bytes"] = float(sum(r["file_size"] for r in rows))
-            (output_dir / "tables").mkdir(parents=True, exist_ok=True)
-            manifest = pd.DataFrame(rows)
-            manifest["duplicate_of"] = manifest["step"].map(duplicates)
-            manifest.to_csv(output_dir / "tables" / "hub_manifest.csv", index=False)
+        summary.update(_write_fetch_manifest(series, selected, plan, duplicates, output_dir / "tables"))
         for result in results.values():
             per_step.update(result.per_step)
             summary.update(result.summary)

@@ -436,6 +436,9 @@ class HubSeries(CheckpointSeries):
                 self._sleep(wait)
         raise GardenError(f"{what}: failed after {self.retries + 1} attempts: {last}")
 
+    def bytes_fetched(self) -> int:
+        return sum(self.fetched.values())
+
     def fetch_report(self, steps: list[int], tensor: str) -> list[dict]:
         """What each step's tensor came from: file, sha256, size, how it was read, bytes fetched."""
         rows = []

@@ -156,6 +156,10 @@ class CheckpointSeries(ABC):
         """Per-step provenance of remote reads (file, sha256, size, bytes fetched); None when local."""
         return None
 
+    def bytes_fetched(self) -> int:
+        """Bytes this object fetched over the network so far (0 for files on disk)."""
+        return 0
+
     def content_id(self, step: int, tensor: str) -> str | None:
         """A content hash of the stored weights holding `tensor`, where one is known without reading
         them (the Hub's LFS sha256); identical ids mark duplicated checkpoints."""
