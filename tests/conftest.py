@@ -137,3 +137,22 @@ def compose_config():
             return compose(config_name="config", overrides=list(overrides))
 
     return _compose
+
+
+WORDS = (
+    "the king and the queen walk in the garden of forking paths while the fool sings of rain "
+    "and the lords argue over crowns swords letters and the long night"
+).split()
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+    """A few kB of English-like lines: enough to train and evaluate a shrunken tiny series fast."""
+    import random
+
+    rng = random.Random(0)
+    folder = tmp_path_factory.mktemp("corpus")
+    for i in range(3):
+        lines = [" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(400)]
+        (folder / f"part{i}.txt").write_text("\n".join(lines))
+    return folder

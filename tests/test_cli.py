@@ -123,7 +123,6 @@ def test_block_layer_and_step_selection(tmp_path, fork_series):
         (["model=local", "metrics.names=[msd,entropy]"], "unknown metric"),
         (["model=local", "steps=list", "steps.values=[0,5]"], r"steps [5] are not in the series"),
         (["model=local", "variant=filtered"], "valid: standard, deduped"),
-        (["model=tiny", "variant=deduped"], "model=tiny has no deduped variant"),
         (["model=local", "model.path="], "needs model.path"),
         (["layer=mlp_out", "layer.index=9"], "valid layer.index is 0..3"),
     ],

@@ -22,7 +22,7 @@ def test_eval_subset_is_eleutherais_27_steps():
 def test_eval_subset_of_a_scaled_schedule_keeps_the_shape():
     steps = log_linear_schedule(20, 1200)
     assert steps[:6] == [0, 1, 2, 4, 8, 16]
-    assert eval_subset(steps) == [0, 1, 2, 4, 8, 16, 20, 60, 260, 460, 660, 860, 1060]
+    assert eval_subset(steps) == [0, 1, 2, 4, 8, 16, 20, 60, 260, 460, 660, 860, 1060, 1200]
 
 
 def test_every_keeps_first_and_last():

@@ -12,23 +12,6 @@ from garden.config import config_dir
 
 pytestmark = pytest.mark.slow
 
-WORDS = (
-    "the king and the queen walk in the garden of forking paths while the fool sings of rain "
-    "and the lords argue over crowns swords letters and the long night"
-).split()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    import random
-
-    rng = random.Random(0)
-    folder = tmp_path_factory.mktemp("corpus")
-    for i in range(3):
-        lines = [" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(400)]
-        (folder / f"part{i}.txt").write_text("\n".join(lines))
-    return folder
-
 
 def small_model(corpus, steps=12, interval=4):
     model = OmegaConf.load(config_dir() / "model" / "tiny.yaml")
@@ -50,8 +33,8 @@ def weights(folder, step):
     return load_file(folder / f"step{step}" / "model.safetensors")
 
 
-def test_same_seed_same_weights_and_loadable(tmp_path, corpus):
-    model, corpus_cfg = small_model(corpus)
+def test_same_seed_same_weights_and_loadable(tmp_path, small_corpus):
+    model, corpus_cfg = small_model(small_corpus)
     a = tiny.ensure_tiny_series(model, corpus_cfg, tmp_path / "a", "cpu", progress=False)
     b = tiny.ensure_tiny_series(model, corpus_cfg, tmp_path / "b", "cpu", progress=False)
     assert sorted(p.name for p in a.glob("step*")) == sorted(f"step{s}" for s in [0, 1, 2, 4, 8, 12])
@@ -71,8 +54,8 @@ def test_same_seed_same_weights_and_loadable(tmp_path, corpus):
     torch.testing.assert_close(loaded.get_output_embeddings().weight, weights(a, 12)["embed_out.weight"])
 
 
-def test_interrupted_training_resumes_to_the_same_weights(tmp_path, corpus, monkeypatch):
-    model, corpus_cfg = small_model(corpus)
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, small_corpus, monkeypatch):
+    model, corpus_cfg = small_model(small_corpus)
     clean = tiny.ensure_tiny_series(model, corpus_cfg, tmp_path / "clean", "cpu", progress=False)
 
     original = tiny._save_checkpoint
@@ -96,7 +79,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, corpus, monk
         assert all(torch.equal(wa[k], wb[k]) for k in wa), step
 
 
-def test_default_cli_on_a_shrunken_tiny_series(tmp_path, corpus):
+def test_default_cli_on_a_shrunken_tiny_series(tmp_path, small_corpus):
     """`python -m garden` with the tiny model shrunk by overrides: trains, analyses, logs; then reuses."""
     import subprocess
     import sys
@@ -107,7 +90,7 @@ def test_default_cli_on_a_shrunken_tiny_series(tmp_path, corpus):
         "progress=false",
         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
         f"paths.data_dir={tmp_path}/data",
-        f"corpus.path={corpus}",
+        f"corpus.path={small_corpus}",
         "model.architecture.vocab_size=300",
         "model.architecture.hidden_size=32",
         "model.architecture.num_hidden_layers=2",

@@ -18,6 +18,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from garden.errors import GardenError
+from garden.evaluation.stage import plan_evaluation
 from garden.extract import ExtractionPlan, extract
 from garden.layers import ResolvedLayer, resolve_layer
 from garden.metrics import MetricResult, compute_metrics, validate_metric_names
@@ -74,10 +75,13 @@ def describe_series(cfg: DictConfig) -> SeriesHandle:
             tiny_series_dir,
         )
 
-        folder = tiny_series_dir(cfg.model, cfg.corpus, data_dir)
+        variant = str(cfg.variant)
+        folder = tiny_series_dir(cfg.model, cfg.corpus, data_dir, variant)
 
         def open_tiny() -> CheckpointSeries:
-            path = ensure_tiny_series(cfg.model, cfg.corpus, data_dir, str(cfg.device), bool(cfg.progress))
+            path = ensure_tiny_series(
+                cfg.model, cfg.corpus, data_dir, str(cfg.device), bool(cfg.progress), variant
+            )
             return LocalSeries(path, label="tiny")
 
         return SeriesHandle(
@@ -217,6 +221,7 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
     plan = ExtractionPlan.from_config(cfg.extract, layer.tensor, steps)
     if plan.reference_step not in handle.steps:
         raise GardenError(f"extract.reference_step={plan.reference_step} is not a step of the series")
+    eval_plan = plan_evaluation(cfg, handle.steps)
     run_name = cfg.tracking.get("run_name") or f"{cfg.model.name}/{cfg.variant}/{layer.label}"
     output_dir = Path(output_dir) if output_dir is not None else output_folder(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -259,6 +264,11 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
             summary.update(result.summary)
             tags.update(result.tags)
         tracker.log_step_metrics(trajectory.steps, per_step)
+        if eval_plan is not None:
+            eval_plan = replace(eval_plan, steps=tuple(s for s in eval_plan.steps if s not in duplicates))
+            summary.update(
+                _evaluate(series, eval_plan, cfg, tracker, output_dir, summary.get("bifurcation_step"))
+            )
         tracker.log_summary(summary)
         tracker.set_tags(tags)
 
@@ -272,6 +282,27 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
         run_id = tracker.run_id
     _report(run_name, summary, tags, output_dir, run_id)
     return RunOutcome(run_id, run_name, output_dir, trajectory, results, summary, tags)
+
+
+def _evaluate(series, eval_plan, cfg, tracker, output_dir: Path, bifurcation_step) -> dict[str, float]:
+    """The model-level stages: per-step metrics at their training steps, tables and figures."""
+    from garden.evaluation.stage import evaluate, summarise
+    from garden.figures import draw_evaluation
+
+    result = evaluate(series, eval_plan, cfg, Path(cfg.paths.data_dir) / "evaluate", bool(cfg.progress))
+    table = result.table
+    tracker.log_step_metrics(
+        table["step"].to_numpy(), {c: table[c].to_numpy(dtype=float) for c in table.columns if c != "step"}
+    )
+    summary, layers = summarise(result, cfg, bifurcation_step)
+    tables = output_dir / "tables"
+    tables.mkdir(parents=True, exist_ok=True)
+    table.to_csv(tables / "evaluation.csv", index=False)
+    if layers is not None:
+        layers.to_csv(tables / "cka_convergence.csv", index=False)
+    draw_evaluation(table, layers, result.n_layers, float(cfg.evaluation.cka.threshold), bifurcation_step,
+                    str(cfg.model.name), output_dir / "figures")  # fmt: skip
+    return summary
 
 
 def _write_outputs(

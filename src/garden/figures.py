@@ -137,6 +137,65 @@ def draw_all(
         "msd_loglog.png": msd_loglog(traj, title, results.get("alpha")),
         "bimodality.png": bimodality_vs_step(traj, title, results, threshold, onset),
     }
+    return _save(figures, folder)
+
+
+def draw_evaluation(
+    table, layers, n_layers: int, threshold: float, bifurcation_step: float | None, title: str, folder: Path
+) -> list[Path]:
+    """Perplexity vs step with the bifurcation; CKA percentiles over layers; PER per layer; convergence
+    step vs PER. Only the figures the evaluated stages allow."""
+    folder.mkdir(parents=True, exist_ok=True)
+    steps = table["step"].to_numpy(dtype=float)
+    figures = {}
+    if "perplexity" in table or "lambada_perplexity" in table:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for column, label in (("perplexity", "held-out tokens"), ("lambada_perplexity", "LAMBADA last word")):
+            if column in table:
+                ax.plot(steps, table[column], "o-", markersize=3, label=label)
+        ax.set_yscale("log")
+        _step_axis(ax)
+        _mark(ax, bifurcation_step, "bifurcation")
+        ax.set_ylabel("perplexity")
+        ax.set_title(f"Perplexity over training\n{title}")
+        ax.legend()
+        figures["perplexity.png"] = fig
+    if layers is not None:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for kind, color in (("attn", "tab:blue"), ("mlp", "tab:orange")):
+            values = np.stack([table[f"cka_{kind}.{i}"].to_numpy(dtype=float) for i in range(n_layers)])
+            q = np.percentile(values, [10, 25, 50, 75, 90], axis=0)
+            ax.fill_between(steps, q[0], q[4], color=color, alpha=0.15)
+            ax.fill_between(steps, q[1], q[3], color=color, alpha=0.3)
+            ax.plot(steps, q[2], "o-", color=color, markersize=3, label=f"{kind}: median (25-75, 10-90%)")
+        ax.axhline(threshold, color="grey", linestyle=":", label=f"threshold {threshold:g}")
+        _step_axis(ax)
+        ax.set_ylabel("linear CKA with the final checkpoint")
+        ax.set_title(f"CKA convergence over layers\n{title}")
+        ax.legend(fontsize=8)
+        figures["cka_percentiles.png"] = fig
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        ax.plot(layers["layer"], layers["per_mlp"], "o-", label="MLP output weight")
+        ax.plot(layers["layer"], layers["per_ov"], "s-", label="OV circuits (mean over heads)")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("proportional effective rank (final step)")
+        ax.set_title(f"PER per layer\n{title}")
+        ax.legend()
+        figures["per_by_layer.png"] = fig
+
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        for kind, per_col, marker in (("attn", "per_ov", "s"), ("mlp", "per_mlp", "o")):
+            ax.scatter(layers[per_col], layers[f"convergence_{kind}"], marker=marker, label=kind)
+        ax.set_xlabel("proportional effective rank")
+        ax.set_ylabel("CKA convergence step")
+        ax.set_title(f"Convergence step vs PER\n{title}")
+        ax.legend()
+        figures["convergence_vs_per.png"] = fig
+    return _save(figures, folder)
+
+
+def _save(figures: dict, folder: Path) -> list[Path]:
     paths = []
     for name, fig in figures.items():
         fig.tight_layout()

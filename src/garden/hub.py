@@ -436,6 +436,21 @@ class HubSeries(CheckpointSeries):
                 self._sleep(wait)
         raise GardenError(f"{what}: failed after {self.retries + 1} attempts: {last}")
 
+    def checkpoint_folder(self, step: int) -> Path:
+        """The whole checkpoint (config, tokenizer, weights) in the Hugging Face cache, for model-level
+        stages; files already there are not fetched again."""
+        from huggingface_hub import snapshot_download
+
+        revision = revision_of(step)
+        path = self._call(
+            lambda: snapshot_download(
+                self.repo, revision=revision, cache_dir=self.hf_cache, endpoint=self.endpoint,
+                allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"],
+            ),
+            f"step {step}: downloading the checkpoint {self.repo}@{revision}",
+        )  # fmt: skip
+        return Path(path)
+
     def bytes_fetched(self) -> int:
         return sum(self.fetched.values())
 

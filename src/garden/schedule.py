@@ -23,7 +23,7 @@ PYTHIA_STEPS: tuple[int, ...] = tuple(log_linear_schedule(1000, 143000))
 
 
 def eval_subset(steps: Sequence[int]) -> list[int]:
-    """The log-spaced steps, the first evenly spaced step, then every 10th from the third.
+    """The log-spaced steps, the first evenly spaced step, every 10th from the third, and the last.
 
     On Pythia's 154 steps this is EleutherAI's 27-step evaluation subset (0, 1, 2, ..., 512, 1000,
     3000, 13000, ..., 143000); on a scaled schedule it is the same shape.
@@ -36,7 +36,8 @@ def eval_subset(steps: Sequence[int]) -> list[int]:
     while first_linear > 0 and steps[first_linear] - steps[first_linear - 1] == interval:
         first_linear -= 1
     log_part, linear = steps[:first_linear], steps[first_linear:]
-    return log_part + linear[:1] + linear[2::10]
+    # The final checkpoint is always kept (it is Pythia's last eval step, and CKA's reference).
+    return sorted(set(log_part + linear[:1] + linear[2::10] + linear[-1:]))
 
 
 def select_steps(available: Sequence[int], selection: dict) -> list[int]:

@@ -152,6 +152,10 @@ class CheckpointSeries(ABC):
         """Steps that cannot be read without the network while offline (none for files on disk)."""
         return []
 
+    def checkpoint_folder(self, step: int) -> Path:
+        """A local folder holding the whole checkpoint (for `from_pretrained` in model-level stages)."""
+        raise GardenError(f"{self.label} cannot provide whole checkpoints")
+
     def fetch_report(self, steps: list[int], tensor: str) -> list[dict] | None:
         """Per-step provenance of remote reads (file, sha256, size, bytes fetched); None when local."""
         return None
@@ -205,6 +209,9 @@ class LocalSeries(CheckpointSeries):
             return self._step_folders[step]
         except KeyError:
             raise GardenError(f"step {step} is not in {self.root}") from None
+
+    def checkpoint_folder(self, step: int) -> Path:
+        return self.folder(step)
 
     def weight_files(self, step: int) -> WeightFiles:
         return find_weight_files(step, self.folder(step))

@@ -46,7 +46,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def series_fingerprint(model_cfg, corpus_cfg) -> str:
+def series_fingerprint(model_cfg, corpus_cfg, variant: str = "standard") -> str:
     """Hash of everything the trained weights depend on."""
     payload = {
         "architecture": OmegaConf.to_container(model_cfg.architecture, resolve=True),
@@ -58,13 +58,34 @@ def series_fingerprint(model_cfg, corpus_cfg) -> str:
             "member_glob": corpus_cfg.get("member_glob"),
         },
     }
+    if variant != "standard":
+        payload["variant"] = variant
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def tiny_series_dir(model_cfg, corpus_cfg, data_dir: Path) -> Path:
+def tiny_series_dir(model_cfg, corpus_cfg, data_dir: Path, variant: str = "standard") -> Path:
     if model_cfg.get("path"):
         return Path(model_cfg.path).expanduser()
-    return Path(data_dir) / "series" / f"tiny-{series_fingerprint(model_cfg, corpus_cfg)}"
+    suffix = "" if variant == "standard" else f"-{variant}"
+    return Path(data_dir) / "series" / f"tiny{suffix}-{series_fingerprint(model_cfg, corpus_cfg, variant)}"
+
+
+def dedupe_lines(texts: list[str], min_chars: int = 20) -> list[str]:
+    """Drop every repeat of a line of at least `min_chars` characters (first occurrence kept): the tiny
+    analogue of the deduplicated Pile that Pythia's `-deduped` models train on."""
+    seen: set[str] = set()
+    out = []
+    for text in texts:
+        kept = []
+        for line in text.splitlines():
+            key = line.strip()
+            if len(key) >= min_chars:
+                if key in seen:
+                    continue
+                seen.add(key)
+            kept.append(line)
+        out.append("\n".join(kept))
+    return out
 
 
 def checkpoint_steps(train_cfg) -> list[int]:
@@ -110,13 +131,18 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 
 def ensure_tiny_series(
-    model_cfg, corpus_cfg, data_dir: Path, device: str = "auto", progress: bool = True
+    model_cfg,
+    corpus_cfg,
+    data_dir: Path,
+    device: str = "auto",
+    progress: bool = True,
+    variant: str = "standard",
 ) -> Path:
     """Return the trained series folder, training (or resuming) it first if it is not complete."""
-    folder = tiny_series_dir(model_cfg, corpus_cfg, data_dir)
+    folder = tiny_series_dir(model_cfg, corpus_cfg, data_dir, variant)
     if (folder / COMPLETE_MARKER).is_file():
         return folder
-    train_series(model_cfg, corpus_cfg, folder, Path(data_dir), resolve_device(device), progress)
+    train_series(model_cfg, corpus_cfg, folder, Path(data_dir), resolve_device(device), progress, variant)
     return folder
 
 
@@ -143,7 +169,13 @@ def _save_checkpoint(model, tokenizer, folder: Path, step: int, dtype: torch.dty
 
 
 def train_series(
-    model_cfg, corpus_cfg, folder: Path, data_dir: Path, device: torch.device, progress: bool = True
+    model_cfg,
+    corpus_cfg,
+    folder: Path,
+    data_dir: Path,
+    device: torch.device,
+    progress: bool = True,
+    variant: str = "standard",
 ) -> None:
     from transformers import AutoTokenizer, GPTNeoXForCausalLM
     from transformers.utils import logging as hf_logging
@@ -164,6 +196,8 @@ def train_series(
             train_ids, heldout_ids = data["train"], data["heldout"]
     else:
         texts = load_corpus(corpus_cfg, data_dir)
+        if variant == "deduped":
+            texts = dedupe_lines(texts)
         tokenizer = train_tokenizer(texts, int(model_cfg.architecture.vocab_size))
         encoded = tokenizer.backend_tokenizer.encode_batch(texts)  # Rust, parallel: seconds for 5 MB
         ids = np.concatenate([np.array([*e.ids, tokenizer.eos_token_id], dtype=np.int32) for e in encoded])

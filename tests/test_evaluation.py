@@ -1,0 +1,254 @@
+"""Model-level evaluation: CKA and PER against known answers, perplexity against direct computation."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from garden.evaluation.data import lambada_from_text
+from garden.evaluation.perplexity import (
+    LambadaExample,
+    lambada_scores,
+    split_last_word,
+    token_nll,
+    token_perplexity,
+    token_windows,
+)
+from garden.evaluation.stability import (
+    condition_number,
+    linear_cka,
+    ov_singular_values,
+    proportional_effective_rank,
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    return GPTNeoXForCausalLM(config).eval()
+
+
+# ------------------------------------------------------------------------------------------------ CKA
+
+
+def test_cka_of_identical_inputs_is_one():
+    x = torch.randn(200, 16, generator=torch.Generator().manual_seed(0))
+    assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_cka_is_invariant_to_orthogonal_transforms_and_isotropic_scaling():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 12, generator=gen, dtype=torch.float64)
+    y = x @ torch.randn(12, 12, generator=gen, dtype=torch.float64) + 0.5 * torch.randn(
+        300, 12, generator=gen, dtype=torch.float64
+    )
+    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=gen, dtype=torch.float64))
+    base = linear_cka(x, y)
+    assert linear_cka(x @ q, y) == pytest.approx(base, rel=1e-10)
+    assert linear_cka(7.5 * x, y) == pytest.approx(base, rel=1e-10)
+    assert linear_cka(x + 3.0, y) == pytest.approx(base, rel=1e-10)  # centring removes offsets
+
+
+def test_cka_of_independent_noise_is_near_zero():
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(5000, 8, generator=gen), torch.randn(5000, 8, generator=gen)
+    assert linear_cka(x, y) < 0.01
+
+
+# ------------------------------------------------------------------------------------------------ PER
+
+
+def test_per_of_identity_is_one():
+    assert proportional_effective_rank(torch.linalg.svdvals(torch.eye(9))) == pytest.approx(1.0)
+
+
+def test_per_of_rank_one_is_one_over_r():
+    matrix = torch.outer(torch.arange(1.0, 7.0), torch.arange(1.0, 5.0))  # 6 x 4, rank 1
+    s = torch.linalg.svdvals(matrix.double())
+    assert proportional_effective_rank(s) == pytest.approx(1 / 4, rel=1e-6)
+
+
+def test_per_of_a_known_spectrum():
+    p = np.array([0.75, 0.25])
+    expected = math.exp(-(p * np.log(p)).sum()) / 2
+    assert proportional_effective_rank(torch.tensor([3.0, 1.0])) == pytest.approx(expected)
+    assert condition_number(torch.tensor([3.0, 1.0])) == 3.0
+
+
+def test_ov_singular_values_match_the_explicit_product():
+    gen = torch.Generator().manual_seed(3)
+    d, heads = 16, 4
+    head_dim = d // heads
+    qkv = torch.randn(3 * d, d, generator=gen, dtype=torch.float64)
+    dense = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    fast = ov_singular_values(qkv, dense, heads)
+    rows = qkv.reshape(heads, 3, head_dim, d)
+    for h in range(heads):
+        product = dense[:, h * head_dim : (h + 1) * head_dim] @ rows[h, 2]
+        explicit = torch.linalg.svdvals(product)[:head_dim]
+        torch.testing.assert_close(fast[h].sort(descending=True).values, explicit, rtol=1e-9, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------ perplexity
+
+
+def test_token_perplexity_equals_the_direct_computation(model):
+    ids = np.random.default_rng(0).integers(0, 97, size=16 * 20 + 5)
+    windows = token_windows(ids, 16)
+    assert windows.shape == (20, 16)
+    with torch.inference_mode():
+        direct = model(input_ids=windows, labels=windows).loss.item()  # mean over all predicted tokens
+    for batch_size in (1, 3, 20):
+        assert math.log(token_perplexity(model, windows, batch_size)) == pytest.approx(direct, rel=1e-5)
+    total, count = token_nll(model, windows, 7)
+    assert total > 0
+    assert count == 20 * 15
+
+
+def test_lambada_batched_with_padding_equals_one_at_a_time(model):
+    rng = np.random.default_rng(1)
+    examples = [
+        LambadaExample(list(rng.integers(0, 97, size=n)), list(rng.integers(0, 97, size=k)))
+        for n, k in [(5, 1), (12, 2), (3, 3), (20, 1), (9, 2)]
+    ]
+    batched = lambada_scores(model, examples, batch_size=4, pad_id=0)
+    single = lambada_scores(model, examples, batch_size=1, pad_id=0)
+    assert batched["lambada_perplexity"] == pytest.approx(single["lambada_perplexity"], rel=1e-5)
+    assert batched["lambada_accuracy"] == single["lambada_accuracy"]
+    # By hand for one example: the sum of the target's log-probabilities.
+    example = examples[1]
+    ids = torch.tensor([example.context + example.target])
+    with torch.inference_mode():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    n = len(example.context)
+    by_hand = sum(float(logprobs[n - 1 + i, t]) for i, t in enumerate(example.target))
+    only = lambada_scores(model, [example], batch_size=1, pad_id=0)
+    assert math.log(only["lambada_perplexity"]) == pytest.approx(-by_hand, rel=1e-5)
+
+
+def test_lambada_format_helpers():
+    assert split_last_word("the cat sat on the mat") == ("the cat sat on the", " mat")
+    text = "\n".join(f"line {i} of the play with words enough, to read;" for i in range(40))
+    passages = lambada_from_text(text, min_words=20)
+    assert passages and all(p.split()[-1].isalpha() for p in passages)
+
+
+# ------------------------------------------------------------------------------------- the CLI stage
+
+
+def garden(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        "-m",
+        "garden",
+        "progress=false",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"paths.data_dir={tmp_path}/data",
+        f"hydra.run.dir={tmp_path}/out",
+        *overrides,
+    ]
+    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+
+SHRUNK = [
+    "model.architecture.vocab_size=300",
+    "model.architecture.hidden_size=32",
+    "model.architecture.num_hidden_layers=2",
+    "model.architecture.num_attention_heads=2",
+    "model.architecture.intermediate_size=64",
+    "model.train.steps=40",
+    "model.train.interval=8",
+    "model.train.batch_size=4",
+    "model.train.seq_len=16",
+    "evaluation.seq_len=16",
+    "evaluation.max_windows=32",
+    "evaluation.lambada.limit=40",
+    "evaluation.cka.n_sequences=32",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["evaluation=perplexity", "evaluation.lambada.source=wikipedia"], "valid: heldout, file, hub"),
+        (
+            [
+                "evaluation=perplexity",
+                "evaluation.lambada.source=file",
+                "evaluation.lambada.path=/nope.jsonl",
+            ],
+            "is not a file",
+        ),
+        (
+            ["evaluation=perplexity", "evaluation.steps.select=list", "evaluation.steps.values=[0,7]"],
+            "steps [7] are not in the series",
+        ),
+        (
+            ["evaluation=perplexity", "evaluation.lambada.limit=0"],
+            "evaluation.lambada.limit must be a positive",
+        ),
+        (["evaluation=perplexity", "evaluation.max_windows=0"], "evaluation.max_windows must be a positive"),
+    ],
+)
+def test_bad_evaluation_input_fails_before_any_work(tmp_path, overrides, message):
+    done = garden(tmp_path, *SHRUNK, *overrides)
+    assert done.returncode != 0
+    assert message in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "data" / "series").exists()
+
+
+@pytest.mark.slow
+def test_presets_run_offline_on_the_tiny_series(tmp_path, small_corpus):
+    from mlflow.tracking import MlflowClient
+
+    corpus = [f"corpus.path={small_corpus}"]
+    stability_run = garden(tmp_path, *SHRUNK, *corpus, "experiment=tending_stability")
+    assert stability_run.returncode == 0, stability_run.stderr[-3000:]
+    forking = garden(
+        tmp_path, *SHRUNK, *corpus, "experiment=forking_perplexity", f"hydra.run.dir={tmp_path}/o2"
+    )
+    assert forking.returncode == 0, forking.stderr[-3000:]
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = {
+        r.data.tags["garden.variant"]: r
+        for r in client.search_runs([client.get_experiment_by_name("garden").experiment_id])
+    }
+    tending, paper1 = runs["deduped"], runs["standard"]
+    assert tending.info.run_name == "tiny/deduped/unembedding"
+    eval_steps = [0, 1, 2, 4, 8, 24, 40]  # the eval subset of 0, 1, 2, 4, 8, 16, ..., 40
+    for key in ("per_mlp.0", "per_ov.1", "per_ov.1.0", "cond_mlp.1", "cka_attn.0", "cka_mlp.1", "perplexity"):
+        history = client.get_metric_history(tending.info.run_id, key)
+        assert sorted(m.step for m in history) == eval_steps, key
+    cka_final = {m.step: m.value for m in client.get_metric_history(tending.info.run_id, "cka_mlp.1")}
+    assert cka_final[40] == pytest.approx(1.0)
+    assert "cka_mlp_converged_fraction" in tending.data.metrics
+    figures = {a.path for a in client.list_artifacts(tending.info.run_id, "figures")}
+    assert {
+        "figures/cka_percentiles.png",
+        "figures/per_by_layer.png",
+        "figures/convergence_vs_per.png",
+    } <= figures
+
+    for key in ("perplexity", "lambada_perplexity", "lambada_accuracy"):
+        assert len(client.get_metric_history(paper1.info.run_id, key)) == len(eval_steps), key
+    assert "steepest_perplexity_drop_step" in paper1.data.metrics
+    ppl = {m.step: m.value for m in client.get_metric_history(paper1.info.run_id, "perplexity")}
+    assert ppl[40] < ppl[0]
+    assert "figures/perplexity.png" in {a.path for a in client.list_artifacts(paper1.info.run_id, "figures")}
