@@ -9,7 +9,9 @@ measures, in one run so that every ratio compares figures taken on the same mach
 * agreement of garden's numbers with the notebook's (moments, distances, quantiles, histogram);
 * peak RSS of `extract` over 10 and over 40 steps, each in a fresh subprocess;
 * the Hub source on a fake Hub (127.0.0.1) serving the same series: bytes fetched for the head against
-  the tensor's own bytes, and time against `hf_hub_download` of the whole files.
+  the tensor's own bytes, and time against `hf_hub_download` of the whole files;
+* LAMBADA perplexity throughput of the batched scorer against a one-example-at-a-time loop over the same
+  texts (a pythia-14m-shaped model), with the numbers compared.
 
 Peak RSS is the child's VmHWM (/proc/self/status): on Linux a child's `ru_maxrss` starts from the
 parent's high-water mark (it survives fork and exec), so it would report the bench process, not garden.
@@ -71,6 +73,8 @@ QUANTILE_FINE_BINS = 2.0
 MAX_HIST_DIFF_FRACTION = 1e-4
 MAX_RSS_RATIO = 1.10
 MAX_HUB_BYTES_RATIO = 1.05
+MIN_PERPLEXITY_SPEEDUP = 3.0
+MAX_PERPLEXITY_REL_DIFF = 1e-4
 HUB_REPO = "bench/pythia-160m-shaped"
 
 
@@ -455,6 +459,61 @@ def hub_routes(full_root: Path, steps: list[int], workdir: Path) -> dict:
     }
 
 
+def perplexity_routes(n_examples: int = 256, batch_size: int = 32) -> dict:
+    """LAMBADA-style last-word perplexity: garden's batched scorer vs a one-example-at-a-time loop.
+
+    The model is pythia-14m-shaped (random init, 50k vocabulary); the texts are LAMBADA-like (contexts of
+    60-90 tokens, targets of 1-3). The loop is what a notebook does: a forward pass per example, the
+    log-softmax over every position, the target's log-probabilities summed.
+    """
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from garden.evaluation.perplexity import LambadaExample, lambada_scores
+    from garden.tiny import resolve_device
+
+    device = resolve_device("auto")
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=6, num_attention_heads=4,
+                           intermediate_size=512, rotary_pct=0.25, tie_word_embeddings=False)  # fmt: skip
+    model = GPTNeoXForCausalLM(config).to(device).eval()
+    rng = np.random.default_rng(0)
+    examples = [
+        LambadaExample(rng.integers(0, VOCAB, size=rng.integers(60, 91)).tolist(),
+                       rng.integers(0, VOCAB, size=rng.integers(1, 4)).tolist())
+        for _ in range(n_examples)
+    ]  # fmt: skip
+    lambada_scores(model, examples[:batch_size], batch_size, pad_id=0)  # warm-up
+    started = time.perf_counter()
+    batched = lambada_scores(model, examples, batch_size, pad_id=0)
+    batched_s = time.perf_counter() - started
+    started = time.perf_counter()
+    loglik, exact = [], []
+    with torch.inference_mode():
+        for example in examples:
+            ids = torch.tensor([example.context + example.target], device=device)
+            logits = model(input_ids=ids).logits[0].float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            n = len(example.context)
+            where = torch.arange(n - 1, n - 1 + len(example.target), device=device)
+            target = torch.tensor(example.target, device=device)
+            loglik.append(float(logprobs[where, target].sum()))
+            exact.append(bool((logits[where].argmax(-1) == target).all()))
+    naive_s = time.perf_counter() - started
+    naive = float(np.exp(-np.mean(loglik)))
+    tokens = sum(len(e.context) + len(e.target) for e in examples)
+    return {
+        "ppl_device": str(device),
+        "ppl_examples": n_examples,
+        "ppl_batched": batched["lambada_perplexity"],
+        "ppl_naive": naive,
+        "ppl_rel_diff": abs(batched["lambada_perplexity"] - naive) / naive,
+        "ppl_accuracy_equal": batched["lambada_accuracy"] == float(np.mean(exact)),
+        "ppl_batched_tokens_per_s": tokens / batched_s,
+        "ppl_naive_tokens_per_s": tokens / naive_s,
+        "ppl_speedup": naive_s / batched_s,
+    }
+
+
 def run_bench(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict]:
     n_steps = args.steps
     small, large = args.rss_steps
@@ -509,6 +568,10 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict]
         flush=True,
     )
     results.update(hub)
+
+    ppl = perplexity_routes()
+    print(f"perplexity: batched {ppl['ppl_speedup']:.1f}x the one-at-a-time loop", flush=True)
+    results.update(ppl)
 
     over_floor = garden_step / floor_step
     speedup = notebook_step / garden_step
@@ -607,6 +670,19 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict]
         Row("Hub: hf_hub_download of whole files / tensor bytes", f"{hub['hub_whole_bytes_ratio']:.2f}"),
         Row("Hub: garden range reads, s/step", f"{hub['hub_garden_s_per_step']:.3f}"),
         Row("Hub: hf_hub_download whole files, s/step", f"{hub['hub_whole_s_per_step']:.3f}"),
+        Row(
+            f"LAMBADA perplexity ({ppl['ppl_device']}, pythia-14m shape): batched / one-at-a-time",
+            f"{ppl['ppl_speedup']:.2f}x ({ppl['ppl_batched_tokens_per_s']:.0f} vs "
+            f"{ppl['ppl_naive_tokens_per_s']:.0f} tok/s)",
+            f">= {MIN_PERPLEXITY_SPEEDUP:g}x",
+            ppl["ppl_speedup"] >= MIN_PERPLEXITY_SPEEDUP,
+        ),
+        Row(
+            "LAMBADA perplexity: |batched - one-at-a-time| / one-at-a-time (accuracy equal)",
+            f"{ppl['ppl_rel_diff']:.2e} ({ppl['ppl_accuracy_equal']})",
+            f"< {MAX_PERPLEXITY_REL_DIFF:g}",
+            ppl["ppl_rel_diff"] < MAX_PERPLEXITY_REL_DIFF and ppl["ppl_accuracy_equal"],
+        ),
         Row(
             "Hub: whole-file time / garden time",
             f"{hub['hub_whole_s_per_step'] / hub['hub_garden_s_per_step']:.2f}x",

@@ -74,7 +74,12 @@ def encode_lambada(texts: list[str], tokenizer, max_length: int) -> list[Lambada
 
 @torch.inference_mode()
 def lambada_scores(model, examples: list[LambadaExample], batch_size: int, pad_id: int) -> dict[str, float]:
-    """Summed target log-likelihood and greedy exactness per example, batched with right padding."""
+    """Summed target log-likelihood and greedy exactness per example, batched.
+
+    Sequences are left-padded (positions restart at each row's first real token), so every target ends
+    at the last column and the output head (d x vocab, most of the cost for Pythia's 50k vocabulary) runs
+    only over the last `max target length` positions instead of every position.
+    """
     device = next(model.parameters()).device
     loglik, exact = [], []
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].context) - len(examples[i].target))
@@ -82,19 +87,26 @@ def lambada_scores(model, examples: list[LambadaExample], batch_size: int, pad_i
         chunk = [examples[i] for i in order[start : start + batch_size]]
         sequences = [e.context + e.target for e in chunk]
         width = max(len(s) for s in sequences)
+        keep = max(len(e.target) for e in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, seq in enumerate(sequences):
-            ids[row, : len(seq)] = torch.as_tensor(seq)
-            mask[row, : len(seq)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            ids[row, width - len(seq) :] = torch.as_tensor(seq)
+            mask[row, width - len(seq) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        logits = model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            logits_to_keep=keep + 1,
+        ).logits.float()  # column c predicts token width - keep + c
         logprobs = torch.log_softmax(logits, dim=-1)
         for row, example in enumerate(chunk):
-            n_ctx, n_tgt = len(example.context), len(example.target)
-            positions = torch.arange(n_ctx - 1, n_ctx - 1 + n_tgt, device=logits.device)
+            n_tgt = len(example.target)
+            columns = torch.arange(keep - n_tgt, keep, device=logits.device)
             target = torch.as_tensor(example.target, device=logits.device)
-            loglik.append(float(logprobs[row, positions, target].sum()))
-            exact.append(bool((logits[row, positions].argmax(-1) == target).all()))
+            loglik.append(float(logprobs[row, columns, target].sum()))
+            exact.append(bool((logits[row, columns].argmax(-1) == target).all()))
     loglik_arr = np.array(loglik)
     return {
         "lambada_perplexity": float(np.exp(-loglik_arr.mean())),
