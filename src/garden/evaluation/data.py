@@ -50,8 +50,11 @@ def lambada_from_text(text: str, min_words: int = 40, limit: int | None = None) 
     return passages
 
 
-def load_lambada(lambada_cfg, corpus_cfg, data_dir: Path, fraction: float) -> list[str]:
-    """The LAMBADA texts: the Hub dataset, a local file (jsonl with "text", or plain lines), or held-out."""
+def load_lambada(
+    lambada_cfg, corpus_cfg, data_dir: Path, fraction: float, heldout: str | None = None
+) -> list[str]:
+    """The LAMBADA texts: the Hub dataset, a local file (jsonl with "text", or plain lines), or passages
+    cut from the held-out text (`heldout` when the caller has it, else the corpus tail)."""
     limit = lambada_cfg.get("limit")
     if lambada_cfg.source == "hub":
         import datasets
@@ -69,7 +72,8 @@ def load_lambada(lambada_cfg, corpus_cfg, data_dir: Path, fraction: float) -> li
     elif lambada_cfg.source == "file":
         texts = read_lambada_file(Path(str(lambada_cfg.path)))
     else:
-        texts = lambada_from_text(heldout_text(corpus_cfg, data_dir, fraction), limit=limit)
+        source = heldout if heldout is not None else heldout_text(corpus_cfg, data_dir, fraction)
+        texts = lambada_from_text(source, limit=limit)
     return texts[:limit] if limit is not None else texts
 
 

@@ -142,14 +142,18 @@ def evaluate(series: CheckpointSeries, plan: EvaluationPlan, cfg, cache_dir: Pat
     ev = cfg.evaluation
     fraction = float(cfg.model.get("train", {}).get("heldout_fraction", 0.05))
     tokenizer = load_tokenizer(series, plan.steps[-1])
-    text = data.eval_text(ev.text, cfg.corpus, Path(cfg.paths.data_dir), fraction)
-    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    heldout = _series_heldout(series) if ev.text.source == "heldout" else None
+    if heldout is not None:  # the tiny series' own held-out split, token for token
+        ids, text = heldout, tokenizer.decode(heldout.tolist())
+    else:
+        text = data.eval_text(ev.text, cfg.corpus, Path(cfg.paths.data_dir), fraction)
+        ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
     windows = token_windows(ids, plan.seq_len, plan.max_windows)
     if "perplexity" in plan.stages and len(windows) == 0:
         raise GardenError(f"the evaluation text has {len(ids)} tokens: too few for seq_len={plan.seq_len}")
     examples = []
     if "lambada" in plan.stages:
-        texts = data.load_lambada(ev.lambada, cfg.corpus, Path(cfg.paths.data_dir), fraction)
+        texts = data.load_lambada(ev.lambada, cfg.corpus, Path(cfg.paths.data_dir), fraction, text)
         examples = encode_lambada(texts, tokenizer, max_length=int(ev.lambada.max_length))
         if not examples:
             raise GardenError("no LAMBADA examples to score (empty source?)")
@@ -200,6 +204,16 @@ def evaluate(series: CheckpointSeries, plan: EvaluationPlan, cfg, cache_dir: Pat
     return EvaluationResult(table, n_layers, n_heads)
 
 
+def _series_heldout(series: CheckpointSeries) -> np.ndarray | None:
+    """The held-out token ids a garden-trained series keeps beside its checkpoints (tokens.npz)."""
+    root = getattr(series, "root", None)
+    path = Path(root) / "tokens.npz" if root is not None else None
+    if path is None or not path.is_file():
+        return None
+    with np.load(path) as saved:
+        return saved["heldout"].astype(np.int64)
+
+
 def _final_activations(folder: Path, fresh: dict | None) -> dict[str, list[torch.Tensor]]:
     """The final checkpoint's activations: saved when computed, read back on resume."""
     path = folder / "final_activations.npz"
@@ -238,6 +252,7 @@ def weight_ranks(model) -> dict[str, float]:
         for h, value in enumerate(values):
             out[f"per_ov.{i}.{h}"] = value
         out[f"per_ov.{i}"] = float(np.mean(values))
+        out[f"cond_ov.{i}"] = float(np.median([stability.condition_number(s_h) for s_h in heads]))
     return out
 
 
