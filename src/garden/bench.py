@@ -482,13 +482,10 @@ def perplexity_routes(n_examples: int = 256, batch_size: int = 32) -> dict:
                        rng.integers(0, VOCAB, size=rng.integers(1, 4)).tolist())
         for _ in range(n_examples)
     ]  # fmt: skip
-    lambada_scores(model, examples[:batch_size], batch_size, pad_id=0)  # warm-up
-    started = time.perf_counter()
-    batched = lambada_scores(model, examples, batch_size, pad_id=0)
-    batched_s = time.perf_counter() - started
-    started = time.perf_counter()
-    loglik, exact = [], []
-    with torch.inference_mode():
+
+    @torch.inference_mode()
+    def one_at_a_time() -> tuple[list[float], list[bool]]:
+        loglik, exact = [], []
         for example in examples:
             ids = torch.tensor([example.context + example.target], device=device)
             logits = model(input_ids=ids).logits[0].float()
@@ -498,7 +495,17 @@ def perplexity_routes(n_examples: int = 256, batch_size: int = 32) -> dict:
             target = torch.tensor(example.target, device=device)
             loglik.append(float(logprobs[where, target].sum()))
             exact.append(bool((logits[where].argmax(-1) == target).all()))
-    naive_s = time.perf_counter() - started
+        return loglik, exact
+
+    lambada_scores(model, examples[:batch_size], batch_size, pad_id=0)  # warm-up
+    batched_s = naive_s = float("inf")
+    for _ in range(2):  # best of two for each route: the machine's other load only ever slows a run down
+        started = time.perf_counter()
+        batched = lambada_scores(model, examples, batch_size, pad_id=0)
+        batched_s = min(batched_s, time.perf_counter() - started)
+        started = time.perf_counter()
+        loglik, exact = one_at_a_time()
+        naive_s = min(naive_s, time.perf_counter() - started)
     naive = float(np.exp(-np.mean(loglik)))
     tokens = sum(len(e.context) + len(e.target) for e in examples)
     return {
