@@ -17,6 +17,7 @@ from garden.trajectory import Trajectory
 def _step_axis(ax) -> None:
     """Training steps on a log axis that still shows step 0 (symlog, linear below 1)."""
     ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(left=-0.5)  # no negative steps in the margin
     ax.set_xlabel("training step")
 
 
