@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +159,22 @@ def small_corpus(tmp_path_factory):
         lines = [" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(400)]
         (folder / f"part{i}.txt").write_text("\n".join(lines))
     return folder
+
+
+def run_garden(workdir: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m garden` as a user runs it, with its MLflow store, data and outputs inside `workdir`."""
+    command = [
+        sys.executable, "-m", "garden", "progress=false", f"tracking.uri=sqlite:///{workdir}/mlflow.db",
+        f"paths.data_dir={workdir}/data", f"hydra.run.dir={workdir}/out", *overrides,
+    ]  # fmt: skip
+    return subprocess.run(command, cwd=workdir, env={**os.environ, **(env or {})}, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+
+
+# The tiny model and its training shrunk to seconds (the CLI end-to-end tests train it for real).
+SHRUNK_TINY = [
+    "model.architecture.vocab_size=300", "model.architecture.hidden_size=32",
+    "model.architecture.num_hidden_layers=2", "model.architecture.num_attention_heads=2",
+    "model.architecture.intermediate_size=64", "model.train.steps=40", "model.train.interval=8",
+    "model.train.batch_size=4", "model.train.seq_len=16",
+]  # fmt: skip

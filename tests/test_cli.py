@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import neox_state, planted_fork, write_series
+from conftest import neox_state, planted_fork, run_garden, write_series
 
 pytestmark = pytest.mark.slow
 
@@ -24,17 +23,7 @@ FIGURES = {
 
 
 def garden(workdir, *overrides: str) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "garden",
-        "progress=false",
-        f"tracking.uri=sqlite:///{workdir}/mlflow.db",
-        f"paths.data_dir={workdir}/data",
-        f"hydra.run.dir={workdir}/out",
-        *overrides,
-    ]
-    return subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=600)
+    return run_garden(workdir, *overrides)
 
 
 def runs(workdir):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
+from conftest import SHRUNK_TINY, run_garden
 from garden.evaluation.data import lambada_from_text
 from garden.evaluation.perplexity import (
     LambadaExample,
@@ -152,29 +152,11 @@ def test_lambada_format_helpers():
 
 
 def garden(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "garden",
-        "progress=false",
-        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-        f"paths.data_dir={tmp_path}/data",
-        f"hydra.run.dir={tmp_path}/out",
-        *overrides,
-    ]
-    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    return run_garden(tmp_path, *overrides)
 
 
 SHRUNK = [
-    "model.architecture.vocab_size=300",
-    "model.architecture.hidden_size=32",
-    "model.architecture.num_hidden_layers=2",
-    "model.architecture.num_attention_heads=2",
-    "model.architecture.intermediate_size=64",
-    "model.train.steps=40",
-    "model.train.interval=8",
-    "model.train.batch_size=4",
-    "model.train.seq_len=16",
+    *SHRUNK_TINY,
     "evaluation.seq_len=16",
     "evaluation.max_windows=32",
     "evaluation.lambada.limit=40",

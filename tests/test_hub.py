@@ -13,7 +13,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import neox_state, planted_fork, write_series
+from conftest import neox_state, planted_fork, run_garden, write_series
 from garden.errors import GardenError
 from garden.fakehub import FakeHub, Fault
 from garden.hub import HubSeries
@@ -133,15 +133,12 @@ def test_offline_works_from_the_cache_and_names_missing_steps(hub, tmp_path, mon
 def garden(
     workdir: Path, hub: FakeHub, *overrides: str, offline: bool = False
 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(workdir / "hf"), "HF_HUB_OFFLINE": "0"}
-    if offline:
-        env["HF_HUB_OFFLINE"] = "1"
-    command = [
-        sys.executable, "-m", "garden", "progress=false", f"tracking.uri=sqlite:///{workdir}/mlflow.db",
-        f"paths.data_dir={workdir}/data", f"hydra.run.dir={workdir}/out", "series.backoff_seconds=0.01",
-        *overrides,
-    ]  # fmt: skip
-    return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_CACHE": str(workdir / "hf"),
+        "HF_HUB_OFFLINE": "1" if offline else "0",
+    }
+    return run_garden(workdir, "series.backoff_seconds=0.01", *overrides, env=env)
 
 
 HUB_MODEL = ["model=pythia-14m", f"model.repo={REPO}", "model.architecture.num_hidden_layers=2"]

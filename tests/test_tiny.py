@@ -7,6 +7,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from conftest import SHRUNK_TINY, run_garden
 from garden import tiny
 from garden.config import config_dir
 
@@ -81,33 +82,11 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, small_corpus
 
 def test_default_cli_on_a_shrunken_tiny_series(tmp_path, small_corpus):
     """`python -m garden` with the tiny model shrunk by overrides: trains, analyses, logs; then reuses."""
-    import subprocess
-    import sys
-
     from mlflow.tracking import MlflowClient
 
-    overrides = [
-        "progress=false",
-        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-        f"paths.data_dir={tmp_path}/data",
-        f"corpus.path={small_corpus}",
-        "model.architecture.vocab_size=300",
-        "model.architecture.hidden_size=32",
-        "model.architecture.num_hidden_layers=2",
-        "model.architecture.num_attention_heads=2",
-        "model.architecture.intermediate_size=64",
-        "model.train.steps=40",
-        "model.train.interval=8",
-        "model.train.batch_size=4",
-        "model.train.seq_len=16",
-    ]
     for attempt in (1, 2):
-        done = subprocess.run(
-            [sys.executable, "-m", "garden", *overrides, f"hydra.run.dir={tmp_path}/o{attempt}"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=600,
+        done = run_garden(
+            tmp_path, f"corpus.path={small_corpus}", *SHRUNK_TINY, f"hydra.run.dir={tmp_path}/o{attempt}"
         )
         assert done.returncode == 0, done.stderr[-3000:]
     assert len(list((tmp_path / "data" / "series").iterdir())) == 1  # trained once, reused
