@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from garden.errors import GardenError
 from garden.evaluation.stage import plan_evaluation
@@ -213,7 +213,64 @@ def output_folder(cfg: DictConfig) -> Path:
     return Path("outputs") / str(cfg.model.name) / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
 
 
+TASKS = ("dynamics", "cooccurrence")
+
+
 def run(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
+    """The job `cfg.task` names: `dynamics` (a checkpoint series) or `cooccurrence` (paper 003)."""
+    task = cfg.get("task", "dynamics")
+    if task == "cooccurrence":
+        return run_cooccurrence(cfg, output_dir)
+    if task != "dynamics":
+        raise GardenError(f"task={task!r} is not valid; valid: {', '.join(TASKS)}")
+    return run_dynamics(cfg, output_dir)
+
+
+def run_cooccurrence(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome | None:
+    """Train paper 003's model (logged as its own run), then analyse its snapshots like any series."""
+    from garden import cooccurrence
+
+    co = cfg.cooccurrence
+    cooccurrence.validate(co)
+    output_dir = Path(output_dir) if output_dir is not None else output_folder(cfg)
+    series_dir = Path(cfg.paths.data_dir) / "series" / f"cooccurrence-{cooccurrence.run_config_hash(co)}"
+    tracker = MlflowTracker(str(cfg.tracking.uri), str(cfg.tracking.experiment))
+    with tracker.start(
+        "cooccurrence/standard/train", {"garden.model": "cooccurrence", "garden.task": "cooccurrence"}
+    ):
+        tracker.log_params(flatten(cfg))
+        record = cooccurrence.train(co, series_dir, progress=bool(cfg.progress))
+        table = record.table
+        tracker.log_step_metrics(
+            table["epoch"].to_numpy(),
+            {c: table[c].to_numpy(dtype=float) for c in table.columns if c != "epoch"},
+        )
+        tracker.log_summary(record.summary)
+        (output_dir / "tables").mkdir(parents=True, exist_ok=True)
+        table.to_csv(output_dir / "tables" / "cooccurrence.csv", index=False)
+        cooccurrence.draw(table, record.summary, output_dir / "figures")
+        tracker.log_artifacts(output_dir / "tables", "tables")
+        tracker.log_artifacts(output_dir / "figures", "figures")
+        tracker.set_tags({"garden.snapshots": str(series_dir)})
+    log.info("cooccurrence: %s; snapshots in %s", record.summary, series_dir)
+    tensor = co.get("analyse_tensor")
+    if not tensor:
+        return None
+    analysis = cfg.copy()
+    with open_dict(analysis):
+        analysis.task = "dynamics"
+        analysis.model = {
+            "name": "cooccurrence",
+            "source": "local",
+            "variants": ["standard"],
+            "path": str(series_dir),
+        }
+        analysis.layer.tensor = str(tensor)
+        analysis.evaluation.stages = []
+    return run_dynamics(analysis, output_dir / "dynamics")
+
+
+def run_dynamics(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
     check_config(cfg)
     handle = describe_series(cfg)
     layer = resolve_tensor(cfg, handle)

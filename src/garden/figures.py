@@ -138,7 +138,7 @@ def draw_all(
         "msd_loglog.png": msd_loglog(traj, title, results.get("alpha")),
         "bimodality.png": bimodality_vs_step(traj, title, results, threshold, onset),
     }
-    return _save(figures, folder)
+    return save_figures(figures, folder)
 
 
 def draw_evaluation(
@@ -193,10 +193,11 @@ def draw_evaluation(
         ax.set_title(f"Convergence step vs PER\n{title}")
         ax.legend()
         figures["convergence_vs_per.png"] = fig
-    return _save(figures, folder)
+    return save_figures(figures, folder)
 
 
-def _save(figures: dict, folder: Path) -> list[Path]:
+def save_figures(figures: dict, folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, fig in figures.items():
         fig.tight_layout()

@@ -1,0 +1,248 @@
+"""Paper 003: two-phase training dynamics of a one-layer transformer on word co-occurrence.
+
+"Training Dynamics of Transformers to Recognize Word Co-occurrence via Gradient Flow Analysis"
+(arXiv 2410.09605). Tokens are one-hot mu_1..mu_d; y = +1 when mu_1 and mu_2 both occur (probability
+1/2), y = -1 for only mu_1, only mu_2, or neither (1/6 each); mu_3 occurs in every sequence. The model
+
+    F(X) = sum_l sum_j a_j w_j^T W_V X softmax(X^T W_K^T W_Q x_l / sqrt(m))
+
+is trained by full-batch gradient descent on the logistic loss. Phase 1 aligns the linear readout
+G(mu) = sum_j a_j w_j^T W_V mu while the attention barely moves; Phase 2 moves the attention scores
+mu_i^T W_K^T W_Q mu_j. Parameter snapshots are saved as a checkpoint series on a Pythia-like schedule, so
+the core dynamics analysis (MSD, bimodality, ...) reads them like any other series.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from garden.errors import GardenError
+from garden.metrics.events import onset_index
+from garden.schedule import log_linear_schedule
+
+CLASSES = ("both", "only_1", "only_2", "neither")
+SCORE_PAIRS = ((1, 2), (2, 1), (3, 1), (3, 2))  # (i, j): mu_i^T W_K^T W_Q mu_j, 1-based as in the paper
+
+
+@dataclass
+class Dataset:
+    tokens: torch.Tensor  # (n, L) token indices, 0-based (mu_1 is index 0)
+    labels: torch.Tensor  # (n,) +1 / -1
+    classes: np.ndarray  # (n,) class name per sample
+
+
+def make_dataset(n: int, length: int, d: int, seed: int) -> Dataset:
+    """Exact class proportions (n/2 both, n/6 each other class); mu_3 at a random position of every
+    sequence; mu_1/mu_2 at other random positions as the class says; the rest uniform over mu_4..mu_d."""
+    if n % 6:
+        raise GardenError(
+            f"cooccurrence.n must be a multiple of 6 (exact 1/2, 1/6, 1/6, 1/6 classes), got {n}"
+        )
+    if length < 3:
+        raise GardenError(f"cooccurrence.L must be at least 3 (mu_1, mu_2 and mu_3 must fit), got {length}")
+    if d < 4:
+        raise GardenError(f"cooccurrence.d must be at least 4, got {d}")
+    rng = np.random.default_rng(seed)
+    counts = {"both": n // 2, "only_1": n // 6, "only_2": n // 6, "neither": n // 6}
+    classes = np.array([c for c, k in counts.items() for _ in range(k)])
+    tokens = rng.integers(3, d, size=(n, length))  # mu_4..mu_d
+    for row, cls in enumerate(classes):
+        slots = rng.permutation(length)
+        tokens[row, slots[0]] = 2  # mu_3, the common word
+        if cls in ("both", "only_1"):
+            tokens[row, slots[1]] = 0  # mu_1
+        if cls in ("both", "only_2"):
+            tokens[row, slots[2]] = 1  # mu_2
+    labels = np.where(classes == "both", 1.0, -1.0)
+    return Dataset(torch.as_tensor(tokens), torch.as_tensor(labels, dtype=torch.float64), classes)
+
+
+class CooccurrenceModel(torch.nn.Module):
+    """W_Q, W_K, W_V in R^{m x d}, W in R^{m1 x m}, fixed signs a in {+1, -1}^{m1}; no causal mask."""
+
+    def __init__(self, d: int, m: int, m1: int, seed: int):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+
+        def kaiming(rows: int, cols: int) -> torch.nn.Parameter:  # N(0, 2 / fan_in)
+            return torch.nn.Parameter(
+                torch.randn(rows, cols, generator=gen, dtype=torch.float64) * math.sqrt(2 / cols)
+            )
+
+        self.W_Q, self.W_K, self.W_V = kaiming(m, d), kaiming(m, d), kaiming(m, d)
+        self.W = kaiming(m1, m)
+        signs = torch.where(torch.rand(m1, generator=gen) < 0.5, -1.0, 1.0).double()
+        self.register_buffer("a", signs)
+        self.m = m
+
+    def readout(self) -> torch.Tensor:
+        """sum_j a_j w_j^T as one m-vector."""
+        return self.a @ self.W
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # Columns of X are one-hot, so W X is a column lookup.
+        q, k, v = self.W_Q.T[tokens], self.W_K.T[tokens], self.W_V.T[tokens]  # (n, L, m)
+        attention = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(self.m), dim=-1)  # query l, key l'
+        return ((attention @ v) @ self.readout()).sum(dim=1)
+
+    @torch.no_grad()
+    def attention_score(self, i: int, j: int) -> float:
+        return float(self.W_K[:, i - 1] @ self.W_Q[:, j - 1])
+
+    @torch.no_grad()
+    def readout_value(self, i: int) -> float:
+        """G(mu_i) = sum_j a_j w_j^T W_V mu_i."""
+        return float(self.readout() @ self.W_V[:, i - 1])
+
+
+def log_epochs(epochs: int, points: int) -> list[int]:
+    """About `points` epochs spread on a log scale from 0 to `epochs` (always both ends)."""
+    grid = np.unique(np.round(np.geomspace(1, epochs, num=max(points - 1, 1))).astype(int))
+    return sorted({0, *grid.tolist(), epochs})
+
+
+def snapshot_steps(epochs: int, interval: int) -> list[int]:
+    return log_linear_schedule(interval, epochs)
+
+
+def run_config_hash(co) -> str:
+    payload = OmegaConf.to_container(co, resolve=True)
+    keep = {k: payload[k] for k in ("n", "L", "d", "m", "m1", "lr", "epochs", "seed", "snapshot_interval")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def validate(co) -> None:
+    for key in ("n", "L", "d", "m", "m1", "epochs", "snapshot_interval", "log_points"):
+        value = co.get(key)
+        if not isinstance(value, int) or value < 1:
+            raise GardenError(f"cooccurrence.{key} must be a positive integer, got {value!r}")
+    if not float(co.lr) > 0:
+        raise GardenError(f"cooccurrence.lr must be positive, got {co.lr}")
+    make_dataset(int(co.n), int(co.L), int(co.d), 0)
+
+
+@dataclass
+class TrainingRecord:
+    table: pd.DataFrame  # one row per logged epoch
+    summary: dict[str, float]
+    snapshots: Path
+
+
+def train(co, series_dir: Path, progress: bool = True) -> TrainingRecord:
+    """Full-batch gradient descent; observables at log-spaced epochs; snapshots on a Pythia-like schedule."""
+    n, length, d, m, m1 = (int(co[k]) for k in ("n", "L", "d", "m", "m1"))
+    epochs, seed = int(co.epochs), int(co.seed)
+    data = make_dataset(n, length, d, seed)
+    model = CooccurrenceModel(d, m, m1, seed)
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    initial_scores = np.array([model.attention_score(i, j) for i, j in SCORE_PAIRS])
+    optimizer = torch.optim.SGD(model.parameters(), lr=float(co.lr))
+    logged, snapshots = (
+        set(log_epochs(epochs, int(co.log_points))),
+        set(snapshot_steps(epochs, int(co.snapshot_interval))),
+    )
+    masks = {c: torch.as_tensor(data.classes == c) for c in CLASSES}
+    series_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for epoch in tqdm(
+        range(epochs + 1), desc="gradient descent", unit="epoch", disable=not progress, miniters=500
+    ):
+        output = model(data.tokens)
+        margins = data.labels * output
+        per_sample = torch.nn.functional.softplus(-margins)  # log(1 + exp(-y F)), stable
+        loss = per_sample.mean()
+        if epoch in logged:
+            with torch.no_grad():
+                g = torch.sigmoid(-margins)  # 1 / (1 + exp(y F))
+                row = {"epoch": epoch, "loss": float(loss), "accuracy": float((margins > 0).double().mean())}
+                row.update({f"loss_{c}": float(per_sample[masks[c]].mean()) for c in CLASSES})
+                row.update({f"score_{i}{j}": model.attention_score(i, j) for i, j in SCORE_PAIRS})
+                row.update({f"G_mu{i}": model.readout_value(i) for i in (1, 2, 3)})
+                row["gradient_balance"] = float(g[masks["only_1"]].sum() / g[masks["only_2"]].sum())
+                for name, param in model.named_parameters():
+                    row[f"rel_change_{name}"] = float((param - initial[name]).norm() / initial[name].norm())
+                rows.append(row)
+        if epoch in snapshots:
+            _save_snapshot(model, series_dir, epoch)
+        if epoch == epochs:
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    table = pd.DataFrame(rows)
+    summary = phase_summary(table, initial_scores, float(co.attention_move_fraction))
+    (series_dir / "config.json").write_text(json.dumps({"model_type": "cooccurrence", "epochs": epochs}))
+    (series_dir / "COMPLETE").write_text(json.dumps(summary))
+    return TrainingRecord(table, summary, series_dir)
+
+
+def _save_snapshot(model: CooccurrenceModel, folder: Path, epoch: int) -> None:
+    target = folder / f"step{epoch}"
+    target.mkdir(parents=True, exist_ok=True)
+    state = {name: p.detach().float().contiguous() for name, p in model.named_parameters()}
+    tmp = target / "model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"epoch": str(epoch)})
+    os.replace(tmp, target / "model.safetensors")
+
+
+def phase_summary(table: pd.DataFrame, initial_scores: np.ndarray, move_fraction: float) -> dict[str, float]:
+    """Phase 1 ends at the first logged epoch with every sample correct; the attention 'starts to move' at
+    the first logged epoch from which the largest score change since init stays at or above
+    `move_fraction` of the largest initial |score| (working definition: a fixed fraction of the scores'
+    own scale, so it does not depend on how long the run is)."""
+    epochs = table["epoch"].to_numpy()
+    summary = {
+        "final_loss": float(table["loss"].iloc[-1]),
+        "final_accuracy": float(table["accuracy"].iloc[-1]),
+    }
+    correct = np.flatnonzero(table["accuracy"].to_numpy() >= 1.0)
+    if len(correct):
+        summary["phase1_end_epoch"] = float(epochs[correct[0]])
+    scores = table[[f"score_{i}{j}" for i, j in SCORE_PAIRS]].to_numpy()
+    moved = np.abs(scores - initial_scores).max(axis=1)
+    start = onset_index(moved >= move_fraction * np.abs(initial_scores).max())
+    if start is not None:
+        summary["attention_move_epoch"] = float(epochs[start])
+    return summary
+
+
+def draw(table: pd.DataFrame, summary: dict, folder: Path) -> None:
+    """The paper's two panels: attention scores and per-class losses over epochs, phases shaded."""
+    from garden.figures import plt, save_figures
+
+    epochs = table["epoch"].to_numpy(dtype=float)
+    phase1_end = summary.get("phase1_end_epoch")
+    figures = {}
+    for name, columns, ylabel in (
+        ("attention_scores.png", [f"score_{i}{j}" for i, j in SCORE_PAIRS], "mu_i^T W_K^T W_Q mu_j"),
+        ("class_losses.png", ["loss", *(f"loss_{c}" for c in CLASSES)], "logistic loss"),
+        ("readout.png", ["G_mu1", "G_mu2", "G_mu3"], "G(mu)"),
+    ):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for column in columns:
+            ax.plot(epochs, table[column], label=column)
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlim(left=0)
+        if phase1_end is not None:
+            ax.axvspan(0, phase1_end, color="tab:green", alpha=0.08, label="phase 1")
+            ax.axvspan(phase1_end, epochs[-1], color="tab:purple", alpha=0.06, label="phase 2")
+        if "loss" in name:
+            ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"Word co-occurrence: {ylabel}")
+        ax.legend(fontsize=8)
+        figures[name] = fig
+    save_figures(figures, folder)

@@ -1,0 +1,121 @@
+"""Paper 003: the synthetic task, the model, the two phases, determinism, and the CLI preset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import run_garden
+from garden import cooccurrence as co
+from garden.config import config_dir
+from garden.errors import GardenError
+
+
+def settings(**overrides):
+    base = OmegaConf.load(config_dir() / "config.yaml").cooccurrence
+    base.seed = 0
+    base.update(overrides)
+    return base
+
+
+def test_class_proportions_are_exact_and_words_sit_where_they_should():
+    data = co.make_dataset(60, 5, 64, seed=3)
+    assert data.tokens.shape == (60, 5)
+    counts = pd.Series(data.classes).value_counts().to_dict()
+    assert counts == {"both": 30, "only_1": 10, "only_2": 10, "neither": 10}
+    tokens = data.tokens.numpy()
+    assert ((tokens == 2).sum(axis=1) == 1).all()  # mu_3 once in every sequence
+    has1, has2 = (tokens == 0).any(axis=1), (tokens == 1).any(axis=1)
+    expected = {
+        "both": (True, True),
+        "only_1": (True, False),
+        "only_2": (False, True),
+        "neither": (False, False),
+    }
+    for cls, (one, two) in expected.items():
+        rows = data.classes == cls
+        assert (has1[rows] == one).all() and (has2[rows] == two).all(), cls
+    # Every other position holds one of mu_4..mu_d: only the planted words are below index 3.
+    assert ((tokens <= 2).sum(axis=1) == 1 + has1 + has2).all() and tokens.max() < 64
+    assert (data.labels.numpy() == np.where(data.classes == "both", 1, -1)).all()
+    with pytest.raises(GardenError, match="multiple of 6"):
+        co.make_dataset(61, 5, 64, seed=0)
+
+
+def test_model_shapes_and_readout():
+    model = co.CooccurrenceModel(d=64, m=128, m1=256, seed=0)
+    assert model.W_Q.shape == model.W_K.shape == model.W_V.shape == (128, 64) and model.W.shape == (256, 128)
+    assert set(model.a.tolist()) == {-1.0, 1.0}
+    data = co.make_dataset(12, 5, 64, seed=0)
+    assert model(data.tokens).shape == (12,)
+    # F of a sequence of identical tokens is L * G(mu) (attention averages identical values).
+    same = torch.full((1, 5), 4)
+    assert float(model(same).detach()) == pytest.approx(5 * model.readout_value(5), rel=1e-10)
+
+
+def test_phase_one_ends_before_the_attention_moves(tmp_path):
+    record = co.train(settings(epochs=2000, log_points=120), tmp_path / "series", progress=False)
+    summary = record.summary
+    assert summary["final_accuracy"] == 1.0
+    assert summary["phase1_end_epoch"] < summary["attention_move_epoch"]
+    end = record.table.set_index("epoch").loc[summary["phase1_end_epoch"]]
+    assert end["G_mu1"] > 0 and end["G_mu2"] > 0 > end["G_mu3"]
+    first, last = record.table.iloc[0], record.table.iloc[-1]
+    assert (
+        last["score_12"] > first["score_12"] and last["score_21"] > first["score_21"]
+    )  # phase 2 grows these
+    assert last["score_31"] < first["score_31"] and last["score_32"] < first["score_32"]  # and shrinks these
+    snapshots = sorted(int(p.name[4:]) for p in (tmp_path / "series").glob("step*"))
+    assert snapshots == co.snapshot_steps(2000, 500)
+
+
+def test_one_seed_gives_identical_numbers(tmp_path):
+    a = co.train(settings(epochs=200, log_points=40), tmp_path / "a", progress=False)
+    b = co.train(settings(epochs=200, log_points=40), tmp_path / "b", progress=False)
+    pd.testing.assert_frame_equal(a.table, b.table)
+    c = co.train(settings(epochs=200, log_points=40, seed=1), tmp_path / "c", progress=False)
+    assert not np.allclose(a.table["loss"], c.table["loss"])
+
+
+@pytest.mark.slow
+def test_cli_preset_logs_both_phases_and_analyses_the_snapshots(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    done = run_garden(tmp_path, "experiment=cooccurrence", "cooccurrence.epochs=600")
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = {
+        r.info.run_name: r
+        for r in client.search_runs([client.get_experiment_by_name("garden").experiment_id])
+    }
+    train, dynamics = runs["cooccurrence/standard/train"], runs["cooccurrence/standard/W_V"]
+    assert train.info.status == dynamics.info.status == "FINISHED"
+    for key in (
+        "loss",
+        "loss_both",
+        "loss_only_1",
+        "score_12",
+        "score_32",
+        "G_mu3",
+        "gradient_balance",
+        "rel_change_W_V",
+    ):
+        assert len(client.get_metric_history(train.info.run_id, key)) > 20, key
+    assert {"phase1_end_epoch", "attention_move_epoch", "final_loss"} <= set(train.data.metrics)
+    figures = {a.path for a in client.list_artifacts(train.info.run_id, "figures")}
+    assert {"figures/attention_scores.png", "figures/class_losses.png"} <= figures
+    assert dynamics.data.tags["garden.tensor"] == "W_V"
+    assert sorted(
+        m.step for m in client.get_metric_history(dynamics.info.run_id, "msd")
+    ) == co.snapshot_steps(600, 500)
+
+
+@pytest.mark.slow
+def test_bad_cooccurrence_settings_fail_before_training(tmp_path):
+    done = run_garden(tmp_path, "experiment=cooccurrence", "cooccurrence.n=50")
+    assert done.returncode != 0 and "multiple of 6" in done.stderr
+    done = run_garden(tmp_path, "task=sweep")
+    assert done.returncode != 0 and "valid: dynamics, cooccurrence" in done.stderr
