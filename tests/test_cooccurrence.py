@@ -70,6 +70,8 @@ def test_phase_one_ends_before_the_attention_moves(tmp_path):
     assert last["score_31"] < first["score_31"] and last["score_32"] < first["score_32"]  # and shrinks these
     snapshots = sorted(int(p.name[4:]) for p in (tmp_path / "series").glob("step*"))
     assert snapshots == co.snapshot_steps(2000, 500)
+    again = co.train(settings(epochs=2000, log_points=120), tmp_path / "series", progress=False)
+    assert again.summary == summary and len(again.table) == len(record.table)  # read back, not retrained
 
 
 def test_one_seed_gives_identical_numbers(tmp_path):
@@ -117,5 +119,10 @@ def test_cli_preset_logs_both_phases_and_analyses_the_snapshots(tmp_path):
 def test_bad_cooccurrence_settings_fail_before_training(tmp_path):
     done = run_garden(tmp_path, "experiment=cooccurrence", "cooccurrence.n=50")
     assert done.returncode != 0 and "multiple of 6" in done.stderr
+    done = run_garden(tmp_path, "experiment=cooccurrence", "cooccurrence.analyse_tensor=W_O")
+    assert done.returncode != 0 and "valid: W_Q, W_K, W_V, W" in done.stderr
+    done = run_garden(tmp_path, "experiment=cooccurrence", "metrics.names=[msd,entropy]")
+    assert done.returncode != 0 and "unknown metric" in done.stderr
+    assert not (tmp_path / "data" / "series").exists()  # nothing was trained
     done = run_garden(tmp_path, "task=sweep")
     assert done.returncode != 0 and "valid: dynamics, cooccurrence" in done.stderr

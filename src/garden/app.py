@@ -216,7 +216,7 @@ def output_folder(cfg: DictConfig) -> Path:
 TASKS = ("dynamics", "cooccurrence")
 
 
-def run(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
+def run(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome | None:
     """The job `cfg.task` names: `dynamics` (a checkpoint series) or `cooccurrence` (paper 003)."""
     task = cfg.get("task", "dynamics")
     if task == "cooccurrence":
@@ -232,12 +232,31 @@ def run_cooccurrence(cfg: DictConfig, output_dir: Path | None = None) -> RunOutc
 
     co = cfg.cooccurrence
     cooccurrence.validate(co)
-    output_dir = Path(output_dir) if output_dir is not None else output_folder(cfg)
     series_dir = Path(cfg.paths.data_dir) / "series" / f"cooccurrence-{cooccurrence.run_config_hash(co)}"
+    tensor = co.get("analyse_tensor")
+    analysis = None
+    if tensor:  # the follow-up analysis is checked before training, like any bad input
+        if tensor not in cooccurrence.PARAMETERS:
+            raise GardenError(
+                f"cooccurrence.analyse_tensor={tensor!r} is not a snapshot tensor; "
+                f"valid: {', '.join(cooccurrence.PARAMETERS)} (or null)"
+            )
+        analysis = cfg.copy()
+        with open_dict(analysis):
+            analysis.task = "dynamics"
+            analysis.model = {"name": "cooccurrence", "source": "local", "variants": ["standard"],
+                              "path": str(series_dir)}  # fmt: skip
+            analysis.layer.tensor = str(tensor)
+            analysis.evaluation.stages = []
+        check_config(analysis)
+    output_dir = Path(output_dir) if output_dir is not None else output_folder(cfg)
     tracker = MlflowTracker(str(cfg.tracking.uri), str(cfg.tracking.experiment))
-    with tracker.start(
-        "cooccurrence/standard/train", {"garden.model": "cooccurrence", "garden.task": "cooccurrence"}
-    ):
+    tags = {
+        "garden.model": "cooccurrence",
+        "garden.task": "cooccurrence",
+        "garden.snapshots": str(series_dir),
+    }
+    with tracker.start("cooccurrence/standard/train", tags):
         tracker.log_params(flatten(cfg))
         record = cooccurrence.train(co, series_dir, progress=bool(cfg.progress))
         table = record.table
@@ -251,23 +270,8 @@ def run_cooccurrence(cfg: DictConfig, output_dir: Path | None = None) -> RunOutc
         cooccurrence.draw(table, record.summary, output_dir / "figures")
         tracker.log_artifacts(output_dir / "tables", "tables")
         tracker.log_artifacts(output_dir / "figures", "figures")
-        tracker.set_tags({"garden.snapshots": str(series_dir)})
     log.info("cooccurrence: %s; snapshots in %s", record.summary, series_dir)
-    tensor = co.get("analyse_tensor")
-    if not tensor:
-        return None
-    analysis = cfg.copy()
-    with open_dict(analysis):
-        analysis.task = "dynamics"
-        analysis.model = {
-            "name": "cooccurrence",
-            "source": "local",
-            "variants": ["standard"],
-            "path": str(series_dir),
-        }
-        analysis.layer.tensor = str(tensor)
-        analysis.evaluation.stages = []
-    return run_dynamics(analysis, output_dir / "dynamics")
+    return None if analysis is None else run_dynamics(analysis, output_dir / "dynamics")
 
 
 def run_dynamics(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:

@@ -33,6 +33,7 @@ from garden.metrics.events import onset_index
 from garden.schedule import log_linear_schedule
 
 CLASSES = ("both", "only_1", "only_2", "neither")
+PARAMETERS = ("W_Q", "W_K", "W_V", "W")
 SCORE_PAIRS = ((1, 2), (2, 1), (3, 1), (3, 2))  # (i, j): mu_i^T W_K^T W_Q mu_j, 1-based as in the paper
 
 
@@ -141,7 +142,14 @@ class TrainingRecord:
 
 
 def train(co, series_dir: Path, progress: bool = True) -> TrainingRecord:
-    """Full-batch gradient descent; observables at log-spaced epochs; snapshots on a Pythia-like schedule."""
+    """Full-batch gradient descent; observables at log-spaced epochs; snapshots on a Pythia-like schedule.
+
+    A finished run (its folder name hashes the settings) is read back instead of trained again; an
+    unfinished one is trained afresh (it takes seconds) and marked complete only at the end.
+    """
+    marker, observables = series_dir / "COMPLETE", series_dir / "observables.csv"
+    if marker.is_file() and observables.is_file():
+        return TrainingRecord(pd.read_csv(observables), json.loads(marker.read_text()), series_dir)
     n, length, d, m, m1 = (int(co[k]) for k in ("n", "L", "d", "m", "m1"))
     epochs, seed = int(co.epochs), int(co.seed)
     data = make_dataset(n, length, d, seed)
@@ -184,7 +192,8 @@ def train(co, series_dir: Path, progress: bool = True) -> TrainingRecord:
     table = pd.DataFrame(rows)
     summary = phase_summary(table, initial_scores, float(co.attention_move_fraction))
     (series_dir / "config.json").write_text(json.dumps({"model_type": "cooccurrence", "epochs": epochs}))
-    (series_dir / "COMPLETE").write_text(json.dumps(summary))
+    table.to_csv(observables, index=False)
+    marker.write_text(json.dumps(summary))
     return TrainingRecord(table, summary, series_dir)
 
 
