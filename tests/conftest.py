@@ -162,9 +162,12 @@ def small_corpus(tmp_path_factory):
 
 
 def run_garden(workdir: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m garden` as a user runs it, with its MLflow store, data and outputs inside `workdir`."""
+    """`python -m garden` as a user runs it, with its MLflow store, data and outputs inside `workdir`
+    (flags such as `-m` go first, as Hydra's command line wants them)."""
+    flags = [o for o in overrides if o.startswith("-")]
+    overrides = tuple(o for o in overrides if not o.startswith("-"))
     command = [
-        sys.executable, "-m", "garden", "progress=false", f"tracking.uri=sqlite:///{workdir}/mlflow.db",
+        sys.executable, "-m", "garden", *flags, "progress=false", f"tracking.uri=sqlite:///{workdir}/mlflow.db",
         f"paths.data_dir={workdir}/data", f"hydra.run.dir={workdir}/out", *overrides,
     ]  # fmt: skip
     return subprocess.run(command, cwd=workdir, env={**os.environ, **(env or {})}, capture_output=True,

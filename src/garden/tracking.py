@@ -44,9 +44,14 @@ class MlflowTracker:
 
     @contextmanager
     def start(self, run_name: str, tags: Mapping[str, str] | None = None) -> Iterator[MlflowTracker]:
+        """A run, made the child of the sweep's parent run inside a Hydra multirun."""
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_experiment(self.experiment)
-        with mlflow.start_run(run_name=run_name, tags=dict(tags or {})) as run:
+        tags = dict(tags or {})
+        parent = sweep_parent_run_id()
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        with mlflow.start_run(run_name=run_name, tags=tags) as run:
             self.run_id = run.info.run_id
             yield self
 
@@ -78,3 +83,64 @@ class MlflowTracker:
 
     def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+
+
+PARENT_RUN_FILE = "mlflow_parent_run_id"
+
+
+def sweep_parent_run_id() -> str | None:
+    """Inside a Hydra multirun job: the MLflow parent run its sweep opened (read from the sweep folder, so
+    jobs in other processes or on other machines of a shared file system find it too)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    marker = Path(HydraConfig.get().sweep.dir) / PARENT_RUN_FILE
+    return marker.read_text().strip() if marker.is_file() else None
+
+
+class MlflowSweepCallback:
+    """Hydra callback: one MLflow parent run per sweep (`-m`); each job's run is its child."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        client = MlflowClient(tracking_uri=str(config.tracking.uri))
+        experiment = client.get_experiment_by_name(str(config.tracking.experiment))
+        experiment_id = (
+            experiment.experiment_id
+            if experiment
+            else client.create_experiment(str(config.tracking.experiment))
+        )
+        overrides = " ".join(config.hydra.overrides.task)
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        run = client.create_run(
+            experiment_id,
+            run_name=f"sweep/{sweep_dir.name}",
+            tags={
+                "garden.sweep": "parent",
+                "garden.sweep_overrides": overrides,
+                "garden.sweep_dir": str(sweep_dir),
+            },
+        )
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / PARENT_RUN_FILE).write_text(run.info.run_id)
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        marker = Path(str(config.hydra.sweep.dir)) / PARENT_RUN_FILE
+        if marker.is_file():
+            MlflowClient(tracking_uri=str(config.tracking.uri)).set_terminated(
+                marker.read_text().strip(), "FINISHED"
+            )
+
+    # The other Hydra callback hooks are not needed.
+    def on_run_start(self, config, **kwargs) -> None:
+        pass
+
+    def on_run_end(self, config, **kwargs) -> None:
+        pass
+
+    def on_job_start(self, config, **kwargs) -> None:
+        pass
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        pass
