@@ -159,7 +159,7 @@ def check_config(cfg: DictConfig) -> None:
             f"metrics.bifurcation_criterion={criterion!r} is not valid; "
             f"valid: {', '.join(BIFURCATION_CRITERIA)}"
         )
-    from garden.tiny import resolve_device
+    from garden.devices import resolve_device
 
     resolve_device(str(cfg.device))
 

@@ -468,8 +468,8 @@ def perplexity_routes(n_examples: int = 256, batch_size: int = 32) -> dict:
     """
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
+    from garden.devices import resolve_device
     from garden.evaluation.perplexity import LambadaExample, lambada_scores
-    from garden.tiny import resolve_device
 
     device = resolve_device("auto")
     torch.manual_seed(0)

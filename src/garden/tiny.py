@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from garden.corpus import load_corpus
+from garden.devices import resolve_device
 from garden.errors import GardenError
 from garden.schedule import log_linear_schedule
 
@@ -33,17 +34,6 @@ EOS = "<|endoftext|>"
 PAD = "<|padding|>"
 COMPLETE_MARKER = "series.json"
 STATE_FILE = "trainer_state.pt"
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks cuda when present, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise GardenError(f"device={name} but no CUDA device is present; use device=auto or device=cpu")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise GardenError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N")
-    return torch.device(name)
 
 
 def series_fingerprint(model_cfg, corpus_cfg, variant: str = "standard") -> str:

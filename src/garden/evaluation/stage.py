@@ -88,7 +88,7 @@ def plan_evaluation(cfg, available_steps: list[int]) -> EvaluationPlan | None:
     from omegaconf import OmegaConf
 
     steps = select_steps(available_steps, OmegaConf.to_container(ev.steps, resolve=True))
-    from garden.tiny import resolve_device
+    from garden.devices import resolve_device
 
     resolve_device(str(ev.device))
     return EvaluationPlan(
@@ -116,7 +116,7 @@ def load_model(series: CheckpointSeries, step: int, plan: EvaluationPlan):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from garden.tiny import resolve_device
+    from garden.devices import resolve_device
 
     hf_logging.disable_progress_bar()
     folder = series.checkpoint_folder(step)
