@@ -260,10 +260,7 @@ def run_cooccurrence(cfg: DictConfig, output_dir: Path | None = None) -> RunOutc
         tracker.log_params(flatten(cfg))
         record = cooccurrence.train(co, series_dir, progress=bool(cfg.progress))
         table = record.table
-        tracker.log_step_metrics(
-            table["epoch"].to_numpy(),
-            {c: table[c].to_numpy(dtype=float) for c in table.columns if c != "epoch"},
-        )
+        tracker.log_table(table, "epoch")
         tracker.log_summary(record.summary)
         (output_dir / "tables").mkdir(parents=True, exist_ok=True)
         table.to_csv(output_dir / "tables" / "cooccurrence.csv", index=False)
@@ -352,9 +349,7 @@ def _evaluate(series, eval_plan, cfg, tracker, output_dir: Path, bifurcation_ste
 
     result = evaluate(series, eval_plan, cfg, Path(cfg.paths.data_dir) / "evaluate", bool(cfg.progress))
     table = result.table
-    tracker.log_step_metrics(
-        table["step"].to_numpy(), {c: table[c].to_numpy(dtype=float) for c in table.columns if c != "step"}
-    )
+    tracker.log_table(table, "step")
     summary, layers = summarise(result, cfg, bifurcation_step)
     tables = output_dir / "tables"
     tables.mkdir(parents=True, exist_ok=True)

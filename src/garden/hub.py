@@ -386,12 +386,9 @@ class HubSeries(CheckpointSeries):
         return path
 
     def _local_bin(self, remote: RemoteFile) -> str:
-        record = {"sha256": remote.sha256, "size": remote.size}
-        cached = try_to_load_from_cache(
-            self.repo, remote.filename, revision=revision_of(remote.step), cache_dir=self.hf_cache
-        )
-        path = self._download(remote.step, remote.filename, record)
-        self.how[remote.step] = "cache" if isinstance(cached, str) and cached == path else "download"
+        before = self.fetched.get(remote.step, 0)
+        path = self._download(remote.step, remote.filename, {"sha256": remote.sha256, "size": remote.size})
+        self.how[remote.step] = "download" if self.fetched.get(remote.step, 0) > before else "cache"
         return path
 
     def _verified(self, path: str, record: dict, fresh: bool = False) -> bool:

@@ -70,6 +70,11 @@ class MlflowTracker:
         for start in range(0, len(batch), MAX_BATCH):
             self.client.log_batch(self.run_id, metrics=batch[start : start + MAX_BATCH])
 
+    def log_table(self, table, step_column: str) -> None:
+        """Every other column of a per-step table as a metric at the step in `step_column`."""
+        columns = {c: table[c].to_numpy(dtype=float) for c in table.columns if c != step_column}
+        self.log_step_metrics(table[step_column].to_numpy(), columns)
+
     def log_summary(self, values: Mapping[str, float]) -> None:
         finite = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
         if finite:
