@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast bench lint clean
+.PHONY: install run test test-fast bench lint params repro compare clean
 
 install: $(STAMP)
 
@@ -27,6 +27,17 @@ test-fast: install
 
 bench: install
 	$(PY) -m garden.bench $(ARGS)
+
+# The DVC study: params.yaml from conf/study.yaml (what `dvc exp run -S` composes), then every stage.
+params: install
+	$(PY) -m garden.stages params $(ARGS)
+
+repro: install
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro $(ARGS)
+
+# The latest sweep's runs side by side, logged to its MLflow parent run.
+compare: install
+	$(PY) -m garden.compare $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check src tests

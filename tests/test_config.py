@@ -92,3 +92,42 @@ def test_built_wheel_carries_the_config_tree(tmp_path):
     expected = {p.relative_to(root / "conf").as_posix() for p in (root / "conf").rglob("*.yaml")}
     assert {f"garden/conf/{name}" for name in expected} <= names
     assert "garden/__main__.py" in names
+
+
+def test_params_yaml_is_conf_study_composed():
+    """params.yaml is what DVC's Hydra composition writes from conf/study.yaml (`make params`)."""
+    from omegaconf import OmegaConf
+
+    from garden.stages import compose_study
+
+    committed = OmegaConf.load(Path(__file__).resolve().parents[1] / "params.yaml")
+    assert OmegaConf.to_container(committed) == OmegaConf.to_container(compose_study())
+
+
+def test_study_config_names_its_matrix_and_stays_a_garden_config():
+    from garden.stages import compose_study
+
+    cfg = compose_study(["model=pythia-70m", "variant=deduped"])
+    assert cfg.paths.data_dir == "study" and cfg.evaluation.stages == ["perplexity", "lambada"]
+    assert list(cfg.study.models) == ["tiny"] and list(cfg.study.variants) == ["standard", "deduped"]
+    assert cfg.model.name == "pythia-70m" and "hydra" not in cfg
+
+
+def test_stages_refuse_bad_input_naming_the_choices(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from garden.stages import compose_study, main
+
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_study()
+    (tmp_path / "params.yaml").write_text(OmegaConf.to_yaml(cfg))
+    unknown = r"Could not find .model/gpt2. \(models: local, pythia-1.4b, .*, tiny\)"
+    with pytest.raises(SystemExit, match=unknown):
+        main(["sweep", "--model", "gpt2", "--variant", "standard"])
+    with pytest.raises(SystemExit, match="model=pythia-14m has no deduped variant; it has: standard"):
+        main(["sweep", "--model", "pythia-14m", "--variant", "deduped"])
+    cfg.paths.data_dir = "elsewhere"
+    (tmp_path / "params.yaml").write_text(OmegaConf.to_yaml(cfg))
+    with pytest.raises(SystemExit, match=r"keep paths\.data_dir=study"):
+        main(["metrics"])
+    assert not (tmp_path / "study").exists()

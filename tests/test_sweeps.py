@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -53,3 +57,40 @@ def test_single_runs_have_no_parent(tmp_path, series):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("garden").experiment_id])
     assert "mlflow.parentRunId" not in run.data.tags
+
+
+def test_four_parallel_jobs_on_one_sqlite_store_lose_nothing(tmp_path, series):
+    """4 joblib workers write params, per-step metric batches, summaries, tags and artifacts to the same
+    sqlite file at once: every run must hold all of it."""
+    done = run_garden(
+        tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", "model=local",
+        f"model.path={series}", "metrics=minimal", "seed=0,1,2,3", f"hydra.sweep.dir={tmp_path}/sweep",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("garden").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("garden.sweep") == "parent"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.params["seed"] for r in children) == ["0", "1", "2", "3"]
+    steps = [0, 1, 2, 4, 8, 16]
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert len(run.data.params) > 50
+        for key in ("msd", "bimodality_coefficient"):
+            assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == steps
+        assert {"n_steps", "alpha", "bifurcation_step"} <= set(run.data.metrics)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"tables", "figures", "summary.json"} <= artifacts
+
+    # The sweep compared in one view: table and figures logged to the parent run.
+    compared = subprocess.run(
+        [sys.executable, "-m", "garden.compare", "--sweep-dir", f"{tmp_path}/sweep",
+         "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--output", f"{tmp_path}/compare"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "compare" / "comparison.csv")
+    assert sorted(table["run_id"]) == sorted(r.info.run_id for r in children)
+    assert {"msd_overlay.png", "bimodality_coefficient_overlay.png", "bifurcation_vs_size.png"} <= {
+        a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(parent.info.run_id, "comparison/figures")
+    }

@@ -18,7 +18,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from garden.errors import GardenError
-from garden.evaluation.stage import plan_evaluation
+from garden.evaluation.stage import EvaluationPlan, plan_evaluation
 from garden.extract import ExtractionPlan, extract
 from garden.layers import ResolvedLayer, resolve_layer
 from garden.metrics import MetricResult, compute_metrics, validate_metric_names
@@ -271,7 +271,37 @@ def run_cooccurrence(cfg: DictConfig, output_dir: Path | None = None) -> RunOutc
     return None if analysis is None else run_dynamics(analysis, output_dir / "dynamics")
 
 
-def run_dynamics(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
+@dataclass
+class DynamicsJob:
+    """A dynamics job checked, planned and with its series open: everything before the first weight is
+    analysed. The CLI runs it in one process; the DVC stages (`garden.stages`) run it piece by piece."""
+
+    cfg: DictConfig
+    handle: SeriesHandle
+    series: CheckpointSeries
+    layer: ResolvedLayer
+    plan: ExtractionPlan
+    selected: list[int]
+    duplicates: dict[int, int]
+    eval_plan: EvaluationPlan | None
+    run_name: str
+    tags: dict[str, str]
+
+
+@dataclass
+class Analysis:
+    """What the metric registry made of a trajectory: per-step series, summary values and tags."""
+
+    trajectory: Trajectory
+    results: dict[str, MetricResult]
+    per_step: dict
+    summary: dict[str, float]
+    tags: dict[str, str]
+
+
+def plan_dynamics(cfg: DictConfig) -> DynamicsJob:
+    """Check and plan the job, then open the series (training the tiny one if needed). Every check that
+    needs no weights runs before the series is opened."""
     check_config(cfg)
     handle = describe_series(cfg)
     layer = resolve_tensor(cfg, handle)
@@ -281,8 +311,6 @@ def run_dynamics(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
         raise GardenError(f"extract.reference_step={plan.reference_step} is not a step of the series")
     eval_plan = plan_evaluation(cfg, handle.steps)
     run_name = cfg.tracking.get("run_name") or f"{cfg.model.name}/{cfg.variant}/{layer.label}"
-    output_dir = Path(output_dir) if output_dir is not None else output_folder(cfg)
-    output_dir.mkdir(parents=True, exist_ok=True)
 
     series = handle.open()
     missing = series.missing_from_cache(list(plan.steps), plan.tensor)
@@ -293,7 +321,8 @@ def run_dynamics(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
         )
     selected = list(plan.steps)
     plan, duplicates = _drop_duplicates(series, plan, str(cfg.series.on_duplicate))
-    tracker = MlflowTracker(str(cfg.tracking.uri), str(cfg.tracking.experiment))
+    if eval_plan is not None:
+        eval_plan = replace(eval_plan, steps=tuple(s for s in eval_plan.steps if s not in duplicates))
     tags = {
         "garden.model": str(cfg.model.name),
         "garden.variant": str(cfg.variant),
@@ -303,53 +332,93 @@ def run_dynamics(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
         "garden.duplicates": ", ".join(f"step{d}=step{o}" for d, o in sorted(duplicates.items())) or "none",
         "garden.duplicates_policy": str(cfg.series.on_duplicate),
     }
-    with tracker.start(run_name, tags):
+    return DynamicsJob(cfg, handle, series, layer, plan, selected, duplicates, eval_plan, run_name, tags)
+
+
+def extract_trajectory(job: DynamicsJob) -> Trajectory:
+    """The streaming pass over the series, resumable through the per-step cache under paths.data_dir."""
+    cfg = job.cfg
+    return extract(job.series, job.plan, Path(cfg.paths.data_dir) / "extract", progress=bool(cfg.progress))
+
+
+def analyse(cfg: DictConfig, trajectory: Trajectory, job_summary: dict[str, float]) -> Analysis:
+    """Run the configured metrics on a trajectory; `job_summary` holds the job's own counts."""
+    metric_params = OmegaConf.to_container(cfg.metrics, resolve=True)
+    metric_params["seed"] = int(cfg.seed)
+    results = compute_metrics(trajectory, cfg.metrics.names, metric_params)
+    per_step: dict = {}
+    summary = {
+        "n_steps": float(len(trajectory.steps)),
+        "n_parameters": float(trajectory.n),
+        **job_summary,
+    }
+    tags: dict[str, str] = {}
+    for result in results.values():
+        per_step.update(result.per_step)
+        summary.update(result.summary)
+        tags.update(result.tags)
+    return Analysis(trajectory, results, per_step, summary, tags)
+
+
+def job_summary(job: DynamicsJob, output_dir: Path) -> dict[str, float]:
+    """The job's counts (duplicates, Hub bytes), writing the Hub fetch manifest beside the tables."""
+    return {
+        "n_duplicate_steps": float(len(job.duplicates)),
+        **_write_fetch_manifest(job.series, job.selected, job.plan, job.duplicates, output_dir / "tables"),
+    }
+
+
+def run_dynamics(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
+    job = plan_dynamics(cfg)
+    output_dir = Path(output_dir) if output_dir is not None else output_folder(cfg)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tracker = MlflowTracker(str(cfg.tracking.uri), str(cfg.tracking.experiment))
+    with tracker.start(job.run_name, job.tags):
         tracker.log_params(flatten(cfg))
-        trajectory = extract(series, plan, Path(cfg.paths.data_dir) / "extract", progress=bool(cfg.progress))
-        metric_params = OmegaConf.to_container(cfg.metrics, resolve=True)
-        metric_params["seed"] = int(cfg.seed)
-        results = compute_metrics(trajectory, cfg.metrics.names, metric_params)
-
-        per_step: dict = {}
-        summary: dict[str, float] = {
-            "n_steps": float(len(trajectory.steps)),
-            "n_parameters": float(trajectory.n),
-            "n_duplicate_steps": float(len(duplicates)),
-        }
-        summary.update(_write_fetch_manifest(series, selected, plan, duplicates, output_dir / "tables"))
-        for result in results.values():
-            per_step.update(result.per_step)
-            summary.update(result.summary)
-            tags.update(result.tags)
-        tracker.log_step_metrics(trajectory.steps, per_step)
-        if eval_plan is not None:
-            eval_plan = replace(eval_plan, steps=tuple(s for s in eval_plan.steps if s not in duplicates))
-            summary.update(
-                _evaluate(series, eval_plan, cfg, tracker, output_dir, summary.get("bifurcation_step"))
+        trajectory = extract_trajectory(job)
+        analysis = analyse(cfg, trajectory, job_summary(job, output_dir))
+        write_dynamics(output_dir, analysis, job.run_name, cfg)
+        evaluation = None
+        if job.eval_plan is not None:
+            evaluation, eval_summary = evaluate_models(
+                job, output_dir, analysis.summary.get("bifurcation_step")
             )
-        tracker.log_summary(summary)
-        tracker.set_tags(tags)
-
-        _write_outputs(output_dir, trajectory, results, per_step, summary, tags, run_name, cfg)
-        tracker.log_artifacts(output_dir / "tables", "tables")
-        tracker.log_artifacts(output_dir / "figures", "figures")
-        tracker.log_artifact(output_dir / "summary.json")
-        for extra in handle.artifacts:
-            if extra.is_file():
-                tracker.log_artifact(extra, "series")
+            analysis.summary.update(eval_summary)
+        tags = {**job.tags, **analysis.tags}
+        write_summary(output_dir, job.run_name, analysis.summary, tags)
+        log_results(tracker, output_dir, analysis.trajectory.steps, analysis.per_step, evaluation,
+                    analysis.summary, tags, job.handle.artifacts)  # fmt: skip
         run_id = tracker.run_id
-    _report(run_name, summary, tags, output_dir, run_id)
-    return RunOutcome(run_id, run_name, output_dir, trajectory, results, summary, tags)
+    _report(job.run_name, analysis.summary, tags, output_dir, run_id)
+    return RunOutcome(run_id, job.run_name, output_dir, trajectory, analysis.results, analysis.summary, tags)
 
 
-def _evaluate(series, eval_plan, cfg, tracker, output_dir: Path, bifurcation_step) -> dict[str, float]:
+def log_results(tracker: MlflowTracker, folder: Path, steps, per_step: dict, evaluation: pd.DataFrame | None,
+                summary: dict[str, float], tags: dict[str, str], extra_artifacts=()) -> None:  # fmt: skip
+    """Everything a dynamics run records in its (already started) MLflow run."""
+    tracker.log_step_metrics(steps, per_step)
+    if evaluation is not None:
+        tracker.log_table(evaluation, "step")
+    tracker.log_summary(summary)
+    tracker.set_tags(tags)
+    tracker.log_artifacts(folder / "tables", "tables")
+    tracker.log_artifacts(folder / "figures", "figures")
+    tracker.log_artifact(folder / "summary.json")
+    for extra in extra_artifacts:
+        if Path(extra).is_file():
+            tracker.log_artifact(Path(extra), "series")
+
+
+def evaluate_models(job: DynamicsJob, output_dir: Path, bifurcation_step) -> tuple[pd.DataFrame, dict]:
     """The model-level stages: per-step metrics at their training steps, tables and figures."""
     from garden.evaluation.stage import evaluate, summarise
     from garden.figures import draw_evaluation
 
-    result = evaluate(series, eval_plan, cfg, Path(cfg.paths.data_dir) / "evaluate", bool(cfg.progress))
+    cfg = job.cfg
+    result = evaluate(
+        job.series, job.eval_plan, cfg, Path(cfg.paths.data_dir) / "evaluate", bool(cfg.progress)
+    )
     table = result.table
-    tracker.log_table(table, "step")
     summary, layers = summarise(result, cfg, bifurcation_step)
     tables = output_dir / "tables"
     tables.mkdir(parents=True, exist_ok=True)
@@ -358,30 +427,34 @@ def _evaluate(series, eval_plan, cfg, tracker, output_dir: Path, bifurcation_ste
         layers.to_csv(tables / "cka_convergence.csv", index=False)
     draw_evaluation(table, layers, result.n_layers, float(cfg.evaluation.cka.threshold), bifurcation_step,
                     str(cfg.model.name), output_dir / "figures")  # fmt: skip
-    return summary
+    return table, summary
 
 
-def _write_outputs(
-    folder: Path, trajectory: Trajectory, results, per_step, summary, tags, run_name, cfg
-) -> None:
+def write_dynamics(folder: Path, analysis: Analysis, run_name: str, cfg: DictConfig) -> None:
+    """Per-step tables, the metrics' extra tables and the dynamics figures."""
     from garden.figures import draw_all
 
+    trajectory = analysis.trajectory
     tables = folder / "tables"
     tables.mkdir(parents=True, exist_ok=True)
     table = trajectory.table.copy()
-    for name, values in per_step.items():
+    for name, values in analysis.per_step.items():
         table[name] = values
     table.to_csv(tables / "steps.csv", index=False)
-    for result in results.values():
+    for result in analysis.results.values():
         for name, extra in result.tables.items():
             extra.to_csv(tables / f"{name}.csv", index=False)
     pd.DataFrame({"index": trajectory.trajectory_indices}).to_csv(
         tables / "trajectory_indices.csv", index=False
     )
+    draw_all(trajectory, analysis.results, run_name, float(cfg.metrics.bimodality_threshold),
+             folder / "figures")  # fmt: skip
+
+
+def write_summary(folder: Path, run_name: str, summary: dict, tags: dict) -> None:
     (folder / "summary.json").write_text(
         json.dumps({"run_name": run_name, "summary": summary, "tags": tags}, indent=1)
     )
-    draw_all(trajectory, results, run_name, float(cfg.metrics.bimodality_threshold), folder / "figures")
 
 
 def _report(run_name: str, summary: dict, tags: dict, output_dir: Path, run_id: str | None) -> None:

@@ -14,7 +14,7 @@ from garden.metrics import MetricResult
 from garden.trajectory import Trajectory
 
 
-def _step_axis(ax) -> None:
+def step_axis(ax) -> None:
     """Training steps on a log axis that still shows step 0 (symlog, linear below 1)."""
     ax.set_xscale("symlog", linthresh=1.0)
     ax.set_xlim(left=-0.5)  # no negative steps in the margin
@@ -39,7 +39,7 @@ def density_heatmap(traj: Trajectory, title: str, bifurcation_step: float | None
     cmap.set_bad(cmap(0.0))  # empty bins read as the lowest density, not as holes
     image = ax.pcolormesh(x_edges, traj.hist_edges, log_density, shading="flat", cmap=cmap)
     fig.colorbar(image, ax=ax, label="log10 fraction of parameters")
-    _step_axis(ax)
+    step_axis(ax)
     ax.set_ylabel("parameter value")
     _mark(ax, bifurcation_step, "bifurcation", color="cyan")
     ax.set_title(f"Density of {traj.tensor} over training\n{title}")
@@ -51,7 +51,7 @@ def density_heatmap(traj: Trajectory, title: str, bifurcation_step: float | None
 def forking_trajectories(traj: Trajectory, title: str, bifurcation_step: float | None):
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot(traj.steps, traj.trajectories, linewidth=0.5, alpha=0.5)
-    _step_axis(ax)
+    step_axis(ax)
     ax.set_ylabel("parameter value")
     _mark(ax, bifurcation_step, "bifurcation")
     ax.set_title(f"Trajectories of {traj.trajectories.shape[1]} sampled parameters\n{title}")
@@ -117,7 +117,7 @@ def bimodality_vs_step(
             alpha=0.7,
             label="Ashman's D / 4",
         )
-    _step_axis(ax)
+    step_axis(ax)
     _mark(ax, bifurcation_step, "bifurcation onset")
     ax.set_ylabel("bimodality")
     ax.set_title(f"Bimodality of {traj.tensor}\n{title}")
@@ -155,7 +155,7 @@ def draw_evaluation(
             if column in table:
                 ax.plot(steps, table[column], "o-", markersize=3, label=label)
         ax.set_yscale("log")
-        _step_axis(ax)
+        step_axis(ax)
         _mark(ax, bifurcation_step, "bifurcation")
         ax.set_ylabel("perplexity")
         ax.set_title(f"Perplexity over training\n{title}")
@@ -170,7 +170,7 @@ def draw_evaluation(
             ax.fill_between(steps, q[1], q[3], color=color, alpha=0.3)
             ax.plot(steps, q[2], "o-", color=color, markersize=3, label=f"{kind}: median (25-75, 10-90%)")
         ax.axhline(threshold, color="grey", linestyle=":", label=f"threshold {threshold:g}")
-        _step_axis(ax)
+        step_axis(ax)
         ax.set_ylabel("linear CKA with the final checkpoint")
         ax.set_title(f"CKA convergence over layers\n{title}")
         ax.legend(fontsize=8)

@@ -269,6 +269,7 @@ def train_series(
         handle.write("step,loss,lr\n")
         handle.writelines(f"{r['step']},{r['loss']:.6f},{r['lr']:.8g}\n" for r in log)
     summary = {
+        "fingerprint": series_fingerprint(model_cfg, corpus_cfg, variant),
         "steps": checkpoint_steps(train),
         "final_train_loss": log[-1]["loss"] if log else None,
         "train_tokens": len(train_ids),

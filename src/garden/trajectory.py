@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+ARRAYS = ("hist_edges", "hist", "trajectories", "trajectory_indices", "distribution_sample")
 
 
 @dataclass
@@ -34,3 +39,34 @@ class Trajectory:
 
     def column(self, name: str) -> np.ndarray:
         return self.table[name].to_numpy(dtype=float)
+
+    def save(self, path: Path) -> None:
+        """One .npz (written atomically): the hand-over between the DVC extract and metrics stages."""
+        header = {
+            "tensor": self.tensor,
+            "shape": list(self.shape),
+            "n": self.n,
+            "columns": list(self.table.columns),
+            "dtypes": [str(t) for t in self.table.dtypes],
+            "meta": self.meta,
+        }
+        arrays = {name: getattr(self, name) for name in ARRAYS}
+        arrays.update({f"column_{i}": self.table[c].to_numpy() for i, c in enumerate(self.table.columns)})
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as handle:
+            np.savez(handle, header=np.array(json.dumps(header)), **arrays)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Trajectory:
+        with np.load(path, allow_pickle=False) as data:
+            header = json.loads(str(data["header"]))
+            table = pd.DataFrame(
+                {c: data[f"column_{i}"].astype(t) for i, (c, t) in
+                 enumerate(zip(header["columns"], header["dtypes"], strict=True))}
+            )  # fmt: skip
+            arrays = {name: data[name] for name in ARRAYS}
+        return cls(header["tensor"], tuple(header["shape"]), int(header["n"]), table, meta=header["meta"],
+                   **arrays)  # fmt: skip

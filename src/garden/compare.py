@@ -1,0 +1,260 @@
+"""`python -m garden.compare`: one view of a sweep's runs, read back from MLflow.
+
+    python -m garden.compare                          # the latest sweep (`python -m garden -m ...`)
+    python -m garden.compare --sweep-dir multirun/2026-11-22_10-00-00
+    python -m garden.compare --parent <run id>        # or --runs <id> <id> ..., or --dvc study/sweep
+
+Writes a table (one row per run: model, variant, layer, size, bifurcation and stationary steps, alpha,
+final perplexity) and figures (bifurcation step vs model size with a power-law fit; MSD, bimodality and
+perplexity curves overlaid), and logs them to the sweep's parent run, or to a new `compare` run when the
+runs have no common parent (the DVC matrix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from garden.errors import GardenError
+from garden.figures import save_figures, step_axis
+from garden.tracking import PARENT_RUN_FILE
+
+log = logging.getLogger("garden")
+
+SUMMARY = ("bifurcation_step", "stationary_step", "alpha", "final_perplexity")
+CURVES = {
+    "msd": "mean square displacement",
+    "bimodality_coefficient": "bimodality coefficient",
+    "perplexity": "held-out perplexity",
+}
+
+
+def model_size(params: dict[str, str]) -> float | None:
+    """Parameters of a GPT-NeoX from its logged architecture: 12·L·d² (blocks) + 2·V·d (embedding and
+    unembedding), the count Pythia's names round (70m: 70.4M, 160m: 162M, 1.4b: 1.41B)."""
+    try:
+        layers = int(params["model.architecture.num_hidden_layers"])
+        width = int(params["model.architecture.hidden_size"])
+        vocab = int(params["model.architecture.vocab_size"])
+    except (KeyError, ValueError):
+        return None
+    return float(12 * layers * width**2 + 2 * vocab * width)
+
+
+def power_law_fit(sizes: np.ndarray, steps: np.ndarray) -> dict[str, float] | None:
+    """Least squares of log(step) on log(size): step = prefactor · size^exponent. None below two
+    distinct sizes (or any non-positive value), where no line is defined."""
+    ok = np.isfinite(sizes) & np.isfinite(steps) & (sizes > 0) & (steps > 0)
+    x, y = np.log(sizes[ok]), np.log(steps[ok])
+    if len(np.unique(x)) < 2:
+        return None
+    exponent, intercept = np.polyfit(x, y, 1)
+    fitted = exponent * x + intercept
+    total = float(np.sum((y - y.mean()) ** 2))
+    r2 = 1.0 - float(np.sum((y - fitted) ** 2)) / total if total > 0 else 1.0
+    return {"powerlaw_exponent": float(exponent), "powerlaw_prefactor": float(math.exp(intercept)),
+            "powerlaw_r2": r2, "powerlaw_points": float(ok.sum())}  # fmt: skip
+
+
+@dataclass
+class Selection:
+    """The runs to compare and where the comparison is logged (`parent_id` None: a new run)."""
+
+    runs: list[Run]
+    parent_id: str | None
+    label: str
+
+
+def select_runs(client: MlflowClient, experiment: str, parent: str | None = None,
+                sweep_dir: str | None = None, run_ids: list[str] | None = None,
+                dvc_dir: str | None = None) -> Selection:  # fmt: skip
+    """The runs named by exactly one of the options; none given: the latest sweep of the experiment."""
+    if sweep_dir:
+        marker = Path(sweep_dir) / PARENT_RUN_FILE
+        if not marker.is_file():
+            raise GardenError(
+                f"{marker} not found: --sweep-dir takes the folder of a `python -m garden -m` sweep"
+            )
+        parent = marker.read_text().strip()
+    if dvc_dir:
+        files = sorted(Path(dvc_dir).glob("*/run.json"))
+        if not files:
+            raise GardenError(f"no */run.json under {dvc_dir}: run the DVC matrix stage `sweep` first")
+        run_ids = [json.loads(f.read_text())["run_id"] for f in files]
+    if run_ids:
+        runs = [_get_run(client, run_id) for run_id in run_ids]
+        return Selection(runs, None, f"{len(runs)} runs")
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise GardenError(f"MLflow experiment {experiment!r} not found at {client.tracking_uri}")
+    if parent is None:
+        sweeps = client.search_runs([exp.experiment_id], "tags.`garden.sweep` = 'parent'",
+                                    order_by=["attributes.start_time DESC"], max_results=1)  # fmt: skip
+        if not sweeps:
+            raise GardenError(
+                f"no sweep in experiment {experiment!r}: run `python -m garden -m ...`, or name the runs "
+                "with --parent, --sweep-dir, --runs or --dvc"
+            )
+        parent = sweeps[0].info.run_id
+    parent_run = _get_run(client, parent)
+    children = client.search_runs([parent_run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'",
+                                  order_by=["attributes.start_time ASC"])  # fmt: skip
+    if not children:
+        raise GardenError(f"the sweep run {parent} ({parent_run.info.run_name}) has no child runs yet")
+    return Selection(children, parent, parent_run.info.run_name or parent)
+
+
+def _get_run(client: MlflowClient, run_id: str) -> Run:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException as error:
+        raise GardenError(f"MLflow run {run_id!r} not found at {client.tracking_uri}") from error
+
+
+def comparison_table(runs: list[Run]) -> pd.DataFrame:
+    rows = []
+    for run in runs:
+        params, metrics = run.data.params, run.data.metrics
+        rows.append({
+            "run_id": run.info.run_id,
+            "run_name": run.info.run_name,
+            "status": run.info.status,
+            "model": params.get("model.name"),
+            "variant": params.get("variant"),
+            "layer": params.get("layer.name"),
+            "model_size": model_size(params),
+            **{key: metrics.get(key, np.nan) for key in SUMMARY},
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def curves(client: MlflowClient, runs: list[Run]) -> dict[str, dict[str, pd.DataFrame]]:
+    """{metric: {run name: (step, value) table}} for the overlaid curves, from the runs' histories."""
+    out: dict[str, dict[str, pd.DataFrame]] = {name: {} for name in CURVES}
+    for run in runs:
+        for name in CURVES:
+            if name not in run.data.metrics:
+                continue
+            history = client.get_metric_history(run.info.run_id, name)
+            table = pd.DataFrame({"step": [m.step for m in history], "value": [m.value for m in history]})
+            out[name][run.info.run_name] = table.sort_values("step")
+    return out
+
+
+def draw(table: pd.DataFrame, histories: dict, fit: dict | None, label: str) -> dict:
+    figures = {}
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    found = table.dropna(subset=["model_size", "bifurcation_step"])
+    for variant, group in found.groupby("variant"):
+        ax.scatter(group["model_size"], group["bifurcation_step"], label=variant, zorder=3)
+    if fit is not None:
+        grid = np.geomspace(found["model_size"].min(), found["model_size"].max(), 50)
+        exponent = fit["powerlaw_exponent"]
+        label_fit = f"step ∝ size^{exponent:.2f} (R² {fit['powerlaw_r2']:.2f})"
+        ax.plot(grid, fit["powerlaw_prefactor"] * grid**exponent, "k--", label=label_fit)
+    missing = table[table["bifurcation_step"].isna()]
+    if len(missing):
+        ax.text(0.02, 0.02, "no bifurcation: " + ", ".join(missing["run_name"].astype(str)),
+                transform=ax.transAxes, fontsize=7, va="bottom")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("model size (parameters)")
+    ax.set_ylabel("bifurcation step")
+    ax.set_title(f"Bifurcation step vs model size\n{label}")
+    if len(found) or fit is not None:
+        ax.legend()
+    figures["bifurcation_vs_size.png"] = fig
+    for name, by_run in histories.items():
+        if not by_run:
+            continue
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for run_name, curve in by_run.items():
+            ax.plot(curve["step"], curve["value"], marker=".", label=run_name)
+        step_axis(ax)
+        if name in ("msd", "perplexity"):
+            ax.set_yscale("log")
+        if name == "bimodality_coefficient":
+            ax.axhline(5 / 9, color="grey", linestyle=":", label="5/9 (uniform)")
+        ax.set_ylabel(CURVES[name])
+        ax.set_title(f"{CURVES[name].capitalize()} over training\n{label}")
+        ax.legend(fontsize=7)
+        figures[f"{name}_overlay.png"] = fig
+    return figures
+
+
+def compare(tracking_uri: str, experiment: str, output: Path | None = None, **selection) -> Path:
+    """Read the runs, write table and figures under `output`, log them to the parent (or a new run)."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    chosen = select_runs(client, experiment, **selection)
+    table = comparison_table(chosen.runs)
+    unfinished = table.loc[table["status"] != "FINISHED", "run_name"].tolist()
+    if unfinished:
+        log.warning("runs not FINISHED (kept in the table, left out of the fit): %s", ", ".join(unfinished))
+    finished = table[table["status"] == "FINISHED"]
+    fit = power_law_fit(finished["model_size"].to_numpy(float), finished["bifurcation_step"].to_numpy(float))
+    if fit is None:
+        log.warning("no power-law fit: it needs bifurcation steps at two or more model sizes")
+    folder = Path(output) if output else Path("outputs") / "compare" / (chosen.parent_id or "runs")
+    folder.mkdir(parents=True, exist_ok=True)
+    table.to_csv(folder / "comparison.csv", index=False)
+    (folder / "fit.json").write_text(json.dumps(fit or {}, indent=1))
+    finished_runs = [r for r in chosen.runs if r.info.status == "FINISHED"]
+    save_figures(draw(finished, curves(client, finished_runs), fit, chosen.label), folder / "figures")
+
+    if chosen.parent_id is not None:
+        target = chosen.parent_id
+    else:
+        exp = client.get_experiment_by_name(experiment) or client.get_experiment(
+            chosen.runs[0].info.experiment_id
+        )
+        tags = {"garden.compare": ",".join(table["run_id"])}
+        target = client.create_run(exp.experiment_id, run_name="compare", tags=tags).info.run_id
+    client.log_artifacts(target, str(folder), "comparison")
+    for key, value in (fit or {}).items():
+        client.log_metric(target, key, value)
+    client.set_tag(target, "garden.compared_runs", str(len(table)))
+    if chosen.parent_id is None:
+        client.set_terminated(target, "FINISHED")
+    log.info("compared %d runs (%s); table and figures in %s, logged to MLflow run %s",
+             len(table), chosen.label, folder, target)  # fmt: skip
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m garden.compare", description=__doc__.splitlines()[0])
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--parent", help="the sweep's MLflow parent run id")
+    which.add_argument("--sweep-dir", help="a sweep folder (multirun/<time>) holding mlflow_parent_run_id")
+    which.add_argument("--runs", nargs="+", metavar="RUN_ID", help="these runs")
+    which.add_argument("--dvc", metavar="DIR", help="the DVC matrix's runs (study/sweep)")
+    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    parser.add_argument("--experiment", default="garden")
+    parser.add_argument("--output", type=Path, help="folder for the table and figures "
+                        "(default outputs/compare/<parent run id>)")  # fmt: skip
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    try:
+        compare(args.tracking_uri, args.experiment, args.output, parent=args.parent,
+                sweep_dir=args.sweep_dir, run_ids=args.runs, dvc_dir=args.dvc)  # fmt: skip
+    except GardenError as error:
+        sys.exit(f"garden: error: {error}")
+
+
+if __name__ == "__main__":
+    main()

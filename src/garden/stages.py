@@ -1,0 +1,292 @@
+"""The DVC pipeline's stages (`dvc.yaml`): the CLI's job cut at the points where DVC should cache.
+
+    python -m garden.stages corpus|series|extract|metrics|evaluate|report
+    python -m garden.stages sweep --model tiny --variant deduped
+
+Each stage reads `params.yaml` (the composed `conf/study.yaml`, rewritten by `dvc exp run -S ...`) and
+calls the same functions as `python -m garden`; its outputs live under `paths.data_dir` (`study/`):
+
+    corpus/       the verified corpus archive          series/       the series (tiny: trained here)
+    trajectory/   the extracted trajectory + job       metrics/      tables, figures, summary.json
+    evaluation/   model-level tables and figures       report/       everything, as logged to MLflow
+    metrics.json  the headline numbers (dvc metrics)   sweep/<model>-<variant>/   one full run each
+
+The extraction and evaluation caches (`extract/`, `evaluate/`) and the sweep's own tiny series
+(`trained/`) are keyed by what they depend on and are left out of DVC on purpose: an interrupted stage
+resumes from them, a rerun does not retrain, and DVC still decides what reruns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from garden.errors import GardenError
+
+log = logging.getLogger("garden")
+
+PARAMS_FILE = "params.yaml"
+# Where dvc.yaml names the stages' outputs (paths.data_dir of conf/study.yaml).
+STUDY_DIR = "study"
+# The config DVC composes (`.dvc/config`: hydra.config_name) and `make params` writes to params.yaml.
+STUDY_CONFIG = "study"
+# The study's headline numbers, the top-level `metrics:` of dvc.yaml.
+HEADLINE = ("bifurcation_step", "stationary_step", "alpha", "final_perplexity")
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> DictConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise GardenError(f"{path} not found; run the stages from the repository root (dvc repro)")
+    return OmegaConf.load(path)
+
+
+def compose_study(overrides: list[str] | None = None) -> DictConfig:
+    """conf/study.yaml composed with Hydra overrides and resolved: what DVC writes to params.yaml."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    from garden.config import config_dir
+
+    try:
+        with initialize_config_dir(str(config_dir()), version_base=None):
+            cfg = compose(config_name=STUDY_CONFIG, overrides=list(overrides or []))
+    except HydraException as error:
+        models = ", ".join(sorted(p.stem for p in (config_dir() / "model").glob("*.yaml")))
+        raise GardenError(f"{str(error).splitlines()[0]} (models: {models})") from error
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def data_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.data_dir)
+
+
+def series_path(cfg: DictConfig) -> Path:
+    return data_dir(cfg) / "series" / f"{cfg.model.name}-{cfg.variant}"
+
+
+def study_config(cfg: DictConfig) -> DictConfig:
+    """The tiny series of the study lives in the `series` stage's output, not under a config hash."""
+    cfg = cfg.copy()
+    if cfg.model.get("source") == "tiny" and not cfg.model.get("path"):
+        with open_dict(cfg):
+            cfg.model.path = str(series_path(cfg))
+    return cfg
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1, default=float))
+
+
+def _finite_or_none(value) -> float | None:
+    return float(value) if value is not None and math.isfinite(float(value)) else None
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise GardenError(f"{path} is missing: run the stage that writes it first (dvc repro)")
+    return json.loads(path.read_text())
+
+
+def corpus(cfg: DictConfig) -> None:
+    """Fetch and verify the training text (a no-op listing for a user's own `corpus.path`)."""
+    from garden.corpus import load_corpus
+
+    texts = load_corpus(cfg.corpus, data_dir(cfg))
+    listing = {"name": str(cfg.corpus.name), "documents": len(texts), "characters": sum(map(len, texts))}
+    _write_json(data_dir(cfg) / "corpus" / "corpus.json", listing)
+
+
+def series(cfg: DictConfig) -> None:
+    """Open the series: the tiny one is trained (resumably) into the stage's output; a Hub or local
+    series gets a manifest of its steps, so later stages rerun when it changes."""
+    from garden.app import check_config, describe_series
+
+    check_config(cfg)
+    opened = describe_series(cfg).open()
+    if cfg.model.get("source") != "tiny":
+        _write_json(series_path(cfg).with_suffix(".json"),
+                    {"series": opened.identity, "steps": opened.steps()})  # fmt: skip
+
+
+def extract(cfg: DictConfig) -> None:
+    """The streaming pass: the trajectory of the configured tensor, with the job's provenance."""
+    from garden.app import extract_trajectory, job_summary, plan_dynamics
+
+    job = plan_dynamics(cfg)
+    folder = data_dir(cfg) / "trajectory"
+    trajectory = extract_trajectory(job)
+    summary = job_summary(job, folder)
+    trajectory.save(folder / "trajectory.npz")
+    # The run's default name: tracking.run_name is the report's business (its own params).
+    default_name = f"{cfg.model.name}/{cfg.variant}/{job.layer.label}"
+    _write_json(folder / "job.json", {"run_name": default_name, "tags": job.tags, "summary": summary,
+                                      "artifacts": [str(p) for p in job.handle.artifacts]})  # fmt: skip
+
+
+def metrics(cfg: DictConfig) -> None:
+    """The metric registry on the trajectory: per-step tables, summary and the dynamics figures."""
+    from garden.app import analyse, write_dynamics, write_summary
+    from garden.trajectory import Trajectory
+
+    job = _read_json(data_dir(cfg) / "trajectory" / "job.json")
+    trajectory = Trajectory.load(data_dir(cfg) / "trajectory" / "trajectory.npz")
+    analysis = analyse(cfg, trajectory, job["summary"])
+    folder = data_dir(cfg) / "metrics"
+    write_dynamics(folder, analysis, job["run_name"], cfg)
+    write_summary(folder, job["run_name"], analysis.summary, analysis.tags)
+    _write_json(folder / "per_step.json", {"columns": sorted(analysis.per_step)})
+
+
+def evaluate(cfg: DictConfig) -> None:
+    """The model-level evaluation (`evaluation=...`), marked with the bifurcation step; an empty summary
+    when the study evaluates nothing."""
+    from garden.app import evaluate_models, plan_dynamics
+
+    folder = data_dir(cfg) / "evaluation"
+    folder.mkdir(parents=True, exist_ok=True)
+    summary: dict = {}
+    if cfg.evaluation.get("stages"):
+        dynamics = _read_json(data_dir(cfg) / "metrics" / "summary.json")["summary"]
+        _, summary = evaluate_models(plan_dynamics(cfg), folder, dynamics.get("bifurcation_step"))
+    _write_json(folder / "summary.json", {"summary": summary})
+
+
+def report(cfg: DictConfig) -> None:
+    """One MLflow run holding the study (params, per-step metrics, summary, tables, figures), the same
+    record `python -m garden` makes, logged only once every stage has finished."""
+    from garden.app import _report, log_results, write_summary
+    from garden.tracking import MlflowTracker, flatten
+
+    root = data_dir(cfg)
+    job = _read_json(root / "trajectory" / "job.json")
+    dynamics = _read_json(root / "metrics" / "summary.json")
+    evaluation = _read_json(root / "evaluation" / "summary.json")["summary"]
+    folder = root / "report"
+    if folder.exists():
+        shutil.rmtree(folder)
+    for source in (root / "metrics", root / "evaluation", root / "trajectory"):
+        for kind in ("tables", "figures"):
+            if (source / kind).is_dir():
+                shutil.copytree(source / kind, folder / kind, dirs_exist_ok=True)
+    (folder / "tables").mkdir(parents=True, exist_ok=True)
+    (folder / "figures").mkdir(parents=True, exist_ok=True)
+    run_name = cfg.tracking.get("run_name") or job["run_name"]
+    summary = {**dynamics["summary"], **evaluation}
+    tags = {**job["tags"], **dynamics["tags"], "garden.pipeline": "dvc"}
+    write_summary(folder, run_name, summary, tags)
+
+    steps_table = pd.read_csv(folder / "tables" / "steps.csv")
+    per_step = {c: steps_table[c].to_numpy(dtype=float)
+                for c in _read_json(root / "metrics" / "per_step.json")["columns"]}  # fmt: skip
+    eval_path = folder / "tables" / "evaluation.csv"
+    eval_table = pd.read_csv(eval_path) if eval_path.is_file() else None
+    tracker = MlflowTracker(str(cfg.tracking.uri), str(cfg.tracking.experiment))
+    with tracker.start(run_name, tags):
+        tracker.log_params(flatten(cfg))
+        log_results(tracker, folder, steps_table["step"].to_numpy(), per_step, eval_table, summary, tags,
+                    job["artifacts"])  # fmt: skip
+    _write_json(folder / "run.json", {"run_id": tracker.run_id, "tracking_uri": str(cfg.tracking.uri),
+                                      "experiment": str(cfg.tracking.experiment)})  # fmt: skip
+    # An absent value (no bifurcation detected, no evaluation) is null, which `dvc metrics` skips.
+    _write_json(root / "metrics.json", {k: _finite_or_none(summary.get(k)) for k in HEADLINE})
+    _report(run_name, summary, tags, folder, tracker.run_id)
+
+
+def sweep_config(cfg: DictConfig, model: str, variant: str) -> DictConfig:
+    """The study's settings for a model and variant: params.yaml's model when it is the same model (with
+    any `-S model.*` changes), else the model group composed from conf/; every other value (layer,
+    metrics, steps, ...) as params.yaml has it."""
+    from garden.tiny import COMPLETE_MARKER, series_fingerprint
+
+    item = cfg.copy()
+    with open_dict(item):
+        if model != cfg.model.name:
+            item.model = compose_study([f"model={model}"]).model
+        item.variant = variant
+        item.tracking.run_name = None
+    if item.model.get("source") == "tiny" and not item.model.get("path"):
+        # Reuse the `series` stage's training when it is the same series; otherwise train into a folder
+        # keyed by the series' fingerprint, outside DVC's outputs, so a rerun of the item does not retrain.
+        fingerprint = series_fingerprint(item.model, item.corpus, variant)
+        trained = series_path(item) / COMPLETE_MARKER
+        same = trained.is_file() and json.loads(trained.read_text()).get("fingerprint") == fingerprint
+        with open_dict(item):
+            item.model.path = str(
+                series_path(item) if same else data_dir(cfg) / "trained" / f"{model}-{variant}-{fingerprint}"
+            )
+    return item
+
+
+def sweep(cfg: DictConfig, model: str, variant: str) -> None:
+    """One item of the models x variants matrix: the whole CLI job, its results in the item's folder.
+    `cfg` is params.yaml as it stands (not `study_config`'d: the item names its own series)."""
+    from garden.app import check_config, run
+
+    item = sweep_config(cfg, model, variant)
+    check_config(item)
+    folder = data_dir(cfg) / "sweep" / f"{model}-{variant}"
+    results = folder / "results"
+    if results.exists():
+        shutil.rmtree(results)
+    outcome = run(item, output_dir=results)
+    _write_json(folder / "run.json", {"run_id": outcome.run_id, "run_name": outcome.run_name,
+                                      "tracking_uri": str(item.tracking.uri)})  # fmt: skip
+
+
+STAGES = {
+    "corpus": corpus,
+    "series": series,
+    "extract": extract,
+    "metrics": metrics,
+    "evaluate": evaluate,
+    "report": report,
+}
+
+
+def write_params(path: str | Path = PARAMS_FILE, overrides: list[str] | None = None) -> None:
+    """params.yaml from conf/study.yaml, exactly as `dvc exp run` composes it (hydra.enabled)."""
+    Path(path).write_text(OmegaConf.to_yaml(compose_study(overrides)), encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m garden.stages", description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=[*STAGES, "sweep", "params"])
+    parser.add_argument("--model", help="sweep: a model of conf/model/")
+    parser.add_argument("--variant", help="sweep: standard | deduped")
+    parser.add_argument("--params", default=PARAMS_FILE, help="the parameters file (default params.yaml)")
+    parser.add_argument("overrides", nargs="*", help="params: Hydra overrides composed into params.yaml")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    try:
+        if args.stage == "params":
+            write_params(args.params, args.overrides)
+            return
+        cfg = load_params(args.params)
+        if Path(str(cfg.paths.data_dir)) != Path(STUDY_DIR):
+            raise GardenError(
+                f"paths.data_dir={cfg.paths.data_dir!r}: the DVC stages write under {STUDY_DIR}/, where "
+                "dvc.yaml names their outputs; keep paths.data_dir=study in params.yaml"
+            )
+        if args.stage == "sweep":
+            if not args.model or not args.variant:
+                parser.error("sweep needs --model and --variant")
+            sweep(cfg, args.model, args.variant)
+        else:
+            STAGES[args.stage](study_config(cfg))
+    except GardenError as error:
+        sys.exit(f"garden: error: {error}")
+
+
+if __name__ == "__main__":
+    main()

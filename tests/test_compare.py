@@ -1,0 +1,127 @@
+"""`python -m garden.compare`: runs read back from MLflow, the power-law fit, what is logged where."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from garden.compare import compare, main, model_size, power_law_fit
+
+# Pythia's shapes (layers, width); vocabulary 50304.
+SHAPES = {"pythia-70m": (6, 512), "pythia-160m": (12, 768), "pythia-410m": (24, 1024)}
+
+
+def architecture(layers: int, width: int) -> dict[str, str]:
+    return {
+        "model.architecture.num_hidden_layers": str(layers),
+        "model.architecture.hidden_size": str(width),
+        "model.architecture.vocab_size": "50304",
+    }
+
+
+def test_model_size_matches_pythia_names():
+    sizes = {name: model_size(architecture(*shape)) for name, shape in SHAPES.items()}
+    assert sizes["pythia-70m"] == pytest.approx(70.4e6, rel=0.01)
+    assert sizes["pythia-160m"] == pytest.approx(162.2e6, rel=0.01)
+    assert sizes["pythia-410m"] == pytest.approx(405.3e6, rel=0.01)
+    assert model_size({"model.name": "local"}) is None
+
+
+def test_power_law_fit_recovers_exponent_and_needs_two_sizes():
+    sizes = np.array([1e6, 1e7, 1e8, 1e9])
+    fit = power_law_fit(sizes, 3.0 * sizes**0.4)
+    assert fit["powerlaw_exponent"] == pytest.approx(0.4)
+    assert fit["powerlaw_prefactor"] == pytest.approx(3.0)
+    assert fit["powerlaw_r2"] == pytest.approx(1.0)
+    # Missing bifurcations (NaN) are left out; one size left defines no line.
+    assert power_law_fit(np.array([1e6, 1e7]), np.array([50.0, np.nan])) is None
+    assert power_law_fit(np.array([1e6, 1e6]), np.array([50.0, 60.0])) is None
+
+
+def _logged_sweep(uri: str, with_parent: bool = True) -> tuple[str | None, list[str], dict[str, float]]:
+    """A sweep as garden logs it: a parent, and a child per model whose bifurcation step is 0.02·size^0.5."""
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("garden")
+    parent = client.create_run(experiment, run_name="sweep/x", tags={"garden.sweep": "parent"})
+    parent_id = parent.info.run_id if with_parent else None
+    children, expected = [], {}
+    for name, (layers, width) in SHAPES.items():
+        tags = {"mlflow.parentRunId": parent_id} if parent_id else {}
+        run = client.create_run(experiment, run_name=f"{name}/standard/unembedding", tags=tags)
+        params = {"model.name": name, "variant": "standard", "layer.name": "unembedding",
+                  **architecture(layers, width)}  # fmt: skip
+        size = model_size(params)
+        expected[name] = size
+        steps = [0, 1, 2, 4, 8, 16]
+        history = [Metric("msd", 1e-4 * s * width, 0, s) for s in steps]
+        history += [Metric("bimodality_coefficient", 0.3 + 0.01 * s, 0, s) for s in steps]
+        history += [Metric("perplexity", 1000.0 / (1 + s), 0, s) for s in steps]
+        client.log_batch(run.info.run_id, metrics=history, params=[Param(k, v) for k, v in params.items()])
+        for key, value in {"bifurcation_step": 0.02 * size**0.5, "stationary_step": 16.0, "alpha": 1.2,
+                           "final_perplexity": 60.0}.items():  # fmt: skip
+            client.log_metric(run.info.run_id, key, value)
+        client.set_terminated(run.info.run_id, "FINISHED")
+        children.append(run.info.run_id)
+    # A failed job stays in the table and out of the fit.
+    failed = client.create_run(experiment, run_name="pythia-1b/standard/unembedding",
+                               tags={"mlflow.parentRunId": parent_id} if parent_id else {})  # fmt: skip
+    client.log_metric(failed.info.run_id, "bifurcation_step", 1.0)
+    client.set_terminated(failed.info.run_id, "FAILED")
+    children.append(failed.info.run_id)
+    client.set_terminated(parent.info.run_id, "FINISHED")
+    return parent_id, children, expected
+
+
+def test_compare_latest_sweep_writes_table_figures_and_logs_to_parent(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    parent_id, children, expected = _logged_sweep(uri)
+    folder = compare(uri, "garden", tmp_path / "out")
+    table = pd.read_csv(folder / "comparison.csv")
+    assert sorted(table["run_id"]) == sorted(children)
+    finished = table[table["status"] == "FINISHED"].set_index("model")
+    assert finished["model_size"].to_dict() == pytest.approx(expected)
+    assert list(table.loc[table["status"] == "FAILED", "run_name"]) == ["pythia-1b/standard/unembedding"]
+    assert sorted(p.name for p in (folder / "figures").iterdir()) == [
+        "bifurcation_vs_size.png", "bimodality_coefficient_overlay.png", "msd_overlay.png",
+        "perplexity_overlay.png",
+    ]  # fmt: skip
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_id)
+    assert parent.data.metrics["powerlaw_exponent"] == pytest.approx(0.5)
+    assert parent.data.metrics["powerlaw_points"] == 3
+    logged = {a.path for a in client.list_artifacts(parent_id, "comparison")}
+    assert {"comparison/comparison.csv", "comparison/figures", "comparison/fit.json"} <= logged
+
+
+def test_compare_named_runs_without_parent_makes_a_compare_run(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    _, children, _ = _logged_sweep(uri, with_parent=False)
+    compare(uri, "garden", tmp_path / "out", run_ids=children[:2])
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("garden").experiment_id],
+                                "attributes.run_name = 'compare'")  # fmt: skip
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["garden.compare"] == ",".join(children[:2])
+    assert run.data.metrics["powerlaw_exponent"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "no sweep in experiment 'garden'"),
+        (["--runs", "0123abcd"], "MLflow run '0123abcd' not found"),
+        (["--sweep-dir", "nowhere"], "nowhere/mlflow_parent_run_id not found"),
+        (["--dvc", "nowhere"], "no */run.json under nowhere"),
+    ],
+)
+def test_compare_bad_selection_is_a_clear_error(tmp_path, monkeypatch, args, message):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    MlflowClient(uri).create_experiment("garden")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--tracking-uri", uri, *args])
+    assert message in str(exit_info.value)
+    assert not (tmp_path / "outputs").exists()

@@ -1,0 +1,126 @@
+"""The DVC pipeline on a throwaway clone of the study, shrunk: `dvc repro`, a no-op second repro,
+`dvc exp run -S` through Hydra composition, metrics and the models x variants matrix."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import SHRUNK_TINY
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+GIT_ENV = {"GIT_AUTHOR_NAME": "garden", "GIT_AUTHOR_EMAIL": "garden@localhost",
+           "GIT_COMMITTER_NAME": "garden", "GIT_COMMITTER_EMAIL": "garden@localhost"}  # fmt: skip
+
+
+def sh(work: Path, *command: str) -> subprocess.CompletedProcess:
+    # `python` in dvc.yaml's commands is the environment's, as with an activated virtualenv.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    done = subprocess.run(list(command), cwd=work, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, **GIT_ENV, "PATH": path})  # fmt: skip
+    assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def dvc(work: Path, *args: str) -> subprocess.CompletedProcess:
+    return sh(work, str(Path(sys.executable).parent / "dvc"), *args)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, small_corpus):
+    """The repository's pipeline files in a fresh git repo; params.yaml composed with a shrunk model."""
+    work = tmp_path_factory.mktemp("study")
+    leave_out = shutil.ignore_patterns("__pycache__", "*.pyc", "tmp")
+    for name in ("src", "conf", ".dvc"):
+        shutil.copytree(ROOT / name, work / name, ignore=leave_out)
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore", "pyproject.toml"):
+        shutil.copy(ROOT / name, work / name)
+    overrides = [*SHRUNK_TINY, f"corpus.path={small_corpus}", "progress=false"]
+    sh(work, sys.executable, "-m", "garden.stages", "params", *overrides)
+    sh(work, "git", "init", "-q")
+    sh(work, "git", "add", "-A")
+    sh(work, "git", "commit", "-qm", "study")
+    first = dvc(work, "repro")
+    return work, overrides, first
+
+
+def runs(work: Path):
+    client = MlflowClient(f"sqlite:///{work}/mlflow.db")
+    return client, client.search_runs([client.get_experiment_by_name("garden").experiment_id])
+
+
+def test_repro_runs_every_stage_and_records_the_study(study):
+    work, _, first = study
+    for stage in ("corpus", "series", "extract", "metrics", "evaluate", "report", "sweep@tiny-standard",
+                  "sweep@tiny-deduped", "compare"):  # fmt: skip
+        assert f"Running stage '{stage}'" in first.stdout
+    assert (work / "study" / "series" / "tiny-standard" / "series.json").is_file()
+    steps = pd.read_csv(work / "study" / "metrics" / "tables" / "steps.csv")
+    assert list(steps["step"]) == [0, 1, 2, 4, 8, 16, 24, 32, 40]
+    assert {"msd", "bimodality_coefficient"} <= set(steps.columns)
+    assert "perplexity" in pd.read_csv(work / "study" / "evaluation" / "tables" / "evaluation.csv")
+    headline = json.loads((work / "study" / "metrics.json").read_text())
+    assert set(headline) == {"bifurcation_step", "stationary_step", "alpha", "final_perplexity"}
+    assert headline["final_perplexity"] > 1 and headline["alpha"] > 0
+    shown = json.loads(dvc(work, "metrics", "show", "--json").stdout)
+    assert shown[""]["data"]["study/metrics.json"]["data"]["final_perplexity"] == headline["final_perplexity"]
+
+    client, found = runs(work)
+    (report,) = [r for r in found if r.data.tags.get("garden.pipeline") == "dvc"]
+    assert report.info.status == "FINISHED" and report.info.run_name == "tiny/standard/unembedding"
+    assert report.data.metrics["final_perplexity"] == pytest.approx(headline["final_perplexity"])
+    assert len(client.get_metric_history(report.info.run_id, "msd")) == len(steps)
+    artifacts = {a.path for a in client.list_artifacts(report.info.run_id)}
+    assert {"tables", "figures", "summary.json"} <= artifacts
+
+
+def test_matrix_runs_each_model_and_variant_reusing_the_trained_series(study):
+    work, _, _ = study
+    client, found = runs(work)
+    items = {}
+    for variant in ("standard", "deduped"):
+        record = json.loads((work / "study" / "sweep" / f"tiny-{variant}" / "run.json").read_text())
+        items[variant] = client.get_run(record["run_id"])
+        assert items[variant].info.status == "FINISHED"
+        assert items[variant].info.run_name == f"tiny/{variant}/unembedding"
+    assert items["standard"].data.params["model.path"] == "study/series/tiny-standard"
+    assert items["deduped"].data.params["model.path"].startswith("study/trained/tiny-deduped-")
+    table = pd.read_csv(work / "study" / "compare" / "comparison.csv")
+    assert sorted(table["run_name"]) == ["tiny/deduped/unembedding", "tiny/standard/unembedding"]
+    assert any(r.info.run_name == "compare" for r in found)
+
+
+def test_second_repro_does_nothing(study):
+    work, _, _ = study
+    _, before = runs(work)
+    again = dvc(work, "repro")
+    assert "Running stage" not in again.stdout
+    assert "Data and pipelines are up to date." in again.stdout
+    assert len(runs(work)[1]) == len(before)
+
+
+def test_exp_run_set_param_composes_with_hydra_and_reruns_only_what_depends_on_it(study):
+    work, overrides, _ = study
+    sh(work, "git", "add", "-A")
+    sh(work, "git", "commit", "-qm", "first repro")
+    settings = [arg for o in [*overrides, "tracking.run_name=renamed"] for arg in ("-S", o)]
+    done = dvc(work, "exp", "run", "-n", "renamed-report", *settings)
+    assert "Running stage 'report'" in done.stdout
+    assert done.stdout.count("Running stage") == 1, done.stdout  # only the stage that reads tracking.*
+    params = (work / "params.yaml").read_text()
+    assert "run_name: renamed" in params and "steps: 40" in params  # composed from conf/ + every -S
+    shown = json.loads(dvc(work, "exp", "show", "--json").stdout)
+    names = [exp.get("name") for entry in shown for exp in entry.get("experiments") or []]
+    assert "renamed-report" in names
+    _, found = runs(work)
+    assert any(r.info.run_name == "renamed" and r.data.tags.get("garden.pipeline") == "dvc" for r in found)
