@@ -64,7 +64,8 @@ def test_repro_runs_every_stage_and_records_the_study(study):
     for stage in ("corpus", "series", "extract", "metrics", "evaluate", "report", "sweep@tiny-standard",
                   "sweep@tiny-deduped", "compare"):  # fmt: skip
         assert f"Running stage '{stage}'" in first.stdout
-    assert (work / "study" / "series" / "tiny-standard" / "series.json").is_file()
+    (trained,) = (work / "study" / "series").iterdir()
+    assert trained.name.startswith("tiny-standard-") and (trained / "series.json").is_file()
     steps = pd.read_csv(work / "study" / "metrics" / "tables" / "steps.csv")
     assert list(steps["step"]) == [0, 1, 2, 4, 8, 16, 24, 32, 40]
     assert {"msd", "bimodality_coefficient"} <= set(steps.columns)
@@ -93,7 +94,7 @@ def test_matrix_runs_each_model_and_variant_reusing_the_trained_series(study):
         items[variant] = client.get_run(record["run_id"])
         assert items[variant].info.status == "FINISHED"
         assert items[variant].info.run_name == f"tiny/{variant}/unembedding"
-    assert items["standard"].data.params["model.path"] == "study/series/tiny-standard"
+    assert items["standard"].data.params["model.path"].startswith("study/series/tiny-standard-")
     assert items["deduped"].data.params["model.path"].startswith("study/trained/tiny-deduped-")
     table = pd.read_csv(work / "study" / "compare" / "comparison.csv")
     assert sorted(table["run_name"]) == ["tiny/deduped/unembedding", "tiny/standard/unembedding"]
@@ -124,3 +125,17 @@ def test_exp_run_set_param_composes_with_hydra_and_reruns_only_what_depends_on_i
     assert "renamed-report" in names
     _, found = runs(work)
     assert any(r.info.run_name == "renamed" and r.data.tags.get("garden.pipeline") == "dvc" for r in found)
+
+
+def test_series_stage_keeps_only_the_current_series(study):
+    """The `series` output persists (an interrupted training resumes there); another config's series
+    left in it is removed, the current complete one is reused, not retrained."""
+    work, _, _ = study
+    (current,) = (work / "study" / "series").iterdir()
+    finished_at = (current / "series.json").stat().st_mtime_ns
+    stale = work / "study" / "series" / "tiny-standard-000000000000"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"old")
+    sh(work, sys.executable, "-m", "garden.stages", "series")
+    assert list((work / "study" / "series").iterdir()) == [current]
+    assert (current / "series.json").stat().st_mtime_ns == finished_at

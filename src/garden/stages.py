@@ -71,7 +71,12 @@ def data_dir(cfg: DictConfig) -> Path:
 
 
 def series_path(cfg: DictConfig) -> Path:
-    return data_dir(cfg) / "series" / f"{cfg.model.name}-{cfg.variant}"
+    """The study's tiny series, its folder keyed by what the weights depend on: the `series` output is
+    persistent, so an interrupted training resumes in it and a changed config starts a new folder."""
+    from garden.tiny import series_fingerprint
+
+    fingerprint = series_fingerprint(cfg.model, cfg.corpus, str(cfg.variant))
+    return data_dir(cfg) / "series" / f"{cfg.model.name}-{cfg.variant}-{fingerprint}"
 
 
 def study_config(cfg: DictConfig) -> DictConfig:
@@ -109,14 +114,24 @@ def corpus(cfg: DictConfig) -> None:
 
 def series(cfg: DictConfig) -> None:
     """Open the series: the tiny one is trained (resumably) into the stage's output; a Hub or local
-    series gets a manifest of its steps, so later stages rerun when it changes."""
+    series gets a manifest of its steps, so later stages rerun when it changes. Only the current series
+    is kept in the (persistent) output."""
     from garden.app import check_config, describe_series
 
     check_config(cfg)
+    folder = data_dir(cfg) / "series"
+    keep = Path(cfg.model.path) if cfg.model.get("source") == "tiny" else None
+    for stale in folder.glob("*") if folder.is_dir() else []:
+        if stale == keep:
+            continue  # the current series, maybe half-trained: it resumes
+        if stale.is_dir():  # another config's series (the output persists between runs)
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
     opened = describe_series(cfg).open()
-    if cfg.model.get("source") != "tiny":
-        _write_json(series_path(cfg).with_suffix(".json"),
-                    {"series": opened.identity, "steps": opened.steps()})  # fmt: skip
+    if keep is None:
+        manifest = {"series": opened.identity, "steps": opened.steps()}
+        _write_json(folder / f"{cfg.model.name}-{cfg.variant}.json", manifest)
 
 
 def extract(cfg: DictConfig) -> None:
@@ -207,8 +222,6 @@ def sweep_config(cfg: DictConfig, model: str, variant: str) -> DictConfig:
     """The study's settings for a model and variant: params.yaml's model when it is the same model (with
     any `-S model.*` changes), else the model group composed from conf/; every other value (layer,
     metrics, steps, ...) as params.yaml has it."""
-    from garden.tiny import COMPLETE_MARKER, series_fingerprint
-
     item = cfg.copy()
     with open_dict(item):
         if model != cfg.model.name:
@@ -216,15 +229,16 @@ def sweep_config(cfg: DictConfig, model: str, variant: str) -> DictConfig:
         item.variant = variant
         item.tracking.run_name = None
     if item.model.get("source") == "tiny" and not item.model.get("path"):
-        # Reuse the `series` stage's training when it is the same series; otherwise train into a folder
-        # keyed by the series' fingerprint, outside DVC's outputs, so a rerun of the item does not retrain.
-        fingerprint = series_fingerprint(item.model, item.corpus, variant)
-        trained = series_path(item) / COMPLETE_MARKER
-        same = trained.is_file() and json.loads(trained.read_text()).get("fingerprint") == fingerprint
+        # Reuse the `series` stage's training when it is the same series (same keyed folder); otherwise
+        # train into a keyed folder outside DVC's outputs, so a rerun of the item does not retrain.
+        from garden.tiny import COMPLETE_MARKER
+
+        trained = series_path(item)
         with open_dict(item):
-            item.model.path = str(
-                series_path(item) if same else data_dir(cfg) / "trained" / f"{model}-{variant}-{fingerprint}"
-            )
+            if (trained / COMPLETE_MARKER).is_file():
+                item.model.path = str(trained)
+            else:
+                item.model.path = str(data_dir(cfg) / "trained" / trained.name)
     return item
 
 
