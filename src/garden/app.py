@@ -389,7 +389,7 @@ def run_dynamics(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
         log_results(tracker, output_dir, analysis.trajectory.steps, analysis.per_step, evaluation,
                     analysis.summary, tags, job.handle.artifacts)  # fmt: skip
         run_id = tracker.run_id
-    _report(job.run_name, analysis.summary, tags, output_dir, run_id)
+    log_outcome(job.run_name, analysis.summary, tags, output_dir, run_id)
     return RunOutcome(run_id, job.run_name, output_dir, trajectory, analysis.results, analysis.summary, tags)
 
 
@@ -457,7 +457,8 @@ def write_summary(folder: Path, run_name: str, summary: dict, tags: dict) -> Non
     )
 
 
-def _report(run_name: str, summary: dict, tags: dict, output_dir: Path, run_id: str | None) -> None:
+def log_outcome(run_name: str, summary: dict, tags: dict, output_dir: Path, run_id: str | None) -> None:
+    """The one line a finished job prints: its headline numbers and where the results are."""
     bifurcation = summary.get("bifurcation_step")
     stationary = summary.get("stationary_step")
     log.info(

@@ -180,7 +180,7 @@ def evaluate(cfg: DictConfig) -> None:
 def report(cfg: DictConfig) -> None:
     """One MLflow run holding the study (params, per-step metrics, summary, tables, figures), the same
     record `python -m garden` makes, logged only once every stage has finished."""
-    from garden.app import _report, log_results, write_summary
+    from garden.app import log_outcome, log_results, write_summary
     from garden.tracking import MlflowTracker, flatten
 
     root = data_dir(cfg)
@@ -215,7 +215,7 @@ def report(cfg: DictConfig) -> None:
                                       "experiment": str(cfg.tracking.experiment)})  # fmt: skip
     # An absent value (no bifurcation detected, no evaluation) is null, which `dvc metrics` skips.
     _write_json(root / "metrics.json", {k: _finite_or_none(summary.get(k)) for k in HEADLINE})
-    _report(run_name, summary, tags, folder, tracker.run_id)
+    log_outcome(run_name, summary, tags, folder, tracker.run_id)
 
 
 def sweep_config(cfg: DictConfig, model: str, variant: str) -> DictConfig:
