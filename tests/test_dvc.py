@@ -13,8 +13,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
 from conftest import SHRUNK_TINY
+from garden.tiny import tiny_series_dir
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +56,12 @@ def study(tmp_path_factory, small_corpus):
     return work, overrides, first
 
 
+def tiny_folder(work: Path, variant: str) -> Path:
+    """The keyed folder garden gives the study's tiny series of this variant (relative to `work`)."""
+    params = OmegaConf.load(work / "params.yaml")
+    return tiny_series_dir(params.model, params.corpus, Path("study"), variant)
+
+
 def runs(work: Path):
     client = MlflowClient(f"sqlite:///{work}/mlflow.db")
     return client, client.search_runs([client.get_experiment_by_name("garden").experiment_id])
@@ -65,7 +73,7 @@ def test_repro_runs_every_stage_and_records_the_study(study):
                   "sweep@tiny-deduped", "compare"):  # fmt: skip
         assert f"Running stage '{stage}'" in first.stdout
     (trained,) = (work / "study" / "series").iterdir()
-    assert trained.name.startswith("tiny-standard-") and (trained / "series.json").is_file()
+    assert trained == work / tiny_folder(work, "standard") and (trained / "series.json").is_file()
     steps = pd.read_csv(work / "study" / "metrics" / "tables" / "steps.csv")
     assert list(steps["step"]) == [0, 1, 2, 4, 8, 16, 24, 32, 40]
     assert {"msd", "bimodality_coefficient"} <= set(steps.columns)
@@ -94,8 +102,10 @@ def test_matrix_runs_each_model_and_variant_reusing_the_trained_series(study):
         items[variant] = client.get_run(record["run_id"])
         assert items[variant].info.status == "FINISHED"
         assert items[variant].info.run_name == f"tiny/{variant}/unembedding"
-    assert items["standard"].data.params["model.path"].startswith("study/series/tiny-standard-")
-    assert items["deduped"].data.params["model.path"].startswith("study/trained/tiny-deduped-")
+    assert items["standard"].data.params["model.path"] == str(tiny_folder(work, "standard"))
+    deduped = tiny_folder(work, "deduped")
+    assert items["deduped"].data.params["model.path"] == str(Path("study") / "trained" / deduped.name)
+    assert deduped.name.startswith("tiny-deduped-")
     table = pd.read_csv(work / "study" / "compare" / "comparison.csv")
     assert sorted(table["run_name"]) == ["tiny/deduped/unembedding", "tiny/standard/unembedding"]
     assert any(r.info.run_name == "compare" for r in found)
@@ -133,7 +143,7 @@ def test_series_stage_keeps_only_the_current_series(study):
     work, _, _ = study
     (current,) = (work / "study" / "series").iterdir()
     finished_at = (current / "series.json").stat().st_mtime_ns
-    stale = work / "study" / "series" / "tiny-standard-000000000000"
+    stale = work / "study" / "series" / "tiny-000000000000"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"old")
     sh(work, sys.executable, "-m", "garden.stages", "series")

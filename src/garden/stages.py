@@ -70,22 +70,13 @@ def data_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.data_dir)
 
 
-def series_path(cfg: DictConfig) -> Path:
-    """The study's tiny series, its folder keyed by what the weights depend on: the `series` output is
-    persistent, so an interrupted training resumes in it and a changed config starts a new folder."""
-    from garden.tiny import series_fingerprint
+def tiny_series_path(cfg: DictConfig) -> Path:
+    """Where garden keeps a tiny series under `paths.data_dir`: `series/tiny[-variant]-<fingerprint>`,
+    inside the `series` output. Keyed by what the weights depend on, so the persistent output resumes an
+    interrupted training and a changed config starts a new folder."""
+    from garden.tiny import tiny_series_dir
 
-    fingerprint = series_fingerprint(cfg.model, cfg.corpus, str(cfg.variant))
-    return data_dir(cfg) / "series" / f"{cfg.model.name}-{cfg.variant}-{fingerprint}"
-
-
-def study_config(cfg: DictConfig) -> DictConfig:
-    """The tiny series of the study lives in the `series` stage's output, not under a config hash."""
-    cfg = cfg.copy()
-    if cfg.model.get("source") == "tiny" and not cfg.model.get("path"):
-        with open_dict(cfg):
-            cfg.model.path = str(series_path(cfg))
-    return cfg
+    return tiny_series_dir(cfg.model, cfg.corpus, data_dir(cfg), str(cfg.variant))
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -120,7 +111,7 @@ def series(cfg: DictConfig) -> None:
 
     check_config(cfg)
     folder = data_dir(cfg) / "series"
-    keep = Path(cfg.model.path) if cfg.model.get("source") == "tiny" else None
+    keep = tiny_series_path(cfg) if cfg.model.get("source") == "tiny" else None
     for stale in folder.glob("*") if folder.is_dir() else []:
         if stale == keep:
             continue  # the current series, maybe half-trained: it resumes
@@ -233,7 +224,7 @@ def sweep_config(cfg: DictConfig, model: str, variant: str) -> DictConfig:
         # train into a keyed folder outside DVC's outputs, so a rerun of the item does not retrain.
         from garden.tiny import COMPLETE_MARKER
 
-        trained = series_path(item)
+        trained = tiny_series_path(item)
         with open_dict(item):
             if (trained / COMPLETE_MARKER).is_file():
                 item.model.path = str(trained)
@@ -244,11 +235,10 @@ def sweep_config(cfg: DictConfig, model: str, variant: str) -> DictConfig:
 
 def sweep(cfg: DictConfig, model: str, variant: str) -> None:
     """One item of the models x variants matrix: the whole CLI job, its results in the item's folder.
-    `cfg` is params.yaml as it stands (not `study_config`'d: the item names its own series)."""
-    from garden.app import check_config, run
+    Bad input fails in `run`'s checks, before any training or reading."""
+    from garden.app import run
 
     item = sweep_config(cfg, model, variant)
-    check_config(item)
     folder = data_dir(cfg) / "sweep" / f"{model}-{variant}"
     results = folder / "results"
     if results.exists():
@@ -297,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
                 parser.error("sweep needs --model and --variant")
             sweep(cfg, args.model, args.variant)
         else:
-            STAGES[args.stage](study_config(cfg))
+            STAGES[args.stage](cfg)
     except GardenError as error:
         sys.exit(f"garden: error: {error}")
 
