@@ -73,6 +73,41 @@ def planted_fork(steps: list[int], onset: int, n: int = 20000, seed: int = 0) ->
     return out
 
 
+def unit_series(
+    steps: list[int],
+    units: int = 64,
+    length: int = 2048,
+    rate: float = 1e-5,
+    seed: int = 0,
+    forking_units: int = 0,
+    fork_step: int | None = None,
+    fork_share: float = 0.12,
+    gap: float = 6.0,
+    every_entry: bool = False,
+) -> dict[int, torch.Tensor]:
+    """[length, units] weights diffusing at `rate` per step (a unit is a column). From `fork_step` on,
+    in each of the first `forking_units` units a seeded `fork_share` of its entries sits `gap` x the
+    tensor's spread away (a second mode); with `every_entry`, every entry of every unit moves +/- gap."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(length, units, generator=gen, dtype=torch.float64) * 0.02
+    leaves = torch.rand(length, units, generator=gen) < fork_share
+    leaves[:, forking_units:] = False
+    signs = torch.where(torch.rand(length, units, generator=gen) < 0.5, -1.0, 1.0)
+    out, previous = {}, 0
+    for step in steps:
+        if step > previous:
+            w = w + torch.randn(length, units, generator=gen, dtype=torch.float64) * np.sqrt(
+                rate * (step - previous)
+            )
+        x = w.clone()
+        if fork_step is not None and step >= fork_step:
+            offset = gap * float(w.std())
+            x = x + (signs * offset if every_entry else leaves * offset)
+        out[step] = x.float()
+        previous = step
+    return out
+
+
 def write_series(
     root: Path,
     tensors: dict[int, dict[str, torch.Tensor]],

@@ -59,8 +59,10 @@ def _logged_sweep(uri: str, with_parent: bool = True) -> tuple[str | None, list[
         history = [Metric("msd", 1e-4 * s * width, 0, s) for s in steps]
         history += [Metric("bimodality_coefficient", 0.3 + 0.01 * s, 0, s) for s in steps]
         history += [Metric("perplexity", 1000.0 / (1 + s), 0, s) for s in steps]
+        history += [Metric("bimodal_unit_fraction", min(1.0, 0.05 * s), 0, s) for s in steps]
         client.log_batch(run.info.run_id, metrics=history, params=[Param(k, v) for k, v in params.items()])
-        for key, value in {"bifurcation_step": 0.02 * size**0.5, "stationary_step": 16.0, "alpha": 1.2,
+        for key, value in {"bifurcation_step": 0.02 * size**0.5, "unit_bifurcation_step": 0.5 * size**0.3,
+                           "final_bimodal_unit_fraction": 0.4, "stationary_step": 16.0, "alpha": 1.2,
                            "final_perplexity": 60.0}.items():  # fmt: skip
             client.log_metric(run.info.run_id, key, value)
         client.set_terminated(run.info.run_id, "FINISHED")
@@ -84,14 +86,21 @@ def test_compare_latest_sweep_writes_table_figures_and_logs_to_parent(tmp_path):
     finished = table[table["status"] == "FINISHED"].set_index("model")
     assert finished["model_size"].to_dict() == pytest.approx(expected)
     assert list(table.loc[table["status"] == "FAILED", "run_name"]) == ["pythia-1b/standard/unembedding"]
+    assert finished["unit_bifurcation_step"].to_dict() == pytest.approx(
+        {name: 0.5 * size**0.3 for name, size in expected.items()}
+    )
+    assert (finished["final_bimodal_unit_fraction"] == 0.4).all()
     assert sorted(p.name for p in (folder / "figures").iterdir()) == [
-        "bifurcation_vs_size.png", "bimodality_coefficient_overlay.png", "msd_overlay.png",
-        "perplexity_overlay.png",
+        "bifurcation_vs_size.png", "bimodal_unit_fraction_overlay.png", "bimodality_coefficient_overlay.png",
+        "msd_overlay.png", "perplexity_overlay.png", "unit_bifurcation_vs_size.png",
     ]  # fmt: skip
     client = MlflowClient(uri)
     parent = client.get_run(parent_id)
     assert parent.data.metrics["powerlaw_exponent"] == pytest.approx(0.5)
     assert parent.data.metrics["powerlaw_points"] == 3
+    # The unit onset is fitted beside the pooled one.
+    assert parent.data.metrics["unit_powerlaw_exponent"] == pytest.approx(0.3)
+    assert parent.data.metrics["unit_powerlaw_prefactor"] == pytest.approx(0.5)
     logged = {a.path for a in client.list_artifacts(parent_id, "comparison")}
     assert {"comparison/comparison.csv", "comparison/figures", "comparison/fit.json"} <= logged
 

@@ -76,18 +76,25 @@ def test_repro_runs_every_stage_and_records_the_study(study):
     assert trained == work / tiny_folder(work, "standard") and (trained / "series.json").is_file()
     steps = pd.read_csv(work / "study" / "metrics" / "tables" / "steps.csv")
     assert list(steps["step"]) == [0, 1, 2, 4, 8, 16, 24, 32, 40]
-    assert {"msd", "bimodality_coefficient"} <= set(steps.columns)
+    assert {"msd", "bimodality_coefficient", "bimodal_unit_fraction"} <= set(steps.columns)
+    assert (work / "study" / "metrics" / "tables" / "units.csv").is_file()
     assert "perplexity" in pd.read_csv(work / "study" / "evaluation" / "tables" / "evaluation.csv")
     headline = json.loads((work / "study" / "metrics.json").read_text())
-    assert set(headline) == {"bifurcation_step", "stationary_step", "alpha", "final_perplexity"}
+    assert set(headline) == {"bifurcation_step", "unit_bifurcation_step", "final_bimodal_unit_fraction",
+                             "stationary_step", "alpha", "final_perplexity"}  # fmt: skip
     assert headline["final_perplexity"] > 1 and headline["alpha"] > 0
-    shown = json.loads(dvc(work, "metrics", "show", "--json").stdout)
-    assert shown[""]["data"]["study/metrics.json"]["data"]["final_perplexity"] == headline["final_perplexity"]
+    assert 0 <= headline["final_bimodal_unit_fraction"] <= 1
+    shown = json.loads(dvc(work, "metrics", "show", "--json").stdout)[""]["data"]
+    shown = shown["study/metrics.json"]["data"]
+    assert shown["final_perplexity"] == headline["final_perplexity"]
+    assert shown["final_bimodal_unit_fraction"] == headline["final_bimodal_unit_fraction"]
 
     client, found = runs(work)
     (report,) = [r for r in found if r.data.tags.get("garden.pipeline") == "dvc"]
     assert report.info.status == "FINISHED" and report.info.run_name == "tiny/standard/unembedding"
     assert report.data.metrics["final_perplexity"] == pytest.approx(headline["final_perplexity"])
+    assert report.data.tags["garden.unit_bifurcation"] in ("detected", "none")
+    assert len(client.get_metric_history(report.info.run_id, "bimodal_unit_fraction")) == len(steps)
     assert len(client.get_metric_history(report.info.run_id, "msd")) == len(steps)
     artifacts = {a.path for a in client.list_artifacts(report.info.run_id)}
     assert {"tables", "figures", "summary.json"} <= artifacts

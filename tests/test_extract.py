@@ -76,7 +76,9 @@ def test_subsample_is_seeded_and_sized(tmp_path):
 def test_tensor_of_changing_size_is_an_error(tmp_path):
     series = walk_series()
     series.tensors[8]["w"] = torch.zeros(10)
-    with pytest.raises(GardenError, match="step 8: w has 10 values"):
+    with pytest.raises(
+        GardenError, match=r"step 8: w has shape \[10\], the reference step 0 has \[300, 70\]"
+    ):
         extract(series, plan_for(), tmp_path, progress=False)
 
 

@@ -50,6 +50,8 @@ class SeriesHandle:
     tensor_names: Callable[[], list[str]]
     open: Callable[[], CheckpointSeries]
     artifacts: list[Path] = field(default_factory=list)
+    # The shape of a tensor at the first step, where known without reading weights (None otherwise).
+    tensor_shape: Callable[[str], tuple[int, ...] | None] = lambda name: None
 
 
 @dataclass
@@ -72,6 +74,7 @@ def describe_series(cfg: DictConfig) -> SeriesHandle:
             checkpoint_steps,
             ensure_tiny_series,
             tensor_names_on_disk,
+            tensor_shapes_on_disk,
             tiny_series_dir,
         )
 
@@ -91,6 +94,7 @@ def describe_series(cfg: DictConfig) -> SeriesHandle:
             tensor_names=lambda: tensor_names_on_disk(cfg.model),
             open=open_tiny,
             artifacts=[folder / "train_log.csv", folder / COMPLETE_MARKER],
+            tensor_shape=lambda name: tensor_shapes_on_disk(cfg.model).get(name),
         )
     if source == "local":
         if not cfg.model.get("path"):
@@ -103,6 +107,7 @@ def describe_series(cfg: DictConfig) -> SeriesHandle:
             num_layers=series.num_layers(steps[0]),
             tensor_names=lambda: series.tensor_names(steps[0]),
             open=lambda: series,
+            tensor_shape=lambda name: series.tensor_shape(steps[0], name),
         )
     if source == "hub":
         return describe_hub_series(cfg)
@@ -136,6 +141,7 @@ def describe_hub_series(cfg: DictConfig) -> SeriesHandle:
         num_layers=int(layers) if layers is not None else series.num_layers(steps[0]),
         tensor_names=lambda: series.tensor_names(steps[0]),
         open=lambda: series,
+        tensor_shape=lambda name: series.tensor_shape(steps[0], name),
     )
 
 
@@ -159,6 +165,19 @@ def check_config(cfg: DictConfig) -> None:
             f"metrics.bifurcation_criterion={criterion!r} is not valid; "
             f"valid: {', '.join(BIFURCATION_CRITERIA)}"
         )
+    for key, low, high, closed in (
+        ("unit_fdr", 0.0, 1.0, False),
+        ("unit_fraction_threshold", 0.0, 1.0, True),
+    ):
+        value = cfg.metrics.get(key)
+        inside = (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and (low < value <= high if closed else low < value < high)
+        )
+        if not inside:
+            span = f"({low:g}, {high:g}]" if closed else f"({low:g}, {high:g})"
+            raise GardenError(f"metrics.{key}={value!r} is not valid; valid: a number in {span}")
     from garden.devices import resolve_device
 
     resolve_device(str(cfg.device))
@@ -309,6 +328,9 @@ def plan_dynamics(cfg: DictConfig) -> DynamicsJob:
     plan = ExtractionPlan.from_config(cfg.extract, layer.tensor, steps)
     if plan.reference_step not in handle.steps:
         raise GardenError(f"extract.reference_step={plan.reference_step} is not a step of the series")
+    shape = handle.tensor_shape(layer.tensor)
+    if shape is not None:  # else checked on the first read, still before any statistics
+        plan.resolve_unit_axis(shape)
     eval_plan = plan_evaluation(cfg, handle.steps)
     run_name = cfg.tracking.get("run_name") or f"{cfg.model.name}/{cfg.variant}/{layer.label}"
 
@@ -337,8 +359,11 @@ def plan_dynamics(cfg: DictConfig) -> DynamicsJob:
 
 def extract_trajectory(job: DynamicsJob) -> Trajectory:
     """The streaming pass over the series, resumable through the per-step cache under paths.data_dir."""
+    from garden.devices import resolve_device
+
     cfg = job.cfg
-    return extract(job.series, job.plan, Path(cfg.paths.data_dir) / "extract", progress=bool(cfg.progress))
+    return extract(job.series, job.plan, Path(cfg.paths.data_dir) / "extract", progress=bool(cfg.progress),
+                   device=resolve_device(str(cfg.device)))  # fmt: skip
 
 
 def analyse(cfg: DictConfig, trajectory: Trajectory, job_summary: dict[str, float]) -> Analysis:
@@ -380,9 +405,7 @@ def run_dynamics(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
         write_dynamics(output_dir, analysis, job.run_name, cfg)
         evaluation = None
         if job.eval_plan is not None:
-            evaluation, eval_summary = evaluate_models(
-                job, output_dir, analysis.summary.get("bifurcation_step")
-            )
+            evaluation, eval_summary = evaluate_models(job, output_dir, analysis.summary)
             analysis.summary.update(eval_summary)
         tags = {**job.tags, **analysis.tags}
         write_summary(output_dir, job.run_name, analysis.summary, tags)
@@ -409,8 +432,9 @@ def log_results(tracker: MlflowTracker, folder: Path, steps, per_step: dict, eva
             tracker.log_artifact(Path(extra), "series")
 
 
-def evaluate_models(job: DynamicsJob, output_dir: Path, bifurcation_step) -> tuple[pd.DataFrame, dict]:
-    """The model-level stages: per-step metrics at their training steps, tables and figures."""
+def evaluate_models(job: DynamicsJob, output_dir: Path, dynamics: dict) -> tuple[pd.DataFrame, dict]:
+    """The model-level stages: per-step metrics at their training steps, tables and figures, marked with
+    the dynamics' pooled and per-unit bifurcation steps (from its summary)."""
     from garden.evaluation.stage import evaluate, summarise
     from garden.figures import draw_evaluation
 
@@ -419,14 +443,16 @@ def evaluate_models(job: DynamicsJob, output_dir: Path, bifurcation_step) -> tup
         job.series, job.eval_plan, cfg, Path(cfg.paths.data_dir) / "evaluate", bool(cfg.progress)
     )
     table = result.table
-    summary, layers = summarise(result, cfg, bifurcation_step)
+    bifurcation_step = dynamics.get("bifurcation_step")
+    summary, layers = summarise(result, cfg, bifurcation_step, dynamics.get("unit_bifurcation_step"))
     tables = output_dir / "tables"
     tables.mkdir(parents=True, exist_ok=True)
     table.to_csv(tables / "evaluation.csv", index=False)
     if layers is not None:
         layers.to_csv(tables / "cka_convergence.csv", index=False)
     draw_evaluation(table, layers, result.n_layers, float(cfg.evaluation.cka.threshold), bifurcation_step,
-                    str(cfg.model.name), output_dir / "figures")  # fmt: skip
+                    str(cfg.model.name), output_dir / "figures",
+                    unit_bifurcation_step=dynamics.get("unit_bifurcation_step"))  # fmt: skip
     return table, summary
 
 
@@ -448,7 +474,8 @@ def write_dynamics(folder: Path, analysis: Analysis, run_name: str, cfg: DictCon
         tables / "trajectory_indices.csv", index=False
     )
     draw_all(trajectory, analysis.results, run_name, float(cfg.metrics.bimodality_threshold),
-             folder / "figures")  # fmt: skip
+             folder / "figures", unit_threshold=float(cfg.metrics.unit_fraction_threshold),
+             unit_fdr=float(cfg.metrics.unit_fdr))  # fmt: skip
 
 
 def write_summary(folder: Path, run_name: str, summary: dict, tags: dict) -> None:
@@ -460,13 +487,22 @@ def write_summary(folder: Path, run_name: str, summary: dict, tags: dict) -> Non
 def log_outcome(run_name: str, summary: dict, tags: dict, output_dir: Path, run_id: str | None) -> None:
     """The one line a finished job prints: its headline numbers and where the results are."""
     bifurcation = summary.get("bifurcation_step")
+    unit_onset = summary.get("unit_bifurcation_step")
     stationary = summary.get("stationary_step")
+    if "final_bimodal_unit_fraction" in summary:
+        fraction, count = summary["final_bimodal_unit_fraction"], summary["n_units"]
+        share = f"{fraction:.0%} of {count:g} units bimodal at the end"
+        units = f"at step {unit_onset:g} ({share})" if unit_onset is not None else f"none ({share})"
+    else:
+        units = tags.get("garden.unit_bifurcation", "not computed")
     log.info(
-        "%s: bifurcation %s, stationary step %s, alpha %s; results in %s (MLflow run %s)",
+        "%s: pooled bifurcation %s, unit bifurcation %s, stationary step %s, alpha %s; results in %s "
+        "(MLflow run %s)",
         run_name,
         f"at step {bifurcation:g}"
         if bifurcation is not None
         else tags.get("garden.bifurcation", "not computed"),
+        units,
         f"{stationary:g}" if stationary is not None else "none",
         f"{summary['alpha']:.3f}" if "alpha" in summary else "n/a",
         output_dir,

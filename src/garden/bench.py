@@ -62,6 +62,8 @@ MARKER = "bench-series.json"
 
 # Targets (the brief's acceptance criteria).
 MAX_GARDEN_OVER_FLOOR = 4.0
+MAX_UNITS_OVER_OFF = 1.3
+UNIT_MOMENT_TOL = 1e-6
 MIN_SPEEDUP_OVER_NOTEBOOK = 3.0
 SCALAR_RTOL = 1e-4
 # Absolute floor per column, for references that are ~0. Skewness and excess kurtosis are dimensionless
@@ -166,11 +168,12 @@ def floor_seconds(root: Path, steps: list[int]) -> list[float]:
     return times
 
 
-def run_extract(root: Path, steps: list[int], cache_parent: Path) -> tuple[float, Trajectory]:
-    """One full extraction with a fresh, empty cache (removed afterwards): wall seconds and result."""
+def run_extract(root: Path, steps: list[int], cache_parent: Path, **plan_args) -> tuple[float, Trajectory]:
+    """One full extraction with a fresh, empty cache (removed afterwards): wall seconds and result.
+    `plan_args` change the plan from garden's defaults (per-unit statistics on, unit_axis=auto)."""
     cache = Path(tempfile.mkdtemp(prefix="cache-", dir=cache_parent))
     try:
-        plan = ExtractionPlan(tensor=HEAD, steps=tuple(steps), reference_step=steps[0])
+        plan = ExtractionPlan(tensor=HEAD, steps=tuple(steps), reference_step=steps[0], **plan_args)
         start = time.perf_counter()
         trajectory = extract(LocalSeries(root), plan, cache, progress=False)
         return time.perf_counter() - start, trajectory
@@ -286,6 +289,63 @@ def quantile_error(trajectory: Trajectory, notebook: NotebookResult, quantiles: 
 def hist_error(trajectory: Trajectory, notebook: NotebookResult) -> float:
     """Largest per-bin count difference over all steps, as a fraction of the number of values."""
     return float(np.abs(trajectory.hist - np.stack(notebook.hists)).max() / trajectory.n)
+
+
+@dataclass
+class UnitAgreement:
+    """Per-unit statistics of the final step against scipy (float64) and the dips against `diptest`."""
+
+    moment_error: dict[str, float]
+    dips_equal: int
+    pvalues_equal: int
+    n_units: int
+    garden_dip_s: float
+    diptest_s: float
+
+
+def unit_agreement(root: Path, trajectory: Trajectory) -> UnitAgreement:
+    """Each unit (column) of the final step's head: mean and std (relative error), skewness and excess
+    kurtosis (error relative to max(1, |value|)) against scipy on float64; every unit's dip and p-value
+    against `diptest.diptest` on the same seeded sample; and the dip time of garden's kernel (one thread)
+    against a `diptest` loop over the same units."""
+    import diptest
+    import scipy.stats
+
+    from garden.dip import dips_and_cuts
+    from garden.extract import UnitLayout
+
+    units = trajectory.units
+    final = int(trajectory.steps[-1])
+    with safe_open(str(root / f"step{final}" / "model.safetensors"), "pt") as handle:
+        head = handle.get_tensor(HEAD)
+    w = head.double().numpy()
+    reference = {
+        "mean": w.mean(axis=0),
+        "std": w.std(axis=0),
+        "skewness": scipy.stats.skew(w, axis=0),
+        "kurtosis": scipy.stats.kurtosis(w, axis=0),
+    }
+    errors = {}
+    for name, want in reference.items():
+        got = units.stats[name][-1]
+        scale = np.abs(want) if name in ("mean", "std") else np.maximum(1.0, np.abs(want))
+        errors[name] = float(np.max(np.abs(got - want) / scale))
+    layout = UnitLayout(tuple(head.shape), units.axis, units.sample_size, seed=0)
+    samples = layout.samples(head)
+    start = time.perf_counter()
+    expected = np.array([diptest.diptest(row.astype(np.float64)) for row in samples])
+    diptest_s = time.perf_counter() - start
+    start = time.perf_counter()
+    dips_and_cuts(samples, threads=1)
+    garden_dip_s = time.perf_counter() - start
+    return UnitAgreement(
+        moment_error=errors,
+        dips_equal=int(np.sum(units.stats["dip"][-1] == expected[:, 0])),
+        pvalues_equal=int(np.sum(units.stats["dip_pvalue"][-1] == expected[:, 1])),
+        n_units=units.n_units,
+        garden_dip_s=garden_dip_s,
+        diptest_s=diptest_s,
+    )
 
 
 # --------------------------------------------------------------------------------------------- peak RSS
@@ -535,15 +595,25 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict]
     steps = LocalSeries(full_root).steps()
     print(f"built {n_steps} checkpoints in {results['build_full_s']:.1f}s under {full_root}", flush=True)
 
-    runs = [run_extract(full_root, steps, caches) for _ in range(args.repeats)]  # 1st warms the page cache
+    # Interleaved: garden as it runs by default (per-unit statistics on) and with unit_axis=null, so that
+    # both see the same page cache and load. The first run also warms the page cache.
+    runs, runs_off = [], []
+    for _ in range(args.repeats):
+        runs.append(run_extract(full_root, steps, caches))
+        runs_off.append(run_extract(full_root, steps, caches, unit_axis=None))
     garden_total, trajectory = min(runs, key=lambda r: r[0])
     garden_step = garden_total / len(steps)
+    off_step = min(r[0] for r in runs_off) / len(steps)
     floor_step = statistics.median(floor_seconds(full_root, steps))
     print(
-        f"garden {garden_step:.4f}s/step (runs {[round(r[0], 2) for r in runs]}s), "
+        f"garden {garden_step:.4f}s/step with units (runs {[round(r[0], 2) for r in runs]}s), "
+        f"{off_step:.4f}s/step without (runs {[round(r[0], 2) for r in runs_off]}s), "
         f"floor {floor_step:.4f}s/step",
         flush=True,
     )
+    units = unit_agreement(full_root, trajectory)
+    print(f"units: dips equal to diptest {units.dips_equal}/{units.n_units}, moments {units.moment_error}",
+          flush=True)  # fmt: skip
 
     plan_quantiles = ExtractionPlan(tensor=HEAD, steps=(0,), reference_step=0).quantiles
     notebook = notebook_route(full_root, steps, trajectory.hist_edges, plan_quantiles)
@@ -581,6 +651,7 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict]
     results.update(ppl)
 
     over_floor = garden_step / floor_step
+    units_ratio = garden_step / off_step
     speedup = notebook_step / garden_step
     strict_failures = [a.column for a in agreement if not a.passed_strict]
     rss_ratio = rss_large / rss_small
@@ -589,6 +660,15 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict]
             "floor_s_per_step": floor_step,
             "garden_s_per_step": garden_step,
             "garden_runs_s": [r[0] for r in runs],
+            "garden_units_off_s_per_step": off_step,
+            "garden_units_off_runs_s": [r[0] for r in runs_off],
+            "units_on_over_off": units_ratio,
+            "unit_moment_error": units.moment_error,
+            "unit_dips_equal": units.dips_equal,
+            "unit_pvalues_equal": units.pvalues_equal,
+            "n_units": units.n_units,
+            "unit_dip_kernel_s": units.garden_dip_s,
+            "unit_diptest_loop_s": units.diptest_s,
             "notebook_s_per_step": notebook_step,
             "garden_over_floor": over_floor,
             "notebook_over_garden": speedup,
@@ -613,13 +693,41 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict]
 
     rows = [
         Row("floor: safe_open + .float(), median s/step", f"{floor_step:.4f}"),
-        Row(f"garden extract, s/step (best of {args.repeats} runs)", f"{garden_step:.4f}"),
+        Row(f"garden extract (per-unit on, default), s/step (best of {args.repeats})", f"{garden_step:.4f}"),
+        Row(f"garden extract, extract.unit_axis=null, s/step (best of {args.repeats})", f"{off_step:.4f}"),
         Row("notebook route, s/step", f"{notebook_step:.4f}"),
         Row(
-            "garden / floor",
+            "garden / floor (per-unit on)",
             f"{over_floor:.2f}",
             f"<= {MAX_GARDEN_OVER_FLOOR:g}",
             over_floor <= MAX_GARDEN_OVER_FLOOR,
+        ),
+        Row("garden / floor (unit_axis=null)", f"{off_step / floor_step:.2f}"),
+        Row(
+            "garden per-unit on / unit_axis=null",
+            f"{units_ratio:.2f}",
+            f"<= {MAX_UNITS_OVER_OFF:g}",
+            units_ratio <= MAX_UNITS_OVER_OFF,
+        ),
+        Row(
+            f"  of which: {units.n_units} unit dips ({trajectory.units.sample_size} entries), 1 thread, s",
+            f"{units.garden_dip_s:.3f} (diptest loop {units.diptest_s:.3f})",
+        ),
+        *(
+            Row(
+                f"unit {name} vs scipy (final step), max error"
+                + (" rel" if name in ("mean", "std") else " / max(1, |ref|)"),
+                f"{error:.2e}",
+                f"<= {UNIT_MOMENT_TOL:g}",
+                error <= UNIT_MOMENT_TOL,
+            )
+            for name, error in units.moment_error.items()
+        ),
+        Row(
+            "unit dips and p-values equal to diptest.diptest (final step)",
+            f"{units.dips_equal}/{units.n_units}, {units.pvalues_equal}/{units.n_units}",
+            "all",
+            units.dips_equal == units.n_units and units.pvalues_equal == units.n_units,
         ),
         Row(
             "notebook / garden (speedup)",

@@ -4,9 +4,10 @@
     python -m garden.compare --sweep-dir multirun/2026-11-22_10-00-00
     python -m garden.compare --parent <run id>        # or --runs <id> <id> ..., or --dvc study/sweep
 
-Writes a table (one row per run: model, variant, layer, size, bifurcation and stationary steps, alpha,
-final perplexity) and figures (bifurcation step vs model size with a power-law fit; MSD, bimodality and
-perplexity curves overlaid), and logs them to the sweep's parent run, or to a new `compare` run when the
+Writes a table (one row per run: model, variant, layer, size, pooled and per-unit bifurcation steps,
+final share of bimodal units, stationary step, alpha, final perplexity) and figures (each bifurcation
+step vs model size with a power-law fit; MSD, bimodality, bimodal-unit fraction and perplexity curves
+overlaid), and logs them to the sweep's parent run, or to a new `compare` run when the
 runs have no common parent (the DVC matrix).
 """
 
@@ -35,12 +36,25 @@ from garden.tracking import PARENT_RUN_FILE
 
 log = logging.getLogger("garden")
 
-SUMMARY = ("bifurcation_step", "stationary_step", "alpha", "final_perplexity")
+SUMMARY = (
+    "bifurcation_step",
+    "unit_bifurcation_step",
+    "final_bimodal_unit_fraction",
+    "stationary_step",
+    "alpha",
+    "final_perplexity",
+)
 CURVES = {
     "msd": "mean square displacement",
     "bimodality_coefficient": "bimodality coefficient",
+    "bimodal_unit_fraction": "fraction of bimodal units",
     "perplexity": "held-out perplexity",
 }
+# The onsets fitted against model size: (summary key, prefix of the fit's keys, what it is).
+ONSETS = (
+    ("bifurcation_step", "powerlaw", "pooled bifurcation step"),
+    ("unit_bifurcation_step", "unit_powerlaw", "unit bifurcation step"),
+)
 
 
 def model_size(params: dict[str, str]) -> float | None:
@@ -55,9 +69,9 @@ def model_size(params: dict[str, str]) -> float | None:
     return float(12 * layers * width**2 + 2 * vocab * width)
 
 
-def power_law_fit(sizes: np.ndarray, steps: np.ndarray) -> dict[str, float] | None:
-    """Least squares of log(step) on log(size): step = prefactor · size^exponent. None below two
-    distinct sizes (or any non-positive value), where no line is defined."""
+def power_law_fit(sizes: np.ndarray, steps: np.ndarray, prefix: str = "powerlaw") -> dict[str, float] | None:
+    """Least squares of log(step) on log(size): step = prefactor · size^exponent, as `<prefix>_*` keys.
+    None below two distinct sizes (or any non-positive value), where no line is defined."""
     ok = np.isfinite(sizes) & np.isfinite(steps) & (sizes > 0) & (steps > 0)
     x, y = np.log(sizes[ok]), np.log(steps[ok])
     if len(np.unique(x)) < 2:
@@ -66,8 +80,8 @@ def power_law_fit(sizes: np.ndarray, steps: np.ndarray) -> dict[str, float] | No
     fitted = exponent * x + intercept
     total = float(np.sum((y - y.mean()) ** 2))
     r2 = 1.0 - float(np.sum((y - fitted) ** 2)) / total if total > 0 else 1.0
-    return {"powerlaw_exponent": float(exponent), "powerlaw_prefactor": float(math.exp(intercept)),
-            "powerlaw_r2": r2, "powerlaw_points": float(ok.sum())}  # fmt: skip
+    return {f"{prefix}_exponent": float(exponent), f"{prefix}_prefactor": float(math.exp(intercept)),
+            f"{prefix}_r2": r2, f"{prefix}_points": float(ok.sum())}  # fmt: skip
 
 
 @dataclass
@@ -157,29 +171,31 @@ def curves(client: MlflowClient, runs: list[Run]) -> dict[str, dict[str, pd.Data
     return out
 
 
-def draw(table: pd.DataFrame, histories: dict, fit: dict | None, label: str) -> dict:
+def draw(table: pd.DataFrame, histories: dict, fits: dict, label: str) -> dict:
     figures = {}
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    found = table.dropna(subset=["model_size", "bifurcation_step"])
-    for variant, group in found.groupby("variant"):
-        ax.scatter(group["model_size"], group["bifurcation_step"], label=variant, zorder=3)
-    if fit is not None:
-        grid = np.geomspace(found["model_size"].min(), found["model_size"].max(), 50)
-        exponent = fit["powerlaw_exponent"]
-        label_fit = f"step ∝ size^{exponent:.2f} (R² {fit['powerlaw_r2']:.2f})"
-        ax.plot(grid, fit["powerlaw_prefactor"] * grid**exponent, "k--", label=label_fit)
-    missing = table[table["bifurcation_step"].isna()]
-    if len(missing):
-        ax.text(0.02, 0.02, "no bifurcation: " + ", ".join(missing["run_name"].astype(str)),
-                transform=ax.transAxes, fontsize=7, va="bottom")  # fmt: skip
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("model size (parameters)")
-    ax.set_ylabel("bifurcation step")
-    ax.set_title(f"Bifurcation step vs model size\n{label}")
-    if len(found) or fit is not None:
-        ax.legend()
-    figures["bifurcation_vs_size.png"] = fig
+    for key, prefix, what in ONSETS:
+        fit = fits.get(prefix)
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        found = table.dropna(subset=["model_size", key])
+        for variant, group in found.groupby("variant"):
+            ax.scatter(group["model_size"], group[key], label=variant, zorder=3)
+        if fit is not None:
+            grid = np.geomspace(found["model_size"].min(), found["model_size"].max(), 50)
+            exponent = fit[f"{prefix}_exponent"]
+            label_fit = f"step ∝ size^{exponent:.2f} (R² {fit[f'{prefix}_r2']:.2f})"
+            ax.plot(grid, fit[f"{prefix}_prefactor"] * grid**exponent, "k--", label=label_fit)
+        missing = table[table[key].isna()]
+        if len(missing):
+            ax.text(0.02, 0.02, f"no {what}: " + ", ".join(missing["run_name"].astype(str)),
+                    transform=ax.transAxes, fontsize=7, va="bottom")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("model size (parameters)")
+        ax.set_ylabel(what)
+        ax.set_title(f"{what.capitalize()} vs model size\n{label}")
+        if len(found) or fit is not None:
+            ax.legend()
+        figures[f"{key.removesuffix('_step')}_vs_size.png"] = fig
     for name, by_run in histories.items():
         if not by_run:
             continue
@@ -191,6 +207,8 @@ def draw(table: pd.DataFrame, histories: dict, fit: dict | None, label: str) -> 
             ax.set_yscale("log")
         if name == "bimodality_coefficient":
             ax.axhline(5 / 9, color="grey", linestyle=":", label="5/9 (uniform)")
+        if name == "bimodal_unit_fraction":
+            ax.set_ylim(-0.02, 1.02)
         ax.set_ylabel(CURVES[name])
         ax.set_title(f"{CURVES[name].capitalize()} over training\n{label}")
         ax.legend(fontsize=7)
@@ -207,15 +225,19 @@ def compare(tracking_uri: str, experiment: str, output: Path | None = None, **se
     if unfinished:
         log.warning("runs not FINISHED (kept in the table, left out of the fit): %s", ", ".join(unfinished))
     finished = table[table["status"] == "FINISHED"]
-    fit = power_law_fit(finished["model_size"].to_numpy(float), finished["bifurcation_step"].to_numpy(float))
-    if fit is None:
-        log.warning("no power-law fit: it needs bifurcation steps at two or more model sizes")
+    sizes = finished["model_size"].to_numpy(float)
+    fits = {}
+    for key, prefix, what in ONSETS:
+        fits[prefix] = power_law_fit(sizes, finished[key].to_numpy(float), prefix)
+        if fits[prefix] is None:
+            log.warning("no power-law fit of the %s: it needs one at two or more model sizes", what)
+    fit = {k: v for found in fits.values() if found for k, v in found.items()}
     folder = Path(output) if output else Path("outputs") / "compare" / (chosen.parent_id or "runs")
     folder.mkdir(parents=True, exist_ok=True)
     table.to_csv(folder / "comparison.csv", index=False)
     (folder / "fit.json").write_text(json.dumps(fit or {}, indent=1))
     finished_runs = [r for r in chosen.runs if r.info.status == "FINISHED"]
-    save_figures(draw(finished, curves(client, finished_runs), fit, chosen.label), folder / "figures")
+    save_figures(draw(finished, curves(client, finished_runs), fits, chosen.label), folder / "figures")
 
     if chosen.parent_id is not None:
         target = chosen.parent_id

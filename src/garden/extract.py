@@ -2,9 +2,15 @@
 
 One pass over the steps, holding at most three tensors in their stored dtype (the reference, the
 previous step and the current one), whatever the number of steps. Each step's statistics come from a
-single fused, chunked pass: the tensor is converted to float32 one cache-sized chunk at a time and every
-sum (moments about a shift, squared distances to the reference and to the previous step, the fine
-histogram) is taken from that chunk while it is hot. A full-size float32 copy is never made.
+single fused, chunked pass on `device` (cuda when present): the tensor is converted to float32 one
+cache-sized block at a time and every sum (moments about a shift, squared distances to the reference and
+to the previous step, the fine histogram, and with units on the same per unit) is taken from that block
+while it is hot. A full-size float32 copy is never made. Sums are accumulated across blocks in float64.
+
+Per-unit statistics (a unit is one slice of a 2-D tensor along `extract.unit_axis`, e.g. one hidden
+unit's weights to every token of `embed_out.weight`) come from the same pass; each unit's dip test runs
+on a seeded sample of its entries in a background thread (`garden.dip`, GIL released) while the next
+checkpoint is read and reduced.
 
 Every finished step is written to its own file (atomically) in a cache folder keyed by everything the
 numbers depend on, so an interrupted run resumes where it stopped and a rerun recomputes nothing.
@@ -12,10 +18,13 @@ numbers depend on, so an interrupted run resumes where it stopped and a rerun re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,9 +35,27 @@ from tqdm.auto import tqdm
 
 from garden.errors import GardenError
 from garden.series import CheckpointSeries
-from garden.trajectory import Trajectory
+from garden.trajectory import Trajectory, UnitTrajectory
 
-CACHE_VERSION = 1
+log = logging.getLogger("garden")
+
+CACHE_VERSION = 2
+UNIT_AXES = ("auto", 0, 1, None)
+UNIT_STATS = ("mean", "std", "skewness", "kurtosis", "msd", "dip", "dip_pvalue")
+SPLIT_FIELDS = ("cut", "low_count", "low_mean", "high_count", "high_mean")
+# Threads the dip kernel uses for one checkpoint's units (it runs beside the streaming pass).
+DIP_THREADS = 2
+
+
+def _unit_axis_setting(value) -> str | int | None:
+    """`extract.unit_axis` as given: auto, 0, 1 or null (None); anything else is an error."""
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+        return None
+    if isinstance(value, str) and value.lower() == "auto":
+        return "auto"
+    if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+        return value
+    raise GardenError(f"extract.unit_axis={value!r} is not valid; valid: auto, 0, 1, null")
 
 
 @dataclass(frozen=True)
@@ -47,6 +74,8 @@ class ExtractionPlan:
     histogram_range: float | None = None
     chunk_size: int = 1 << 20
     seed: int = 0
+    unit_axis: str | int | None = "auto"
+    unit_sample: int = 4096
 
     @classmethod
     def from_config(cls, extract_cfg, tensor: str, steps: list[int]) -> ExtractionPlan:
@@ -67,6 +96,8 @@ class ExtractionPlan:
             else float(extract_cfg.histogram_range),
             chunk_size=int(extract_cfg.chunk_size),
             seed=int(extract_cfg.seed),
+            unit_axis=_unit_axis_setting(extract_cfg.get("unit_axis", "auto")),
+            unit_sample=int(extract_cfg.get("unit_sample", 4096)),
         )
         plan.validate()
         return plan
@@ -88,6 +119,39 @@ class ExtractionPlan:
             raise GardenError(f"extract.histogram_range must be positive or null, got {self.histogram_range}")
         if self.chunk_size < 1:
             raise GardenError(f"extract.chunk_size must be positive, got {self.chunk_size}")
+        _unit_axis_setting(self.unit_axis)
+        if self.unit_sample < 4:
+            raise GardenError(
+                f"extract.unit_sample must be at least 4 (the dip test needs n > 3), got {self.unit_sample}"
+            )
+        if self.subsample is not None and self.unit_axis in (0, 1):
+            raise GardenError(
+                f"extract.unit_axis={self.unit_axis} needs the whole tensor, but extract.subsample="
+                f"{self.subsample} analyses a random subset of its parameters, which has no units; "
+                "set extract.subsample=null or extract.unit_axis=null"
+            )
+
+    def resolve_unit_axis(self, shape: tuple[int, ...]) -> int | None:
+        """The unit axis for a tensor of this shape: `auto` is axis 1 of a 2-D tensor (off for any other
+        shape, and with a subsample); an explicit axis must exist and leave units of at least 4 entries."""
+        axis = self.unit_axis
+        if axis is None or (axis == "auto" and (len(shape) != 2 or self.subsample is not None)):
+            return None
+        if len(shape) != 2:
+            raise GardenError(
+                f"extract.unit_axis={axis} needs a 2-D tensor, but {self.tensor} has shape {list(shape)}; "
+                "valid for this tensor: auto, null"
+            )
+        axis = 1 if axis == "auto" else int(axis)
+        length = shape[0] if axis == 1 else shape[1]
+        if length < 4:
+            if self.unit_axis == "auto":
+                return None
+            raise GardenError(
+                f"extract.unit_axis={axis}: the units of {self.tensor} {list(shape)} have {length} entries, "
+                "too few for a dip test (at least 4); valid: the other axis, auto, null"
+            )
+        return axis
 
     def cache_key(self, series_identity: str) -> str:
         """Hash of what the per-step numbers depend on: not the step list or chunking, but the last
@@ -123,15 +187,56 @@ class _Sampling:
         return flat if self._subsample_t is None else flat[self._subsample_t]
 
 
+class UnitLayout:
+    """Units of a 2-D tensor: axis 1 makes each column a unit (for `embed_out.weight` [vocab, hidden],
+    one hidden unit's weights to every token), axis 0 each row. The dip sample is the same seeded set of
+    positions along every unit's slice, at every step."""
+
+    def __init__(self, shape: tuple[int, ...], axis: int, unit_sample: int, seed: int):
+        rows, cols = shape
+        self.axis = axis
+        self.n_units = cols if axis == 1 else rows
+        self.length = rows if axis == 1 else cols
+        size = min(unit_sample, self.length)
+        rng = np.random.default_rng([seed, 1])  # a stream of its own: the pooled samples stay as they were
+        self.positions = (
+            np.arange(self.length) if size == self.length else np.sort(rng.choice(self.length, size, False))
+        )
+        self._positions_t = torch.from_numpy(self.positions)
+
+    def samples(self, tensor: torch.Tensor) -> np.ndarray:
+        """[units, sample] float32: each unit's entries at the sampled positions."""
+        if self.axis == 1:
+            return tensor.index_select(0, self._positions_t).t().float().contiguous().numpy()
+        return tensor.index_select(1, self._positions_t).float().contiguous().numpy()
+
+    def unit_values(self, tensor: torch.Tensor, unit: int) -> torch.Tensor:
+        return (tensor[:, unit] if self.axis == 1 else tensor[unit]).float()
+
+
 class Workspace:
-    """Chunk buffers reused by every step: steady allocations keep peak memory flat over any number of
+    """Block buffers reused by every step: steady allocations keep peak memory flat over any number of
     steps (fresh multi-MB buffers per step let glibc's heap creep up as its mmap threshold adapts)."""
 
-    def __init__(self, chunk_size: int, fine_bins: int):
-        self.chunk = torch.empty(chunk_size, dtype=torch.float32)
-        self.work = torch.empty(chunk_size, dtype=torch.float32)
-        self.counts = torch.empty(fine_bins, dtype=torch.float32)
-        self.hist = torch.empty(fine_bins, dtype=torch.float64)
+    def __init__(self, chunk_size: int, fine_bins: int, device: torch.device | str = "cpu"):
+        self.chunk = torch.empty(chunk_size, dtype=torch.float32, device=device)
+        self.work = torch.empty(chunk_size, dtype=torch.float32, device=device)
+        self.work2 = torch.empty(chunk_size, dtype=torch.float32, device=device)
+        # Bin indices: int32 makes torch.bincount ~1.5x faster than int64 on the CPU.
+        self.bins = torch.empty(chunk_size, dtype=torch.int32, device=device)
+        self.hist = torch.empty(fine_bins, dtype=torch.int64, device=device)
+        self.device = torch.device(device)
+
+
+def _blocks(x: torch.Tensor, chunk_size: int, units: UnitLayout | None):
+    """(start, stop) of the blocks of the pass: flat chunks, or whole rows when units are on."""
+    if units is None:
+        n = x.numel()
+        width = min(chunk_size, n)
+        return [(s, min(s + width, n)) for s in range(0, n, width)], width
+    rows, cols = x.shape
+    per = max(1, chunk_size // cols)
+    return [(s, min(s + per, rows)) for s in range(0, rows, per)], per * cols
 
 
 def step_statistics(
@@ -143,56 +248,164 @@ def step_statistics(
     fine_bins: int,
     chunk_size: int,
     workspace: Workspace | None = None,
+    units: UnitLayout | None = None,
 ) -> dict:
-    """Fused chunked pass over a flat tensor: shifted power sums, distances, extremes, fine histogram.
+    """Fused blocked pass: power sums about a shift, distances, extremes, fine histogram; per unit too.
 
-    Moments are taken about a shift (the first chunk's mean) and converted to central moments in float64,
-    which keeps the variance exact when |mean| >> std. Values outside [lo, hi] are counted in the end bins.
+    Without units, `x` is flat and the moments are taken about one shift (the first block's mean); with
+    units, `x` is the 2-D tensor, each unit's sums are taken about its own shift (axis 1: the first
+    block's column means; axis 0: each row's own mean, every row lying in one block), and the pooled
+    moments are combined from the units' exactly. Block sums are float32, their accumulation float64, and
+    central moments are formed in float64, which keeps them exact when |mean| >> std. Values outside
+    [lo, hi] are counted in the end bins.
     """
     n = x.numel()
-    width = min(chunk_size, n)
-    space = workspace if workspace is not None else Workspace(width, fine_bins)
-    buf, work, counts, hist = space.chunk, space.work, space.counts, space.hist
+    blocks, width = _blocks(x, chunk_size, units)
+    device = workspace.device if workspace is not None else torch.device("cpu")
+    space = workspace if workspace is not None and workspace.chunk.numel() >= width else None
+    space = space or Workspace(width, fine_bins, device)
+    hist = space.hist
     hist.zero_()
-    shift = float(buf[:width].copy_(x[:width]).mean())
-    s1 = s2 = s3 = s4 = sq_ref = sq_prev = 0.0
-    vmin, vmax = float("inf"), float("-inf")
-    for start in range(0, n, width):
-        stop = min(start + width, n)
-        c, tmp = buf[: stop - start], work[: stop - start]
-        c.copy_(x[start:stop])
+    f64 = dict(dtype=torch.float64, device=device)
+    # acc: s1..s4 (pooled, without units), squared distances to the reference and to the previous step.
+    acc = torch.zeros(6, **f64)
+    vmin = torch.full((), float("inf"), device=device)
+    vmax = torch.full((), float("-inf"), device=device)
+    scale = fine_bins / (hi - lo)
+    flat = x.reshape(-1) if units is None else x
+    ref_v = None if ref is None else (ref.reshape(-1) if units is None else ref)
+    prev_v = None if prev is None else (prev.reshape(-1) if units is None else prev)
+    if units is not None:
+        cols = x.shape[1]
+        power = torch.zeros(4, units.n_units, **f64)
+        unit_sq_ref = torch.zeros(units.n_units, **f64)
+        shift_units = torch.zeros(units.n_units, **f64)
+    shift = None
+    for start, stop in blocks:
+        size = (stop - start) * (1 if units is None else cols)
+        c, tmp, tmp2 = space.chunk[:size], space.work[:size], space.work2[:size]
+        c.copy_(flat[start:stop].reshape(-1), non_blocking=True)
         cmin, cmax = torch.aminmax(c)
-        vmin, vmax = min(vmin, float(cmin)), max(vmax, float(cmax))
-        if ref is not None:
-            torch.sub(c, ref[start:stop], out=tmp)
-            sq_ref += float(torch.dot(tmp, tmp))
-        if prev is not None:
-            torch.sub(c, prev[start:stop], out=tmp)
-            sq_prev += float(torch.dot(tmp, tmp))
-        torch.clamp(c, lo, hi, out=tmp)
-        hist += torch.histc(tmp, bins=fine_bins, min=lo, max=hi, out=counts)
-        c.sub_(shift)
-        s1 += float(c.sum())
-        torch.mul(c, c, out=tmp)
-        s2 += float(tmp.sum())
-        s3 += float(torch.dot(tmp, c))
-        s4 += float(torch.dot(tmp, tmp))
-    mu1, e2, e3, e4 = s1 / n, s2 / n, s3 / n, s4 / n
-    m2 = max(e2 - mu1**2, 0.0)
-    m3 = e3 - 3 * mu1 * e2 + 2 * mu1**3
-    m4 = e4 - 4 * mu1 * e3 + 6 * mu1**2 * e2 - 3 * mu1**4
-    return {
-        "mean": shift + mu1,
-        "std": m2**0.5,
-        "skewness": m3 / m2**1.5 if m2 > 0 else float("nan"),
-        "kurtosis": m4 / m2**2 - 3.0 if m2 > 0 else float("nan"),
-        "rms": max(e2 + 2 * shift * mu1 + shift**2, 0.0) ** 0.5,
-        "min": vmin,
-        "max": vmax,
-        "msd": sq_ref / n if ref is not None else float("nan"),
-        "step_msd": sq_prev / n if prev is not None else float("nan"),
-        "fine_hist": hist.numpy().copy(),
+        vmin, vmax = torch.minimum(vmin, cmin), torch.maximum(vmax, cmax)
+        if ref_v is not None:
+            torch.sub(c, ref_v[start:stop].reshape(-1).to(device, non_blocking=True), out=tmp)
+            if units is None:
+                acc[4] += torch.dot(tmp, tmp)
+            else:
+                tmp.mul_(tmp)
+                _unit_sum(tmp, cols, units.axis, unit_sq_ref, start, stop)
+        if prev_v is not None:
+            torch.sub(c, prev_v[start:stop].reshape(-1).to(device, non_blocking=True), out=tmp)
+            acc[5] += torch.dot(tmp, tmp)
+        # Fine histogram: bin index = floor((v - lo) * scale), clamped into the end bins.
+        torch.sub(c, lo, out=tmp)
+        tmp.mul_(scale).clamp_(0, fine_bins - 1)
+        bins = space.bins[:size]
+        bins.copy_(tmp)
+        hist += torch.bincount(bins, minlength=fine_bins)
+        if units is None:
+            if shift is None:
+                shift = _on_grid(c.mean(), x.dtype)
+            c.sub_(shift)
+            acc[0] += c.sum()
+            torch.mul(c, c, out=tmp)
+            acc[1] += tmp.sum()
+            acc[2] += torch.dot(tmp, c)
+            acc[3] += torch.dot(tmp, tmp)
+        else:
+            _unit_powers(c, tmp, tmp2, cols, units.axis, power, shift_units, start, stop, x.dtype)
+    if units is not None and ref is not None:
+        acc[4] = unit_sq_ref.sum()
+    results = torch.cat([acc, torch.stack([vmin, vmax]).double()]).cpu().tolist()
+    out = {
+        "min": results[6],
+        "max": results[7],
+        "msd": results[4] / n if ref is not None else float("nan"),
+        "step_msd": results[5] / n if prev is not None else float("nan"),
+        "fine_hist": hist.cpu().numpy().astype(np.float64),
     }
+    if units is None:
+        shift_value = float(shift)
+        mu1, e2, e3, e4 = (v / n for v in results[:4])
+        m2 = max(e2 - mu1**2, 0.0)
+        m3 = e3 - 3 * mu1 * e2 + 2 * mu1**3
+        m4 = e4 - 4 * mu1 * e3 + 6 * mu1**2 * e2 - 3 * mu1**4
+        out.update(_shape_of(shift_value + mu1, m2, m3, m4))
+        out["rms"] = max(e2 + 2 * shift_value * mu1 + shift_value**2, 0.0) ** 0.5
+        return out
+    # Per unit: central moments from the power sums about each unit's shift (float64).
+    length = units.length
+    s = power.cpu().numpy() / length
+    mu1 = s[0]
+    m2 = np.maximum(s[1] - mu1**2, 0.0)
+    m3 = s[2] - 3 * mu1 * s[1] + 2 * mu1**3
+    m4 = s[3] - 4 * mu1 * s[2] + 6 * mu1**2 * s[1] - 3 * mu1**4
+    means = shift_units.cpu().numpy() + mu1
+    unit = _shape_of(means, m2, m3, m4)
+    unit["msd"] = unit_sq_ref.cpu().numpy() / length if ref is not None else np.full(len(means), np.nan)
+    # Pooled moments: each unit's about the pooled mean (parallel-axis terms), summed.
+    mean = float(means.mean())
+    delta = means - mean
+    p2 = float(np.mean(m2 + delta**2))
+    p3 = float(np.mean(m3 + 3 * delta * m2 + delta**3))
+    p4 = float(np.mean(m4 + 4 * delta * m3 + 6 * delta**2 * m2 + delta**4))
+    out.update(_shape_of(mean, p2, p3, p4))
+    out["rms"] = (p2 + mean**2) ** 0.5
+    out["units"] = unit
+    return out
+
+
+def _shape_of(mean, m2, m3, m4) -> dict:
+    """Mean, std, skewness and excess kurtosis from central moments (NaN where the variance is 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        positive = np.asarray(m2) > 0
+        skew = np.where(positive, m3 / np.where(positive, m2, 1.0) ** 1.5, np.nan)
+        kurt = np.where(positive, m4 / np.where(positive, m2, 1.0) ** 2 - 3.0, np.nan)
+    as_out = (lambda v: float(v)) if np.ndim(mean) == 0 else (lambda v: np.asarray(v, dtype=np.float64))
+    return {
+        "mean": as_out(mean),
+        "std": as_out(np.sqrt(m2)),
+        "skewness": as_out(skew),
+        "kurtosis": as_out(kurt),
+    }
+
+
+def _unit_sum(values: torch.Tensor, cols: int, axis: int, into: torch.Tensor, start: int, stop: int) -> None:
+    """Add a block's per-unit sums (float32 within the block) into float64 accumulators."""
+    block = values.view(-1, cols)
+    if axis == 1:
+        into += block.sum(0)
+    else:
+        into[start:stop] += block.sum(1)
+
+
+def _on_grid(shift: torch.Tensor, stored: torch.dtype) -> torch.Tensor:
+    """A shift rounded to the stored dtype when it is a 16-bit float: the difference of two such values
+    is exact in float32 (for weights of |value| < 1), so moments about it lose no bits even when
+    |mean| >> std. Float32 data keeps the float32 shift."""
+    if stored in (torch.float16, torch.bfloat16):
+        return shift.to(stored).float()
+    return shift
+
+
+def _unit_powers(c, tmp, tmp2, cols, axis, power, shift_units, start, stop, stored) -> None:
+    """Power sums 1..4 of each unit's values about its shift, from one block (c is overwritten)."""
+    block = c.view(-1, cols)
+    if axis == 1:
+        if start == 0:
+            shift_units.copy_(_on_grid(block.mean(0), stored))
+        block.sub_(shift_units.to(block.dtype))
+    else:
+        row_means = _on_grid(block.mean(1), stored)
+        shift_units[start:stop] = row_means
+        block.sub_(row_means[:, None])
+    _unit_sum(c, cols, axis, power[0], start, stop)
+    torch.mul(c, c, out=tmp)
+    _unit_sum(tmp, cols, axis, power[1], start, stop)
+    torch.mul(tmp, c, out=tmp2)
+    _unit_sum(tmp2, cols, axis, power[2], start, stop)
+    tmp.mul_(tmp)
+    _unit_sum(tmp, cols, axis, power[3], start, stop)
 
 
 def histogram_quantiles(
@@ -216,13 +429,72 @@ def histogram_quantiles(
     return out
 
 
+def unit_dips(units: UnitLayout, tensor: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Every unit's dip statistic and two-means cut on its seeded sample (see `garden.dip`)."""
+    from garden.dip import dips_and_cuts
+
+    return dips_and_cuts(units.samples(tensor), threads=DIP_THREADS)
+
+
+def group_split(
+    units: UnitLayout, tensor: torch.Tensor, cuts: np.ndarray, chunk_size: int = 1 << 20
+) -> dict[str, np.ndarray]:
+    """Sizes and means of each unit's two groups over its whole slice, split at its cut (blocks of
+    rows, float32 within a block, float64 across blocks)."""
+    rows, cols = tensor.shape
+    per = max(1, chunk_size // cols)
+    cut = torch.from_numpy(cuts).float()
+    low_count = torch.zeros(units.n_units, dtype=torch.float64)
+    low_sum = torch.zeros(units.n_units, dtype=torch.float64)
+    total = torch.zeros(units.n_units, dtype=torch.float64)
+    for start in range(0, rows, per):
+        block = tensor[start : start + per].float()
+        threshold = cut[None, :] if units.axis == 1 else cut[start : start + per, None]
+        low = block <= threshold
+        dim = 0 if units.axis == 1 else 1
+        counts, sums, all_sums = low.sum(dim), torch.where(low, block, 0.0).sum(dim), block.sum(dim)
+        if units.axis == 1:
+            low_count += counts
+            low_sum += sums
+            total += all_sums
+        else:
+            low_count[start : start + per] += counts
+            low_sum[start : start + per] += sums
+            total[start : start + per] += all_sums
+    high_count = units.length - low_count
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {
+            "cut": np.asarray(cuts, dtype=np.float64),
+            "low_count": low_count.numpy(),
+            "low_mean": (low_sum / low_count).numpy(),
+            "high_count": high_count.numpy(),
+            "high_mean": ((total - low_sum) / high_count).numpy(),
+        }
+
+
+@dataclass
+class _Pending:
+    """A computed step whose unit dips are still running in the background."""
+
+    record: dict
+    path: Path
+    dips: Future
+    tensor: torch.Tensor | None  # kept for the final step's group split
+
+
 def extract(
-    series: CheckpointSeries, plan: ExtractionPlan, cache_dir: Path, progress: bool = True
+    series: CheckpointSeries,
+    plan: ExtractionPlan,
+    cache_dir: Path,
+    progress: bool = True,
+    device: torch.device | str = "cpu",
 ) -> Trajectory:
     """Stream the plan's steps through the fused pass, reusing every step already in the cache."""
+    device = torch.device(device)
     folder = Path(cache_dir) / plan.cache_key(series.identity)
     meta = _prepare_meta(series, plan, folder)
     sampling = _Sampling(int(np.prod(meta["shape"])), plan)
+    units = _unit_layout(meta, plan)
     lo, hi = -meta["half_range"], meta["half_range"]
     reference = None
     ref_fp = series.fingerprint(plan.reference_step, plan.tensor)
@@ -230,55 +502,130 @@ def extract(
     prev_fp = ""
     prev: torch.Tensor | None = None
     records = []
-    workspace = Workspace(min(plan.chunk_size, sampling.n), plan.quantile_bins)
+    pending: _Pending | None = None
+    width = min(plan.chunk_size, sampling.n) if units is None else _blocks_width(meta["shape"], plan)
+    workspace = Workspace(width, plan.quantile_bins, device)
+    dip_worker = ThreadPoolExecutor(1, thread_name_prefix="garden-dip") if units is not None else None
     bar = tqdm(plan.steps, desc=f"extract {plan.tensor}", unit="step", disable=not progress)
-    for step in bar:
-        fingerprint = series.fingerprint(step, plan.tensor)
-        depends = f"{fingerprint}|ref:{ref_fp}|prev:{prev_step}:{prev_fp}"
-        path = folder / "steps" / f"step{step}.npz"
-        record = _load_record(path, depends)
-        if record is None:
-            if reference is None:
-                reference = sampling.flat(series.read_tensor(plan.reference_step, plan.tensor))
-            if prev_step is not None and prev is None:
-                prev = sampling.flat(series.read_tensor(prev_step, plan.tensor))
-            current = sampling.flat(series.read_tensor(step, plan.tensor))
-            if current.numel() != reference.numel():
-                raise GardenError(
-                    f"step {step}: {plan.tensor} has {current.numel()} values, the reference step "
-                    f"{plan.reference_step} has {reference.numel()}"
-                )
-            record = _compute_record(
-                current, reference, prev, step, prev_step, plan, sampling, lo, hi, workspace
-            )
-            record["depends"] = depends
-            _save_record(path, record)
-            prev = current
-        else:
-            prev = None  # read again only if a later step needs recomputing
-        records.append(record)
-        prev_step, prev_fp = step, fingerprint
-    bar.close()
-    return _assemble(records, plan, meta, sampling, lo, hi)
+    try:
+        for step in bar:
+            fingerprint = series.fingerprint(step, plan.tensor)
+            depends = f"{fingerprint}|ref:{ref_fp}|prev:{prev_step}:{prev_fp}"
+            path = folder / "steps" / f"step{step}.npz"
+            record = _load_record(path, depends)
+            if record is None:
+                if reference is None:
+                    reference = _prepared(series.read_tensor(plan.reference_step, plan.tensor), sampling,
+                                          units, plan, meta, plan.reference_step)  # fmt: skip
+                if prev_step is not None and prev is None:
+                    prev = _prepared(series.read_tensor(prev_step, plan.tensor), sampling, units, plan, meta,
+                                     prev_step)  # fmt: skip
+                current = _prepared(series.read_tensor(step, plan.tensor), sampling, units, plan, meta, step)
+                record = _compute_record(current, reference, prev, step, prev_step, plan, sampling, units,
+                                         meta, lo, hi, workspace)  # fmt: skip
+                record["depends"] = depends
+                if pending is not None:
+                    records.append(_finish(pending, units, plan))
+                    pending = None
+                if units is None:
+                    _save_record(path, record)
+                    records.append(record)
+                else:
+                    keep = current if step == plan.steps[-1] else None
+                    pending = _Pending(record, path, dip_worker.submit(unit_dips, units, current), keep)
+                prev = current
+            else:
+                if pending is not None:
+                    records.append(_finish(pending, units, plan))
+                    pending = None
+                records.append(record)
+                prev = None  # read again only if a later step needs recomputing
+            prev_step, prev_fp = step, fingerprint
+        if pending is not None:
+            records.append(_finish(pending, units, plan))
+            pending = None
+    except BaseException:
+        if pending is not None and not pending.dips.cancelled():
+            # Interrupted while the step before was still in the background: keep its finished work.
+            with contextlib.suppress(Exception):
+                _finish(pending, units, plan)
+        raise
+    finally:
+        bar.close()
+        if dip_worker is not None:
+            dip_worker.shutdown(wait=True, cancel_futures=True)
+    return _assemble(records, plan, meta, sampling, units, lo, hi)
 
 
-def _compute_record(x, ref, prev, step, prev_step, plan, sampling, lo, hi, workspace) -> dict:
-    stats = step_statistics(x, ref, prev, lo, hi, plan.quantile_bins, plan.chunk_size, workspace)
+def _blocks_width(shape, plan: ExtractionPlan) -> int:
+    cols = int(shape[1])
+    return max(1, plan.chunk_size // cols) * cols
+
+
+def _prepared(tensor: torch.Tensor, sampling: _Sampling, units, plan, meta, step: int) -> torch.Tensor:
+    """The tensor as the pass reads it (flat, or 2-D with units), after checking its shape."""
+    if list(tensor.shape) != list(meta["shape"]):
+        raise GardenError(
+            f"step {step}: {plan.tensor} has shape {list(tensor.shape)}, the reference step "
+            f"{plan.reference_step} has {list(meta['shape'])}"
+        )
+    return tensor if units is not None else sampling.flat(tensor)
+
+
+def _unit_layout(meta: dict, plan: ExtractionPlan) -> UnitLayout | None:
+    axis = meta.get("unit_axis")
+    return None if axis is None else UnitLayout(tuple(meta["shape"]), axis, plan.unit_sample, plan.seed)
+
+
+def _compute_record(x, ref, prev, step, prev_step, plan, sampling, units, meta, lo, hi, workspace) -> dict:
+    stats = step_statistics(x, ref, prev, lo, hi, plan.quantile_bins, plan.chunk_size, workspace, units)
+    if not (np.isfinite(stats["min"]) and np.isfinite(stats["max"])):
+        raise GardenError(
+            f"step {step}: {plan.tensor} holds non-finite values (NaN or inf); its statistics would be "
+            "meaningless, so the step is not analysed (exclude it with steps=list steps.values=[...])"
+        )
     fine = stats.pop("fine_hist")
+    unit_stats = stats.pop("units", None)
     quantiles = histogram_quantiles(fine, lo, hi, plan.quantiles, stats["min"], stats["max"])
     record = {"step": step, "prev_step": -1 if prev_step is None else prev_step, **stats}
     record.update({quantile_column(q): v for q, v in zip(plan.quantiles, quantiles, strict=True)})
     gap = (step - prev_step) if prev_step is not None else 0
     record["displacement"] = stats["step_msd"] / gap if gap > 0 else float("nan")
     record["hist"] = fine.reshape(plan.histogram_bins, -1).sum(axis=1)
-    record["trajectories"] = x[torch.from_numpy(sampling.trajectories)].float().numpy()
-    record["distribution_sample"] = x[torch.from_numpy(sampling.distribution)].float().numpy()
+    flat = x.reshape(-1) if units is not None else x
+    record["trajectories"] = flat[torch.from_numpy(sampling.trajectories)].float().numpy()
+    record["distribution_sample"] = flat[torch.from_numpy(sampling.distribution)].float().numpy()
+    if unit_stats is not None:
+        for name in ("mean", "std", "skewness", "kurtosis", "msd"):
+            record[f"unit_{name}"] = unit_stats[name]
+        featured = units.unit_values(x, meta["featured_unit"])
+        edges = np.asarray(meta["featured_edges"])
+        record["featured_hist"] = np.histogram(featured.numpy().clip(edges[0], edges[-1]), bins=edges)[0]
+        record["featured_values"] = featured[torch.tensor(meta["featured_positions"])].numpy()
+    return record
+
+
+def _finish(pending: _Pending, units: UnitLayout, plan: ExtractionPlan) -> dict:
+    """Wait for a step's unit dips, complete its record and write it to the cache."""
+    from garden.dip import dip_pvalues
+
+    dips, cuts = pending.dips.result()
+    record = pending.record
+    record["unit_dip"] = dips
+    record["unit_dip_pvalue"] = dip_pvalues(len(units.positions), dips)
+    if pending.tensor is not None:  # the final step: each unit's two groups
+        for name, values in group_split(units, pending.tensor, cuts).items():
+            record[f"split_{name}"] = np.asarray(values, dtype=np.float64)
+    _save_record(pending.path, record)
     return record
 
 
 def _prepare_meta(series: CheckpointSeries, plan: ExtractionPlan, folder: Path) -> dict:
-    """Shape, dtype and the shared histogram range, fixed once per cache folder (whose key names the
-    last selected step, so the range never depends on which run filled the cache first)."""
+    """Shape, dtype, the shared histogram range and the unit layout, fixed once per cache folder (whose
+    key names the last selected step, so nothing depends on which run filled the cache first).
+
+    With units on, the featured unit (the figures' most bimodal one: the largest dip at the final step)
+    is chosen here too, so that its values can be recorded at every step in the one pass."""
     final_step = plan.steps[-1]
     depends = {
         "reference": series.fingerprint(plan.reference_step, plan.tensor),
@@ -291,6 +638,9 @@ def _prepare_meta(series: CheckpointSeries, plan: ExtractionPlan, folder: Path) 
             return meta
         shutil.rmtree(folder)  # the series changed under the cache: start afresh
     ref = series.read_tensor(plan.reference_step, plan.tensor)
+    shape = tuple(ref.shape)
+    axis = plan.resolve_unit_axis(shape)
+    final = None
     if plan.histogram_range is not None:
         half_range = plan.histogram_range
     else:
@@ -299,17 +649,44 @@ def _prepare_meta(series: CheckpointSeries, plan: ExtractionPlan, folder: Path) 
         half_range = half_range if half_range > 0 else 1.0
     meta = {
         "tensor": plan.tensor,
-        "shape": list(ref.shape),
+        "shape": list(shape),
         "dtype": str(ref.dtype).removeprefix("torch."),
         "half_range": half_range,
         "reference_step": plan.reference_step,
         "final_step": final_step,
         "series": series.identity,
         "depends": depends,
+        "unit_axis": axis,
     }
+    if axis is not None:
+        final = series.read_tensor(final_step, plan.tensor) if final is None else final
+        if tuple(final.shape) != shape:
+            raise GardenError(
+                f"step {final_step}: {plan.tensor} has shape {list(final.shape)}, the reference step "
+                f"{plan.reference_step} has {list(shape)}"
+            )
+        meta.update(_featured_unit(UnitLayout(shape, axis, plan.unit_sample, plan.seed), ref, final, plan))
     folder.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(meta_path, json.dumps(meta, indent=1))
     return meta
+
+
+def _featured_unit(units: UnitLayout, ref: torch.Tensor, final: torch.Tensor, plan: ExtractionPlan) -> dict:
+    """The unit with the largest final dip, its histogram edges and its tracked positions."""
+    dips, _ = unit_dips(units, final)
+    unit = int(np.argmax(dips))
+    extent = max(
+        float(units.unit_values(ref, unit).abs().max()), float(units.unit_values(final, unit).abs().max())
+    )
+    half = 1.25 * extent if extent > 0 else 1.0
+    rng = np.random.default_rng([plan.seed, 2])
+    count = min(plan.n_trajectories, units.length)
+    return {
+        "featured_unit": unit,
+        "featured_final_dip": float(dips[unit]),
+        "featured_edges": np.linspace(-half, half, plan.histogram_bins + 1).tolist(),
+        "featured_positions": np.sort(rng.choice(units.length, count, replace=False)).tolist(),
+    }
 
 
 def _load_record(path: Path, depends: str) -> dict | None:
@@ -327,14 +704,14 @@ def _load_record(path: Path, depends: str) -> dict | None:
 
 def _save_record(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as handle:
         np.savez(handle, **{k: np.asarray(v) for k, v in record.items()})
     os.replace(tmp, path)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -342,11 +719,30 @@ def _atomic_write_text(path: Path, text: str) -> None:
 ARRAY_FIELDS = ("hist", "trajectories", "distribution_sample", "depends")
 
 
-def _assemble(records, plan, meta, sampling, lo, hi) -> Trajectory:
-    table = pd.DataFrame([{k: v for k, v in r.items() if k not in ARRAY_FIELDS} for r in records])
+def _assemble(records, plan, meta, sampling, units, lo, hi) -> Trajectory:
+    scalar = [{k: v for k, v in r.items() if k not in ARRAY_FIELDS and np.ndim(v) == 0} for r in records]
+    table = pd.DataFrame(scalar)
     table["prev_step"] = table["prev_step"].astype(int)
     table["step"] = table["step"].astype(int)
     stack = lambda key: np.stack([np.asarray(r[key], dtype=np.float64) for r in records])  # noqa: E731
+    unit_trajectory = None
+    if units is not None:
+        final = records[-1]
+        unit_trajectory = UnitTrajectory(
+            axis=units.axis,
+            length=units.length,
+            sample_size=len(units.positions),
+            stats={
+                name: np.stack([np.asarray(r[f"unit_{name}"], dtype=np.float64) for r in records])
+                for name in UNIT_STATS
+            },
+            final_split=pd.DataFrame({name: final[f"split_{name}"] for name in SPLIT_FIELDS}),
+            featured=int(meta["featured_unit"]),
+            featured_edges=np.asarray(meta["featured_edges"], dtype=np.float64),
+            featured_hist=stack("featured_hist"),
+            featured_values=stack("featured_values"),
+            featured_positions=np.asarray(meta["featured_positions"], dtype=np.int64),
+        )
     return Trajectory(
         tensor=plan.tensor,
         shape=tuple(meta["shape"]),
@@ -358,4 +754,5 @@ def _assemble(records, plan, meta, sampling, lo, hi) -> Trajectory:
         trajectory_indices=sampling.trajectories,
         distribution_sample=stack("distribution_sample"),
         meta={**meta, "reference_step": plan.reference_step},
+        units=unit_trajectory,
     )

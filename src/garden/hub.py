@@ -228,6 +228,14 @@ class HubSeries(CheckpointSeries):
             return sorted(k for k in self._header(single) if not k.startswith("__"))
         return sorted(load_bin(self._local_bin(single)))
 
+    def tensor_shape(self, step: int, name: str) -> tuple[int, ...] | None:
+        """From the safetensors header (one small range read, cached); unknown for `.bin` branches."""
+        remote = self.locate(step, name)
+        if remote.fmt != "safetensors":
+            return None
+        entry = self._header(remote).get(name)
+        return None if entry is None else tuple(entry["shape"])
+
     def read_tensor(self, step: int, name: str) -> torch.Tensor:
         remote = self.locate(step, name)
         cached = self._tensor_cache_path(remote, name)

@@ -148,6 +148,10 @@ class CheckpointSeries(ABC):
         """The Hugging Face config.json of the series, when it has one."""
         return None
 
+    def tensor_shape(self, step: int, name: str) -> tuple[int, ...] | None:
+        """The shape of a tensor where it is known without reading its values (None otherwise)."""
+        return None
+
     def missing_from_cache(self, steps: list[int], tensor: str) -> list[int]:
         """Steps that cannot be read without the network while offline (none for files on disk)."""
         return []
@@ -221,6 +225,24 @@ class LocalSeries(CheckpointSeries):
 
     def read_tensor(self, step: int, name: str) -> torch.Tensor:
         return read_tensor_from(self.weight_files(step), name)
+
+    def tensor_shape(self, step: int, name: str) -> tuple[int, ...] | None:
+        """From the safetensors header, or the memory-mapped `.bin`'s pickle (no values are read)."""
+        files = self.weight_files(step)
+        path = files.file_for(name)
+        if path is None:
+            return None
+        try:
+            if files.fmt == "safetensors":
+                with safe_open(str(path), framework="pt") as handle:
+                    keys = handle.keys()
+                    return tuple(handle.get_slice(name).get_shape()) if name in keys else None
+            tensor = load_bin(path).get(name)
+            return None if tensor is None else tuple(tensor.shape)
+        except GardenError:
+            raise
+        except Exception as err:
+            raise GardenError(f"step {step}: cannot read the shape of {name!r} from {path}: {err}") from err
 
     def fingerprint(self, step: int, tensor: str) -> str:
         files = self.weight_files(step)

@@ -39,7 +39,14 @@ STUDY_DIR = "study"
 # The config DVC composes (`.dvc/config`: hydra.config_name) and `make params` writes to params.yaml.
 STUDY_CONFIG = "study"
 # The study's headline numbers, the top-level `metrics:` of dvc.yaml.
-HEADLINE = ("bifurcation_step", "stationary_step", "alpha", "final_perplexity")
+HEADLINE = (
+    "bifurcation_step",
+    "unit_bifurcation_step",
+    "final_bimodal_unit_fraction",
+    "stationary_step",
+    "alpha",
+    "final_perplexity",
+)
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> DictConfig:
@@ -164,7 +171,7 @@ def evaluate(cfg: DictConfig) -> None:
     summary: dict = {}
     if cfg.evaluation.get("stages"):
         dynamics = _read_json(data_dir(cfg) / "metrics" / "summary.json")["summary"]
-        _, summary = evaluate_models(plan_dynamics(cfg), folder, dynamics.get("bifurcation_step"))
+        _, summary = evaluate_models(plan_dynamics(cfg), folder, dynamics)
     _write_json(folder / "summary.json", {"summary": summary})
 
 

@@ -96,14 +96,23 @@ def neox_config(model_cfg):
     )
 
 
-def tensor_names_on_disk(model_cfg) -> list[str]:
-    """Tensor names the checkpoints will hold, without training (model built on the meta device)."""
+def tensor_shapes_on_disk(model_cfg) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors the checkpoints will hold, without training (model built on the
+    meta device)."""
     from transformers import GPTNeoXForCausalLM
 
     with torch.device("meta"):
         model = GPTNeoXForCausalLM(neox_config(model_cfg))
     # transformers 5 holds the head as `lm_head` in memory and writes it as `embed_out` (Pythia's name).
-    return sorted("embed_out.weight" if k == "lm_head.weight" else k for k in model.state_dict())
+    return {
+        "embed_out.weight" if k == "lm_head.weight" else k: tuple(v.shape)
+        for k, v in model.state_dict().items()
+    }
+
+
+def tensor_names_on_disk(model_cfg) -> list[str]:
+    """Tensor names the checkpoints will hold, without training."""
+    return sorted(tensor_shapes_on_disk(model_cfg))
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):

@@ -287,10 +287,10 @@ def stable_from(steps: np.ndarray, values: np.ndarray, threshold: float) -> floa
 
 
 def summarise(
-    result: EvaluationResult, cfg, bifurcation_step: float | None
+    result: EvaluationResult, cfg, bifurcation_step: float | None, unit_bifurcation_step: float | None = None
 ) -> tuple[dict, pd.DataFrame | None]:
-    """Summary metrics (steepest perplexity drop, its distance to the bifurcation, CKA convergence) and
-    the per-layer convergence table."""
+    """Summary metrics (steepest perplexity drop, its distance to the pooled and the per-unit
+    bifurcation, CKA convergence) and the per-layer convergence table."""
     table, summary = result.table, {}
     steps = table["step"].to_numpy(dtype=float)
     if "perplexity" in table:
@@ -302,6 +302,8 @@ def summarise(
             summary["steepest_perplexity_drop_step"] = drop_step
             if bifurcation_step is not None:
                 summary["bifurcation_to_perplexity_drop"] = drop_step - bifurcation_step
+            if unit_bifurcation_step is not None:
+                summary["unit_bifurcation_to_perplexity_drop"] = drop_step - unit_bifurcation_step
     for key in ("lambada_perplexity", "lambada_accuracy"):
         if key in table:
             summary[f"final_{key}"] = float(table[key].iloc[-1])

@@ -79,4 +79,4 @@ def compute_metrics(trajectory: Trajectory, names: Iterable[str], params=None) -
 
 
 # Import the modules that register metrics (kept last: they import register_metric from here).
-from garden.metrics import diffusion, distribution, events  # noqa: E402, F401
+from garden.metrics import diffusion, distribution, events, units  # noqa: E402, F401

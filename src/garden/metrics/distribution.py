@@ -11,7 +11,7 @@ import numpy as np
 from sklearn.mixture import GaussianMixture
 
 from garden.metrics import MetricContext, MetricResult, register_metric
-from garden.trajectory import Trajectory
+from garden.trajectory import Trajectory, sarle_bimodality
 
 MOMENT_COLUMNS = ("mean", "std", "rms", "skewness", "kurtosis", "min", "max")
 
@@ -20,14 +20,6 @@ MOMENT_COLUMNS = ("mean", "std", "rms", "skewness", "kurtosis", "min", "max")
 def moments(traj: Trajectory, ctx: MetricContext) -> MetricResult:
     names = list(MOMENT_COLUMNS) + [c for c in traj.table.columns if c.startswith("q")]
     return MetricResult(per_step={name: traj.column(name) for name in names})
-
-
-def sarle_bimodality(skewness, excess_kurtosis, n: int):
-    """Sarle's BC = (g^2 + 1) / (k + 3 (n-1)^2 / ((n-2)(n-3))); above 5/9 reads as bimodal."""
-    g = np.asarray(skewness, dtype=float)
-    k = np.asarray(excess_kurtosis, dtype=float)
-    correction = 3.0 * (n - 1) ** 2 / ((n - 2) * (n - 3))
-    return (g**2 + 1.0) / (k + correction)
 
 
 @register_metric("bimodality_coefficient")
