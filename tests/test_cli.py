@@ -19,6 +19,10 @@ FIGURES = {
     "figures/forking_trajectories.png",
     "figures/msd_loglog.png",
     "figures/bimodality.png",
+    "figures/unit_forks.png",
+    "figures/bimodal_fraction.png",
+    "figures/unit_trajectories.png",
+    "figures/unit_density.png",
 }
 
 
@@ -67,10 +71,20 @@ def test_cli_logs_the_forking_paths_run(tmp_path, fork_series):
     assert msd[0] == 0 and msd[24] > msd[12] > 0
     assert run.data.metrics["bifurcation_step"] == 8
     assert run.data.tags["garden.bifurcation"] == "detected"
+    # Every entry forks, so every one of the 16 units (columns) does too, from the same step.
+    assert run.data.metrics["unit_bifurcation_step"] == 8
+    assert run.data.metrics["final_bimodal_unit_fraction"] == 1.0
+    assert run.data.tags["garden.unit_bifurcation"] == "detected"
+    fraction = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "bimodal_unit_fraction")}
+    assert fraction[4] == 0 and fraction[24] == 1
+    assert (
+        "pooled bifurcation at step 8, unit bifurcation at step 8 (100% of 16 units"
+        in done.stdout + done.stderr
+    )
     assert "alpha" in run.data.metrics and run.data.tags["garden.stationary"] in ("detected", "none")
     paths = artifact_paths(client, run.info.run_id)
     assert paths >= FIGURES
-    assert {"tables/steps.csv", "tables/lag_msd.csv", "summary.json"} <= paths
+    assert {"tables/steps.csv", "tables/lag_msd.csv", "tables/units.csv", "summary.json"} <= paths
 
     # A second run reuses the extraction cache and reports the same numbers.
     again = garden(
@@ -114,6 +128,12 @@ def test_block_layer_and_step_selection(tmp_path, fork_series):
         (["model=local", "variant=filtered"], "valid: standard, deduped"),
         (["model=local", "model.path="], "needs model.path"),
         (["layer=mlp_out", "layer.index=9"], "valid layer.index is 0..3"),
+        (["extract.unit_axis=2"], "extract.unit_axis=2 is not valid; valid: auto, 0, 1, null"),
+        (
+            ["layer.tensor=gpt_neox.layers.0.attention.dense.bias", "extract.unit_axis=1"],
+            "has shape [128]; valid for this tensor: auto, null",
+        ),
+        (["metrics.unit_fdr=1.5"], "metrics.unit_fdr=1.5 is not valid; valid: a number in (0, 1)"),
     ],
 )
 def test_bad_input_fails_before_any_work(tmp_path, fork_series, overrides, message):

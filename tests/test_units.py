@@ -67,6 +67,13 @@ def test_unit_moments_and_msd_match_numpy_and_scipy(tmp_path, axis):
     bc = units.bimodality_coefficient[-1]
     g, k, n = stats.skew(x, axis=reduce), stats.kurtosis(x, axis=reduce), x.shape[reduce]
     np.testing.assert_allclose(bc, (g**2 + 1) / (k + 3 * (n - 1) ** 2 / ((n - 2) * (n - 3))), rtol=1e-6)
+    # Each unit's two groups at the final step: at or below its cut, and above, over the whole slice.
+    split = units.final_split
+    values = x if axis == 1 else x.T
+    below = values <= split["cut"].to_numpy()[None, :]
+    np.testing.assert_array_equal(split["low_count"], below.sum(0))
+    np.testing.assert_allclose(split["low_mean"], (values * below).sum(0) / below.sum(0), rtol=1e-9)
+    np.testing.assert_allclose(split["high_mean"], (values * ~below).sum(0) / (~below).sum(0), rtol=1e-9)
     # The pooled moments, combined from the units', are the whole tensor's.
     flat = x.ravel()
     assert traj.column("mean")[-1] == pytest.approx(flat.mean(), rel=1e-7)
@@ -101,11 +108,25 @@ def test_dip_kernel_equals_diptest_on_awkward_samples():
     ]
     for values in samples:
         values = np.asarray(values, dtype=np.float32)
-        dip, cut = dips_and_cuts(values[None, :])
+        dip, cut = dips_and_cuts(values[None, :], kernel=True)
         want = diptest.diptest(values.astype(np.float64))
         assert dip[0] == want[0]
         assert dip_pvalues(values.size, dip)[0] == want[1]
         assert values.min() <= cut[0] <= values.max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_the_kernel_and_the_diptest_route_agree(dtype):
+    """Large batches go to the compiled kernel, small ones to `diptest`: the same dips and cuts."""
+    gen = torch.Generator().manual_seed(5)
+    rows = torch.randn(40, 1000, generator=gen) * 0.02
+    rows[:10, :150] += 0.1  # some bimodal rows
+    rows = rows.to(dtype)
+    by_kernel = dips_and_cuts(rows, kernel=True, threads=2)
+    by_diptest = dips_and_cuts(rows, kernel=False)
+    np.testing.assert_array_equal(by_kernel[0], by_diptest[0])
+    np.testing.assert_array_equal(by_kernel[1], by_diptest[1])
+    assert (by_kernel[0][:10] > by_kernel[0][10:].max()).all()
 
 
 def test_benjamini_hochberg_by_hand():
@@ -200,3 +221,24 @@ def test_trajectory_with_units_survives_save_and_load(tmp_path):
         np.testing.assert_array_equal(back.units.stats[name], values)
     assert back.units.featured == traj.units.featured and back.units.axis == 1
     np.testing.assert_array_equal(back.units.final_split, traj.units.final_split)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_pass_on_cuda_gives_the_cpu_numbers(tmp_path):
+    tensors = {s: t.half() for s, t in unit_series([0, 10, 20], units=96, length=3000, forking_units=20,
+                                                    fork_step=10).items()}  # fmt: skip
+    series = ArraySeries({s: {"w": t} for s, t in tensors.items()})
+    plan = ExtractionPlan("w", (0, 10, 20), 0)
+    cpu = extract(series, plan, tmp_path / "cpu", progress=False, device="cpu")
+    gpu = extract(series, plan, tmp_path / "gpu", progress=False, device="cuda")
+    for column in ("mean", "std", "skewness", "kurtosis", "msd", "step_msd", "min", "max"):
+        np.testing.assert_allclose(
+            gpu.column(column), cpu.column(column), rtol=1e-6, atol=1e-9, err_msg=column
+        )
+    # Bin edges may round differently on the GPU: only values on a boundary can change bins.
+    assert np.abs(gpu.hist - cpu.hist).sum() <= 1e-4 * cpu.hist.sum()
+    for name in ("mean", "std", "msd"):
+        np.testing.assert_allclose(gpu.units.stats[name], cpu.units.stats[name], rtol=1e-6, err_msg=name)
+    for name in ("skewness", "kurtosis"):
+        np.testing.assert_allclose(gpu.units.stats[name], cpu.units.stats[name], atol=1e-6, err_msg=name)
+    np.testing.assert_array_equal(gpu.units.stats["dip"], cpu.units.stats["dip"])

@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from garden.dip import dip_pvalues
 from garden.errors import GardenError
 from garden.series import CheckpointSeries
 from garden.trajectory import Trajectory, UnitTrajectory
@@ -72,7 +73,7 @@ class ExtractionPlan:
     quantile_bins: int = 65536
     quantiles: tuple[float, ...] = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
     histogram_range: float | None = None
-    chunk_size: int = 1 << 20
+    chunk_size: int = 1 << 18
     seed: int = 0
     unit_axis: str | int | None = "auto"
     unit_sample: int = 4096
@@ -204,11 +205,11 @@ class UnitLayout:
         )
         self._positions_t = torch.from_numpy(self.positions)
 
-    def samples(self, tensor: torch.Tensor) -> np.ndarray:
-        """[units, sample] float32: each unit's entries at the sampled positions."""
+    def samples(self, tensor: torch.Tensor) -> torch.Tensor:
+        """[units, sample] in the stored dtype: each unit's entries at the sampled positions."""
         if self.axis == 1:
-            return tensor.index_select(0, self._positions_t).t().float().contiguous().numpy()
-        return tensor.index_select(1, self._positions_t).float().contiguous().numpy()
+            return tensor.index_select(0, self._positions_t).t().contiguous()
+        return tensor.index_select(1, self._positions_t).contiguous()
 
     def unit_values(self, tensor: torch.Tensor, unit: int) -> torch.Tensor:
         return (tensor[:, unit] if self.axis == 1 else tensor[unit]).float()
@@ -222,10 +223,42 @@ class Workspace:
         self.chunk = torch.empty(chunk_size, dtype=torch.float32, device=device)
         self.work = torch.empty(chunk_size, dtype=torch.float32, device=device)
         self.work2 = torch.empty(chunk_size, dtype=torch.float32, device=device)
+        # The histogram's own buffers: it runs in a helper thread beside the sums.
+        self.hist_chunk = torch.empty(chunk_size, dtype=torch.float32, device=device)
         # Bin indices: int32 makes torch.bincount ~1.5x faster than int64 on the CPU.
         self.bins = torch.empty(chunk_size, dtype=torch.int32, device=device)
         self.hist = torch.empty(fine_bins, dtype=torch.int64, device=device)
         self.device = torch.device(device)
+        self.helper = ThreadPoolExecutor(1, thread_name_prefix="garden-hist")
+
+    def close(self) -> None:
+        self.helper.shutdown(wait=True)
+
+
+def _histogram(flat: torch.Tensor, blocks, cols: int, lo: float, hi: float, space: Workspace):
+    """The fine histogram (values outside [lo, hi] in the end bins) and the extremes of a tensor.
+
+    torch.bincount is single-threaded on the CPU and the largest single cost of the pass, so this runs in
+    the workspace's helper thread, over its own buffers, while the calling thread takes the sums."""
+    fine_bins = space.hist.numel()
+    scale = fine_bins / (hi - lo)
+    offset = torch.tensor(-lo * scale, device=space.device)
+    hist = space.hist
+    hist.zero_()
+    vmin = torch.full((), float("inf"), device=space.device)
+    vmax = torch.full((), float("-inf"), device=space.device)
+    for start, stop in blocks:
+        size = (stop - start) * cols
+        c, bins = space.hist_chunk[:size], space.bins[:size]
+        c.copy_(flat[start:stop].reshape(-1), non_blocking=True)
+        cmin, cmax = torch.aminmax(c)
+        vmin, vmax = torch.minimum(vmin, cmin), torch.maximum(vmax, cmax)
+        # bin = floor((v - lo) * scale), clamped into the end bins.
+        torch.add(offset, c, alpha=scale, out=c)
+        c.clamp_(0, fine_bins - 1)
+        bins.copy_(c)
+        hist += torch.bincount(bins, minlength=fine_bins)
+    return hist, vmin, vmax
 
 
 def _blocks(x: torch.Tensor, chunk_size: int, units: UnitLayout | None):
@@ -249,8 +282,12 @@ def step_statistics(
     chunk_size: int,
     workspace: Workspace | None = None,
     units: UnitLayout | None = None,
+    cuts: np.ndarray | None = None,
 ) -> dict:
     """Fused blocked pass: power sums about a shift, distances, extremes, fine histogram; per unit too.
+
+    With `cuts` (one per unit), each unit's two groups (entries at or below its cut, and above) are
+    counted and summed in the same pass.
 
     Without units, `x` is flat and the moments are taken about one shift (the first block's mean); with
     units, `x` is the 2-D tensor, each unit's sums are taken about its own shift (axis 1: the first
@@ -262,31 +299,39 @@ def step_statistics(
     n = x.numel()
     blocks, width = _blocks(x, chunk_size, units)
     device = workspace.device if workspace is not None else torch.device("cpu")
-    space = workspace if workspace is not None and workspace.chunk.numel() >= width else None
-    space = space or Workspace(width, fine_bins, device)
-    hist = space.hist
-    hist.zero_()
+    fits = workspace is not None and workspace.chunk.numel() >= width and workspace.hist.numel() == fine_bins
+    space = workspace if fits else Workspace(width, fine_bins, device)
+    try:
+        return _statistics(x, ref, prev, lo, hi, blocks, space, units, n, cuts)
+    finally:
+        if space is not workspace:
+            space.close()
+
+
+def _statistics(x, ref, prev, lo, hi, blocks, space: Workspace, units: UnitLayout | None, n: int,
+                cuts: np.ndarray | None) -> dict:  # fmt: skip
+    device = space.device
     f64 = dict(dtype=torch.float64, device=device)
     # acc: s1..s4 (pooled, without units), squared distances to the reference and to the previous step.
     acc = torch.zeros(6, **f64)
-    vmin = torch.full((), float("inf"), device=device)
-    vmax = torch.full((), float("-inf"), device=device)
-    scale = fine_bins / (hi - lo)
     flat = x.reshape(-1) if units is None else x
+    cols = 1 if units is None else x.shape[1]
+    histogram = space.helper.submit(_histogram, flat, blocks, cols, lo, hi, space)
     ref_v = None if ref is None else (ref.reshape(-1) if units is None else ref)
     prev_v = None if prev is None else (prev.reshape(-1) if units is None else prev)
     if units is not None:
-        cols = x.shape[1]
         power = torch.zeros(4, units.n_units, **f64)
         unit_sq_ref = torch.zeros(units.n_units, **f64)
         shift_units = torch.zeros(units.n_units, **f64)
+        low = None
+        if cuts is not None:
+            cut = torch.as_tensor(cuts, dtype=torch.float32, device=device)
+            low = torch.zeros(2, units.n_units, **f64)  # count and sum of each unit's lower group
     shift = None
     for start, stop in blocks:
         size = (stop - start) * (1 if units is None else cols)
         c, tmp, tmp2 = space.chunk[:size], space.work[:size], space.work2[:size]
         c.copy_(flat[start:stop].reshape(-1), non_blocking=True)
-        cmin, cmax = torch.aminmax(c)
-        vmin, vmax = torch.minimum(vmin, cmin), torch.maximum(vmax, cmax)
         if ref_v is not None:
             torch.sub(c, ref_v[start:stop].reshape(-1).to(device, non_blocking=True), out=tmp)
             if units is None:
@@ -297,12 +342,6 @@ def step_statistics(
         if prev_v is not None:
             torch.sub(c, prev_v[start:stop].reshape(-1).to(device, non_blocking=True), out=tmp)
             acc[5] += torch.dot(tmp, tmp)
-        # Fine histogram: bin index = floor((v - lo) * scale), clamped into the end bins.
-        torch.sub(c, lo, out=tmp)
-        tmp.mul_(scale).clamp_(0, fine_bins - 1)
-        bins = space.bins[:size]
-        bins.copy_(tmp)
-        hist += torch.bincount(bins, minlength=fine_bins)
         if units is None:
             if shift is None:
                 shift = _on_grid(c.mean(), x.dtype)
@@ -313,9 +352,16 @@ def step_statistics(
             acc[2] += torch.dot(tmp, c)
             acc[3] += torch.dot(tmp, tmp)
         else:
+            if low is not None:
+                block = c.view(-1, cols)
+                below = block <= (cut[None, :] if units.axis == 1 else cut[start:stop, None])
+                _unit_sum(below.view(-1), cols, units.axis, low[0], start, stop, exact=True)
+                torch.mul(c, below.view(-1), out=tmp2)
+                _unit_sum(tmp2, cols, units.axis, low[1], start, stop, exact=True)
             _unit_powers(c, tmp, tmp2, cols, units.axis, power, shift_units, start, stop, x.dtype)
     if units is not None and ref is not None:
         acc[4] = unit_sq_ref.sum()
+    hist, vmin, vmax = histogram.result()
     results = torch.cat([acc, torch.stack([vmin, vmax]).double()]).cpu().tolist()
     out = {
         "min": results[6],
@@ -351,6 +397,17 @@ def step_statistics(
     p4 = float(np.mean(m4 + 4 * delta * m3 + 6 * delta**2 * m2 + delta**4))
     out.update(_shape_of(mean, p2, p3, p4))
     out["rms"] = (p2 + mean**2) ** 0.5
+    if low is not None:
+        low_count, low_sum = low.cpu().numpy()
+        high_count = length - low_count
+        with np.errstate(invalid="ignore", divide="ignore"):
+            unit["split"] = {
+                "cut": np.asarray(cuts, dtype=np.float64),
+                "low_count": low_count,
+                "low_mean": low_sum / low_count,
+                "high_count": high_count,
+                "high_mean": (means * length - low_sum) / high_count,
+            }
     out["units"] = unit
     return out
 
@@ -370,13 +427,18 @@ def _shape_of(mean, m2, m3, m4) -> dict:
     }
 
 
-def _unit_sum(values: torch.Tensor, cols: int, axis: int, into: torch.Tensor, start: int, stop: int) -> None:
-    """Add a block's per-unit sums (float32 within the block) into float64 accumulators."""
+def _unit_sum(
+    values: torch.Tensor, cols: int, axis: int, into: torch.Tensor, start: int, stop: int, exact: bool = False
+) -> None:
+    """Add a block's per-unit sums into float64 accumulators: float32 within the block (torch sums
+    pairwise), or float64 throughout where `exact` (the first power, which gives the mean: a mean near 0
+    needs it to be exact relative to itself)."""
     block = values.view(-1, cols)
+    dtype = torch.float64 if exact else None
     if axis == 1:
-        into += block.sum(0)
+        into += block.sum(0, dtype=dtype)
     else:
-        into[start:stop] += block.sum(1)
+        into[start:stop] += block.sum(1, dtype=dtype)
 
 
 def _on_grid(shift: torch.Tensor, stored: torch.dtype) -> torch.Tensor:
@@ -399,7 +461,7 @@ def _unit_powers(c, tmp, tmp2, cols, axis, power, shift_units, start, stop, stor
         row_means = _on_grid(block.mean(1), stored)
         shift_units[start:stop] = row_means
         block.sub_(row_means[:, None])
-    _unit_sum(c, cols, axis, power[0], start, stop)
+    _unit_sum(c, cols, axis, power[0], start, stop, exact=True)
     torch.mul(c, c, out=tmp)
     _unit_sum(tmp, cols, axis, power[1], start, stop)
     torch.mul(tmp, c, out=tmp2)
@@ -436,42 +498,6 @@ def unit_dips(units: UnitLayout, tensor: torch.Tensor) -> tuple[np.ndarray, np.n
     return dips_and_cuts(units.samples(tensor), threads=DIP_THREADS)
 
 
-def group_split(
-    units: UnitLayout, tensor: torch.Tensor, cuts: np.ndarray, chunk_size: int = 1 << 20
-) -> dict[str, np.ndarray]:
-    """Sizes and means of each unit's two groups over its whole slice, split at its cut (blocks of
-    rows, float32 within a block, float64 across blocks)."""
-    rows, cols = tensor.shape
-    per = max(1, chunk_size // cols)
-    cut = torch.from_numpy(cuts).float()
-    low_count = torch.zeros(units.n_units, dtype=torch.float64)
-    low_sum = torch.zeros(units.n_units, dtype=torch.float64)
-    total = torch.zeros(units.n_units, dtype=torch.float64)
-    for start in range(0, rows, per):
-        block = tensor[start : start + per].float()
-        threshold = cut[None, :] if units.axis == 1 else cut[start : start + per, None]
-        low = block <= threshold
-        dim = 0 if units.axis == 1 else 1
-        counts, sums, all_sums = low.sum(dim), torch.where(low, block, 0.0).sum(dim), block.sum(dim)
-        if units.axis == 1:
-            low_count += counts
-            low_sum += sums
-            total += all_sums
-        else:
-            low_count[start : start + per] += counts
-            low_sum[start : start + per] += sums
-            total[start : start + per] += all_sums
-    high_count = units.length - low_count
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return {
-            "cut": np.asarray(cuts, dtype=np.float64),
-            "low_count": low_count.numpy(),
-            "low_mean": (low_sum / low_count).numpy(),
-            "high_count": high_count.numpy(),
-            "high_mean": ((total - low_sum) / high_count).numpy(),
-        }
-
-
 @dataclass
 class _Pending:
     """A computed step whose unit dips are still running in the background."""
@@ -479,7 +505,6 @@ class _Pending:
     record: dict
     path: Path
     dips: Future
-    tensor: torch.Tensor | None  # kept for the final step's group split
 
 
 def extract(
@@ -495,6 +520,7 @@ def extract(
     meta = _prepare_meta(series, plan, folder)
     sampling = _Sampling(int(np.prod(meta["shape"])), plan)
     units = _unit_layout(meta, plan)
+    final_units = None if units is None else _final_units(series, plan, folder, units)
     lo, hi = -meta["half_range"], meta["half_range"]
     reference = None
     ref_fp = series.fingerprint(plan.reference_step, plan.tensor)
@@ -507,6 +533,11 @@ def extract(
     workspace = Workspace(width, plan.quantile_bins, device)
     dip_worker = ThreadPoolExecutor(1, thread_name_prefix="garden-dip") if units is not None else None
     bar = tqdm(plan.steps, desc=f"extract {plan.tensor}", unit="step", disable=not progress)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        # The sums, the histogram helper and the dip worker run at once: leave those two a core each
+        # rather than let torch's intra-op threads oversubscribe the machine.
+        torch.set_num_threads(max(1, threads - 2))
     try:
         for step in bar:
             fingerprint = series.fingerprint(step, plan.tensor)
@@ -521,37 +552,41 @@ def extract(
                     prev = _prepared(series.read_tensor(prev_step, plan.tensor), sampling, units, plan, meta,
                                      prev_step)  # fmt: skip
                 current = _prepared(series.read_tensor(step, plan.tensor), sampling, units, plan, meta, step)
+                # The final step's dips and cuts are known from the meta stage: its record is completed
+                # in the pass itself, each unit's two groups included.
+                final = final_units if step == plan.steps[-1] else None
                 record = _compute_record(current, reference, prev, step, prev_step, plan, sampling, units,
-                                         meta, lo, hi, workspace)  # fmt: skip
+                                         meta, lo, hi, workspace, final)  # fmt: skip
                 record["depends"] = depends
                 if pending is not None:
-                    records.append(_finish(pending, units, plan))
+                    records.append(_finish(pending, units))
                     pending = None
-                if units is None:
+                if units is None or final is not None:
                     _save_record(path, record)
                     records.append(record)
                 else:
-                    keep = current if step == plan.steps[-1] else None
-                    pending = _Pending(record, path, dip_worker.submit(unit_dips, units, current), keep)
+                    pending = _Pending(record, path, dip_worker.submit(unit_dips, units, current))
                 prev = current
             else:
                 if pending is not None:
-                    records.append(_finish(pending, units, plan))
+                    records.append(_finish(pending, units))
                     pending = None
                 records.append(record)
                 prev = None  # read again only if a later step needs recomputing
             prev_step, prev_fp = step, fingerprint
         if pending is not None:
-            records.append(_finish(pending, units, plan))
+            records.append(_finish(pending, units))
             pending = None
     except BaseException:
         if pending is not None and not pending.dips.cancelled():
             # Interrupted while the step before was still in the background: keep its finished work.
             with contextlib.suppress(Exception):
-                _finish(pending, units, plan)
+                _finish(pending, units)
         raise
     finally:
+        torch.set_num_threads(threads)
         bar.close()
+        workspace.close()
         if dip_worker is not None:
             dip_worker.shutdown(wait=True, cancel_futures=True)
     return _assemble(records, plan, meta, sampling, units, lo, hi)
@@ -577,8 +612,10 @@ def _unit_layout(meta: dict, plan: ExtractionPlan) -> UnitLayout | None:
     return None if axis is None else UnitLayout(tuple(meta["shape"]), axis, plan.unit_sample, plan.seed)
 
 
-def _compute_record(x, ref, prev, step, prev_step, plan, sampling, units, meta, lo, hi, workspace) -> dict:
-    stats = step_statistics(x, ref, prev, lo, hi, plan.quantile_bins, plan.chunk_size, workspace, units)
+def _compute_record(x, ref, prev, step, prev_step, plan, sampling, units, meta, lo, hi, workspace,
+                    final: dict | None = None) -> dict:  # fmt: skip
+    cuts = None if final is None else final["cuts"]
+    stats = step_statistics(x, ref, prev, lo, hi, plan.quantile_bins, plan.chunk_size, workspace, units, cuts)
     if not (np.isfinite(stats["min"]) and np.isfinite(stats["max"])):
         raise GardenError(
             f"step {step}: {plan.tensor} holds non-finite values (NaN or inf); its statistics would be "
@@ -602,20 +639,20 @@ def _compute_record(x, ref, prev, step, prev_step, plan, sampling, units, meta, 
         edges = np.asarray(meta["featured_edges"])
         record["featured_hist"] = np.histogram(featured.numpy().clip(edges[0], edges[-1]), bins=edges)[0]
         record["featured_values"] = featured[torch.tensor(meta["featured_positions"])].numpy()
+    if final is not None:
+        record["unit_dip"] = final["dips"]
+        record["unit_dip_pvalue"] = dip_pvalues(len(units.positions), final["dips"])
+        for name, values in unit_stats["split"].items():
+            record[f"split_{name}"] = values
     return record
 
 
-def _finish(pending: _Pending, units: UnitLayout, plan: ExtractionPlan) -> dict:
+def _finish(pending: _Pending, units: UnitLayout) -> dict:
     """Wait for a step's unit dips, complete its record and write it to the cache."""
-    from garden.dip import dip_pvalues
-
-    dips, cuts = pending.dips.result()
+    dips, _ = pending.dips.result()
     record = pending.record
     record["unit_dip"] = dips
     record["unit_dip_pvalue"] = dip_pvalues(len(units.positions), dips)
-    if pending.tensor is not None:  # the final step: each unit's two groups
-        for name, values in group_split(units, pending.tensor, cuts).items():
-            record[f"split_{name}"] = np.asarray(values, dtype=np.float64)
     _save_record(pending.path, record)
     return record
 
@@ -665,15 +702,19 @@ def _prepare_meta(series: CheckpointSeries, plan: ExtractionPlan, folder: Path) 
                 f"step {final_step}: {plan.tensor} has shape {list(final.shape)}, the reference step "
                 f"{plan.reference_step} has {list(shape)}"
             )
-        meta.update(_featured_unit(UnitLayout(shape, axis, plan.unit_sample, plan.seed), ref, final, plan))
+        meta.update(_featured_unit(UnitLayout(shape, axis, plan.unit_sample, plan.seed), ref, final, plan,
+                                   folder))  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(meta_path, json.dumps(meta, indent=1))
     return meta
 
 
-def _featured_unit(units: UnitLayout, ref: torch.Tensor, final: torch.Tensor, plan: ExtractionPlan) -> dict:
-    """The unit with the largest final dip, its histogram edges and its tracked positions."""
-    dips, _ = unit_dips(units, final)
+def _featured_unit(
+    units: UnitLayout, ref: torch.Tensor, final: torch.Tensor, plan: ExtractionPlan, folder: Path
+) -> dict:
+    """The unit with the largest final dip, its histogram edges and its tracked positions; the final
+    step's dips and cuts are kept for its record (`final_units.npz`)."""
+    dips = _write_final_units(units, final, folder)["dips"]
     unit = int(np.argmax(dips))
     extent = max(
         float(units.unit_values(ref, unit).abs().max()), float(units.unit_values(final, unit).abs().max())
@@ -687,6 +728,28 @@ def _featured_unit(units: UnitLayout, ref: torch.Tensor, final: torch.Tensor, pl
         "featured_edges": np.linspace(-half, half, plan.histogram_bins + 1).tolist(),
         "featured_positions": np.sort(rng.choice(units.length, count, replace=False)).tolist(),
     }
+
+
+FINAL_UNITS = "final_units.npz"
+
+
+def _write_final_units(units: UnitLayout, final: torch.Tensor, folder: Path) -> dict[str, np.ndarray]:
+    dips, cuts = unit_dips(units, final)
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_record(folder / FINAL_UNITS, {"dips": dips, "cuts": cuts})
+    return {"dips": dips, "cuts": cuts}
+
+
+def _final_units(series, plan: ExtractionPlan, folder: Path, units: UnitLayout) -> dict[str, np.ndarray]:
+    """The final step's dips and cuts from the meta stage (made again if the file went missing)."""
+    try:
+        with np.load(folder / FINAL_UNITS, allow_pickle=False) as data:
+            found = {"dips": data["dips"], "cuts": data["cuts"]}
+        if len(found["dips"]) == units.n_units:
+            return found
+    except (OSError, ValueError, KeyError, EOFError):
+        pass
+    return _write_final_units(units, series.read_tensor(plan.steps[-1], plan.tensor), folder)
 
 
 def _load_record(path: Path, depends: str) -> dict | None:

@@ -12,6 +12,7 @@ last checkpoint; the series is marked complete (series.json) only when every che
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -98,16 +99,21 @@ def neox_config(model_cfg):
 
 def tensor_shapes_on_disk(model_cfg) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the tensors the checkpoints will hold, without training (model built on the
-    meta device)."""
+    meta device, once per architecture)."""
+    architecture = json.dumps(OmegaConf.to_container(model_cfg.architecture, resolve=True), sort_keys=True)
+    return dict(_shapes_of(architecture))
+
+
+@functools.lru_cache(maxsize=8)
+def _shapes_of(architecture: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     from transformers import GPTNeoXForCausalLM
 
+    config = neox_config(OmegaConf.create({"architecture": json.loads(architecture)}))
     with torch.device("meta"):
-        model = GPTNeoXForCausalLM(neox_config(model_cfg))
+        model = GPTNeoXForCausalLM(config)
     # transformers 5 holds the head as `lm_head` in memory and writes it as `embed_out` (Pythia's name).
-    return {
-        "embed_out.weight" if k == "lm_head.weight" else k: tuple(v.shape)
-        for k, v in model.state_dict().items()
-    }
+    names = ("embed_out.weight" if k == "lm_head.weight" else k for k in model.state_dict())
+    return tuple(zip(names, (tuple(v.shape) for v in model.state_dict().values()), strict=True))
 
 
 def tensor_names_on_disk(model_cfg) -> list[str]:
