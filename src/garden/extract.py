@@ -286,15 +286,13 @@ def step_statistics(
 ) -> dict:
     """Fused blocked pass: power sums about a shift, distances, extremes, fine histogram; per unit too.
 
-    With `cuts` (one per unit), each unit's two groups (entries at or below its cut, and above) are
-    counted and summed in the same pass.
-
     Without units, `x` is flat and the moments are taken about one shift (the first block's mean); with
     units, `x` is the 2-D tensor, each unit's sums are taken about its own shift (axis 1: the first
     block's column means; axis 0: each row's own mean, every row lying in one block), and the pooled
     moments are combined from the units' exactly. Block sums are float32, their accumulation float64, and
     central moments are formed in float64, which keeps them exact when |mean| >> std. Values outside
-    [lo, hi] are counted in the end bins.
+    [lo, hi] are counted in the end bins. With `cuts` (one per unit), each unit's two groups (entries at
+    or below its cut, and above) are counted and summed in the same pass.
     """
     n = x.numel()
     blocks, width = _blocks(x, chunk_size, units)
