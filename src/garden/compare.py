@@ -32,18 +32,11 @@ from mlflow.tracking import MlflowClient
 
 from garden.errors import GardenError
 from garden.figures import save_figures, step_axis
+from garden.metrics import HEADLINE
 from garden.tracking import PARENT_RUN_FILE
 
 log = logging.getLogger("garden")
 
-SUMMARY = (
-    "bifurcation_step",
-    "unit_bifurcation_step",
-    "final_bimodal_unit_fraction",
-    "stationary_step",
-    "alpha",
-    "final_perplexity",
-)
 CURVES = {
     "msd": "mean square displacement",
     "bimodality_coefficient": "bimodality coefficient",
@@ -153,7 +146,7 @@ def comparison_table(runs: list[Run]) -> pd.DataFrame:
             "variant": params.get("variant"),
             "layer": params.get("layer.name"),
             "model_size": model_size(params),
-            **{key: metrics.get(key, np.nan) for key in SUMMARY},
+            **{key: metrics.get(key, np.nan) for key in HEADLINE},
         })  # fmt: skip
     return pd.DataFrame(rows)
 

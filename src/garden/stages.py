@@ -38,15 +38,6 @@ PARAMS_FILE = "params.yaml"
 STUDY_DIR = "study"
 # The config DVC composes (`.dvc/config`: hydra.config_name) and `make params` writes to params.yaml.
 STUDY_CONFIG = "study"
-# The study's headline numbers, the top-level `metrics:` of dvc.yaml.
-HEADLINE = (
-    "bifurcation_step",
-    "unit_bifurcation_step",
-    "final_bimodal_unit_fraction",
-    "stationary_step",
-    "alpha",
-    "final_perplexity",
-)
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> DictConfig:
@@ -179,6 +170,7 @@ def report(cfg: DictConfig) -> None:
     """One MLflow run holding the study (params, per-step metrics, summary, tables, figures), the same
     record `python -m garden` makes, logged only once every stage has finished."""
     from garden.app import log_outcome, log_results, write_summary
+    from garden.metrics import HEADLINE
     from garden.tracking import MlflowTracker, flatten
 
     root = data_dir(cfg)

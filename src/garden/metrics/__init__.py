@@ -25,6 +25,16 @@ class MetricResult:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
+# A run's headline numbers (summary keys): the DVC study's metrics file and garden.compare's table.
+HEADLINE = (
+    "bifurcation_step",
+    "unit_bifurcation_step",
+    "final_bimodal_unit_fraction",
+    "stationary_step",
+    "alpha",
+    "final_perplexity",
+)
+
 MetricFn = Callable[[Trajectory, "MetricContext"], MetricResult]
 _REGISTRY: dict[str, MetricFn] = {}
 
