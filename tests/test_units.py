@@ -242,3 +242,34 @@ def test_the_pass_on_cuda_gives_the_cpu_numbers(tmp_path):
     for name in ("skewness", "kurtosis"):
         np.testing.assert_allclose(gpu.units.stats[name], cpu.units.stats[name], atol=1e-6, err_msg=name)
     np.testing.assert_array_equal(gpu.units.stats["dip"], cpu.units.stats["dip"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["layer.tensor=gpt_neox.layers.0.attention.dense.bias", "extract.unit_axis=1"],
+            r"dense.bias has shape \[128\]; valid for this tensor: auto, null",
+        ),
+        (["metrics.unit_fdr=1.5"], r"metrics.unit_fdr=1.5 is not valid; valid: a number in \(0, 1\)"),
+        (["metrics.unit_fraction_threshold=0"], r"unit_fraction_threshold=0 is not valid; valid: .*\(0, 1\]"),
+        (["extract.unit_axis=one"], r"extract.unit_axis='one' is not valid; valid: auto, 0, 1, null"),
+    ],
+)
+def test_bad_unit_settings_fail_before_training_or_reading(compose_config, tmp_path, overrides, message):
+    from garden.app import plan_dynamics
+
+    cfg = compose_config(f"paths.data_dir={tmp_path / 'data'}", *overrides)
+    with pytest.raises(GardenError, match=message):
+        plan_dynamics(cfg)
+    assert not (tmp_path / "data").exists()  # the tiny series' shapes come from its config, untrained
+
+
+def test_an_explicit_axis_is_checked_against_a_local_series_header(compose_config, tmp_path):
+    from conftest import write_series
+    from garden.app import plan_dynamics
+
+    root = write_series(tmp_path / "s", {s: {"embed_out.weight": torch.zeros(100, 3)} for s in (0, 1)})
+    cfg = compose_config("model=local", f"model.path={root}", "extract.unit_axis=0")
+    with pytest.raises(GardenError, match=r"units of embed_out.weight \[100, 3\] have 3 entries"):
+        plan_dynamics(cfg)
