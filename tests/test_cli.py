@@ -178,3 +178,38 @@ def test_bin_series_gives_the_same_numbers_as_safetensors(tmp_path, fork_series)
     _, (r1, r2) = runs(tmp_path)
     for key in ("alpha", "final_msd", "final_bimodality_coefficient", "bifurcation_step"):
         assert r1.data.metrics[key] == pytest.approx(r2.data.metrics[key], rel=1e-12), key
+
+
+def test_sigterm_mid_extraction_ends_the_run_killed_and_a_rerun_resumes(tmp_path):
+    """What `timeout`, `kill` and SLURM send: the open MLflow run ends KILLED, never RUNNING."""
+    import os
+    import signal
+    import sys
+    import time
+
+    gen = torch.Generator().manual_seed(0)
+    states = {
+        s: {"embed_out.weight": (torch.randn(1000, 600, generator=gen) * 0.02).half()} for s in range(16)
+    }
+    series = write_series(tmp_path / "series", states)
+    # Tiny chunks make the pass slow enough (about 2 s) to be caught in the middle.
+    command = [sys.executable, "-m", "garden", "progress=false", "model=local", f"model.path={series}",
+               "extract.unit_axis=null", "extract.chunk_size=1024", "metrics=minimal",
+               f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"paths.data_dir={tmp_path}/data",
+               f"hydra.run.dir={tmp_path}/out"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((tmp_path / "data").rglob("step1.npz")):
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-2000:]
+    assert "terminated (SIGTERM)" in stderr
+    _, (run,) = runs(tmp_path)
+    assert run.info.status == "KILLED"
+    finished = list((tmp_path / "data").rglob("step*.npz"))
+    assert 0 < len(finished) < 16  # stopped in the middle of the extraction
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    statuses = sorted(r.info.status for r in runs(tmp_path)[1])
+    assert statuses == ["FINISHED", "KILLED"]

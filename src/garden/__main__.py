@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -12,11 +14,18 @@ from garden.errors import GardenError
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def main(cfg: DictConfig) -> None:
     from garden.app import run  # imported late: `--help` and config errors stay fast
+    from garden.tracking import Terminated
 
     try:
         run(cfg)
     except GardenError as err:
         raise SystemExit(f"garden: error: {err}") from None
+    except KeyboardInterrupt as err:
+        # 128 + the signal's number, as shells report it; a rerun resumes from the caches.
+        sigterm = isinstance(err, Terminated)
+        print(f"garden: {'terminated (SIGTERM)' if sigterm else 'interrupted'}; an open MLflow run was "
+              "ended KILLED; rerun to resume", file=sys.stderr)  # fmt: skip
+        raise SystemExit(143 if sigterm else 130) from None
 
 
 if __name__ == "__main__":

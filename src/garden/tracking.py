@@ -1,12 +1,15 @@
 """The one MLflow tracker: a run per job, flattened params, per-step metrics, summaries, figures, tables.
 
 A run that raises is ended as FAILED (MLflow's `start_run` context does that), so nothing half-done is
-ever recorded as FINISHED.
+ever recorded as FINISHED; an interrupted one (Ctrl-C, or SIGTERM as sent by `kill`, `timeout` and SLURM)
+is ended as KILLED.
 """
 
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -44,16 +47,21 @@ class MlflowTracker:
 
     @contextmanager
     def start(self, run_name: str, tags: Mapping[str, str] | None = None) -> Iterator[MlflowTracker]:
-        """A run, made the child of the sweep's parent run inside a Hydra multirun."""
+        """A run, made the child of the sweep's parent run inside a Hydra multirun. Interrupted (SIGINT,
+        or SIGTERM, which raises `Terminated` while the run is open), it ends KILLED."""
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_experiment(self.experiment)
         tags = dict(tags or {})
         parent = sweep_parent_run_id()
         if parent:
             tags["mlflow.parentRunId"] = parent
-        with mlflow.start_run(run_name=run_name, tags=tags) as run:
+        with terminate_as_interrupt(), mlflow.start_run(run_name=run_name, tags=tags) as run:
             self.run_id = run.info.run_id
-            yield self
+            try:
+                yield self
+            except KeyboardInterrupt:
+                mlflow.end_run("KILLED")
+                raise
 
     def log_params(self, params: Mapping[str, str]) -> None:
         mlflow.log_params({k: v[:6000] for k, v in params.items()})
@@ -88,6 +96,27 @@ class MlflowTracker:
 
     def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every `finally` and interruption path runs."""
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """While open, SIGTERM raises `Terminated` in the main thread (elsewhere signals cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise Terminated(f"terminated by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 PARENT_RUN_FILE = "mlflow_parent_run_id"
