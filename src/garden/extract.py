@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,10 +37,7 @@ from garden.errors import GardenError
 from garden.series import CheckpointSeries
 from garden.trajectory import Trajectory, UnitTrajectory
 
-log = logging.getLogger("garden")
-
 CACHE_VERSION = 2
-UNIT_AXES = ("auto", 0, 1, None)
 UNIT_STATS = ("mean", "std", "skewness", "kurtosis", "msd", "dip", "dip_pvalue")
 SPLIT_FIELDS = ("cut", "low_count", "low_mean", "high_count", "high_mean")
 # Threads the dip kernel uses for one checkpoint's units (it runs beside the streaming pass).
@@ -261,13 +257,14 @@ def _histogram(flat: torch.Tensor, blocks, cols: int, lo: float, hi: float, spac
     return hist, vmin, vmax
 
 
-def _blocks(x: torch.Tensor, chunk_size: int, units: UnitLayout | None):
-    """(start, stop) of the blocks of the pass: flat chunks, or whole rows when units are on."""
+def _blocks(shape: tuple[int, ...], chunk_size: int, units: UnitLayout | None):
+    """(start, stop) of the blocks of the pass over a tensor of this shape, and the largest block's size:
+    flat chunks, or whole rows when units are on."""
     if units is None:
-        n = x.numel()
+        n = int(np.prod(shape))
         width = min(chunk_size, n)
         return [(s, min(s + width, n)) for s in range(0, n, width)], width
-    rows, cols = x.shape
+    rows, cols = shape
     per = max(1, chunk_size // cols)
     return [(s, min(s + per, rows)) for s in range(0, rows, per)], per * cols
 
@@ -295,7 +292,7 @@ def step_statistics(
     or below its cut, and above) are counted and summed in the same pass.
     """
     n = x.numel()
-    blocks, width = _blocks(x, chunk_size, units)
+    blocks, width = _blocks(tuple(x.shape), chunk_size, units)
     device = workspace.device if workspace is not None else torch.device("cpu")
     fits = workspace is not None and workspace.chunk.numel() >= width and workspace.hist.numel() == fine_bins
     space = workspace if fits else Workspace(width, fine_bins, device)
@@ -527,7 +524,7 @@ def extract(
     prev: torch.Tensor | None = None
     records = []
     pending: _Pending | None = None
-    width = min(plan.chunk_size, sampling.n) if units is None else _blocks_width(meta["shape"], plan)
+    width = _blocks((sampling.n,) if units is None else tuple(meta["shape"]), plan.chunk_size, units)[1]
     workspace = Workspace(width, plan.quantile_bins, device)
     dip_worker = ThreadPoolExecutor(1, thread_name_prefix="garden-dip") if units is not None else None
     bar = tqdm(plan.steps, desc=f"extract {plan.tensor}", unit="step", disable=not progress)
@@ -590,18 +587,17 @@ def extract(
     return _assemble(records, plan, meta, sampling, units, lo, hi)
 
 
-def _blocks_width(shape, plan: ExtractionPlan) -> int:
-    cols = int(shape[1])
-    return max(1, plan.chunk_size // cols) * cols
+def _check_shape(tensor: torch.Tensor, shape, plan: ExtractionPlan, step: int) -> None:
+    if list(tensor.shape) != list(shape):
+        raise GardenError(
+            f"step {step}: {plan.tensor} has shape {list(tensor.shape)}, the reference step "
+            f"{plan.reference_step} has {list(shape)}"
+        )
 
 
 def _prepared(tensor: torch.Tensor, sampling: _Sampling, units, plan, meta, step: int) -> torch.Tensor:
     """The tensor as the pass reads it (flat, or 2-D with units), after checking its shape."""
-    if list(tensor.shape) != list(meta["shape"]):
-        raise GardenError(
-            f"step {step}: {plan.tensor} has shape {list(tensor.shape)}, the reference step "
-            f"{plan.reference_step} has {list(meta['shape'])}"
-        )
+    _check_shape(tensor, meta["shape"], plan, step)
     return tensor if units is not None else sampling.flat(tensor)
 
 
@@ -695,11 +691,7 @@ def _prepare_meta(series: CheckpointSeries, plan: ExtractionPlan, folder: Path) 
     }
     if axis is not None:
         final = series.read_tensor(final_step, plan.tensor) if final is None else final
-        if tuple(final.shape) != shape:
-            raise GardenError(
-                f"step {final_step}: {plan.tensor} has shape {list(final.shape)}, the reference step "
-                f"{plan.reference_step} has {list(shape)}"
-            )
+        _check_shape(final, shape, plan, final_step)
         meta.update(_featured_unit(UnitLayout(shape, axis, plan.unit_sample, plan.seed), ref, final, plan,
                                    folder))  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
@@ -722,7 +714,6 @@ def _featured_unit(
     count = min(plan.n_trajectories, units.length)
     return {
         "featured_unit": unit,
-        "featured_final_dip": float(dips[unit]),
         "featured_edges": np.linspace(-half, half, plan.histogram_bins + 1).tolist(),
         "featured_positions": np.sort(rng.choice(units.length, count, replace=False)).tolist(),
     }

@@ -213,7 +213,7 @@ def unit_trajectories(traj: Trajectory, table, title: str):
     return fig
 
 
-def unit_density(traj: Trajectory, table, title: str):
+def unit_density(traj: Trajectory, title: str):
     units = traj.units
     fig, ax = plt.subplots(figsize=(8, 4.5))
     image = _density_image(ax, traj.steps, units.featured_hist, units.featured_edges)
@@ -253,7 +253,7 @@ def draw_all(
         figures["unit_forks.png"] = unit_forks(traj, table, title, unit_onset)
         figures["bimodal_fraction.png"] = bimodal_fraction(traj, per_unit, unit_threshold, unit_fdr, title)
         figures["unit_trajectories.png"] = unit_trajectories(traj, table, title)
-        figures["unit_density.png"] = unit_density(traj, table, title)
+        figures["unit_density.png"] = unit_density(traj, title)
     return save_figures(figures, folder)
 
 

@@ -112,8 +112,10 @@ def _shapes_of(architecture: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     with torch.device("meta"):
         model = GPTNeoXForCausalLM(config)
     # transformers 5 holds the head as `lm_head` in memory and writes it as `embed_out` (Pythia's name).
-    names = ("embed_out.weight" if k == "lm_head.weight" else k for k in model.state_dict())
-    return tuple(zip(names, (tuple(v.shape) for v in model.state_dict().values()), strict=True))
+    return tuple(
+        ("embed_out.weight" if k == "lm_head.weight" else k, tuple(v.shape))
+        for k, v in model.state_dict().items()
+    )
 
 
 def tensor_names_on_disk(model_cfg) -> list[str]:

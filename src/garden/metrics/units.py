@@ -89,7 +89,6 @@ def unit_bimodality(traj: Trajectory, ctx: MetricContext) -> MetricResult:
 
 
 def _why_off(traj: Trajectory) -> str:
-    axis = traj.meta.get("unit_axis")
     if len(traj.shape) != 2:
         return f"off: {traj.tensor} is {len(traj.shape)}-D (units are slices of a 2-D tensor)"
-    return "off: extract.unit_axis=null or extract.subsample is set" if axis is None else "off"
+    return "off: extract.unit_axis=null, extract.subsample set, or units of fewer than 4 entries"
