@@ -128,7 +128,6 @@ def test_block_layer_and_step_selection(tmp_path, fork_series):
         (["model=local", "variant=filtered"], "valid: standard, deduped"),
         (["model=local", "model.path="], "needs model.path"),
         (["layer=mlp_out", "layer.index=9"], "valid layer.index is 0..3"),
-        (["extract.unit_axis=2"], "extract.unit_axis=2 is not valid; valid: auto, 0, 1, null"),
     ],
 )
 def test_bad_input_fails_before_any_work(tmp_path, fork_series, overrides, message):

@@ -254,6 +254,7 @@ def test_the_pass_on_cuda_gives_the_cpu_numbers(tmp_path):
         (["metrics.unit_fdr=1.5"], r"metrics.unit_fdr=1.5 is not valid; valid: a number in \(0, 1\)"),
         (["metrics.unit_fraction_threshold=0"], r"unit_fraction_threshold=0 is not valid; valid: .*\(0, 1\]"),
         (["extract.unit_axis=one"], r"extract.unit_axis='one' is not valid; valid: auto, 0, 1, null"),
+        (["extract.unit_axis=2"], r"extract.unit_axis=2 is not valid; valid: auto, 0, 1, null"),
     ],
 )
 def test_bad_unit_settings_fail_before_training_or_reading(compose_config, tmp_path, overrides, message):
