@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
@@ -121,23 +122,48 @@ def test_block_layer_and_step_selection(tmp_path, fork_series):
     "overrides, message",
     [
         (["model=gpt5"], "Available options in 'model'"),
+        (["model=local", "model.path="], "needs model.path"),
+    ],
+)
+def test_bad_input_on_the_command_line_exits_non_zero_before_any_work(tmp_path, overrides, message):
+    done = garden(tmp_path, *overrides)
+    assert done.returncode != 0
+    assert message in done.stderr, done.stderr[-3000:]
+    assert runs(tmp_path)[1] == []  # no MLflow run was started
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
         (["model=local", "layer=mlp_out", "layer.index=7"], "valid layer.index is 0..1"),
         (["model=local", "layer.tensor=nope"], "has no tensor 'nope'"),
         (["model=local", "metrics.names=[msd,entropy]"], "unknown metric"),
         (["model=local", "steps=list", "steps.values=[0,5]"], r"steps [5] are not in the series"),
         (["model=local", "variant=filtered"], "valid: standard, deduped"),
-        (["model=local", "model.path="], "needs model.path"),
         (["layer=mlp_out", "layer.index=9"], "valid layer.index is 0..3"),
     ],
 )
-def test_bad_input_fails_before_any_work(tmp_path, fork_series, overrides, message):
-    if "model=local" in overrides and not any(o.startswith("model.path") for o in overrides):
+def test_bad_input_fails_before_any_work(tmp_path, fork_series, compose_config, overrides, message):
+    """In-process (the command line's exit code for these errors is the test above's)."""
+    from garden.app import run
+    from garden.errors import GardenError
+
+    if "model=local" in overrides:
         overrides.append(f"model.path={fork_series}")
-    done = garden(tmp_path, *overrides)
-    assert done.returncode != 0
-    assert message in done.stderr, done.stderr[-3000:]
-    assert runs(tmp_path)[1] == []  # no MLflow run was started
+    cfg = compose_config(*overrides, *in_process(tmp_path))
+    with pytest.raises(GardenError, match=re.escape(message)):
+        run(cfg, output_dir=tmp_path / "out")
+    assert not (tmp_path / "mlflow.db").exists()  # no MLflow run was started
     assert not (tmp_path / "data" / "series").exists()  # nothing was trained
+
+
+def in_process(tmp_path) -> list[str]:
+    """The overrides `run_garden` adds, for a `run(cfg)` in the test's own process."""
+    return [
+        f"paths.data_dir={tmp_path}/data",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        "progress=false",
+    ]
 
 
 def test_corrupt_step_fails_the_run_naming_the_step(tmp_path, fork_series):
@@ -208,7 +234,21 @@ def test_sigterm_mid_extraction_ends_the_run_killed_and_a_rerun_resumes(tmp_path
     assert run.info.status == "KILLED"
     finished = list((tmp_path / "data").rglob("step*.npz"))
     assert 0 < len(finished) < 16  # stopped in the middle of the extraction
+
+    # kill -9 cannot be caught: the run stays RUNNING until the next run on the store ends it KILLED.
+    for record in (tmp_path / "data").rglob("step*.npz"):
+        record.unlink()
+    process = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    while time.monotonic() < deadline and not list((tmp_path / "data").rglob("step1.npz")):
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate(timeout=60)
+    assert sorted(r.info.status for r in runs(tmp_path)[1]) == ["KILLED", "RUNNING"]
+
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
-    statuses = sorted(r.info.status for r in runs(tmp_path)[1])
-    assert statuses == ["FINISHED", "KILLED"]
+    assert "left RUNNING by a process that died" in again.stdout + again.stderr
+    by_status = sorted((r.info.status, r.data.tags.get("garden.end_reason", "")) for r in runs(tmp_path)[1])
+    assert by_status == [
+        ("FINISHED", ""), ("KILLED", ""), ("KILLED", "its process died without ending it"),
+    ]  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -115,14 +117,22 @@ def test_cli_preset_logs_both_phases_and_analyses_the_snapshots(tmp_path):
     ) == co.snapshot_steps(600, 500)
 
 
-@pytest.mark.slow
-def test_bad_cooccurrence_settings_fail_before_training(tmp_path):
-    done = run_garden(tmp_path, "experiment=cooccurrence", "cooccurrence.n=50")
-    assert done.returncode != 0 and "multiple of 6" in done.stderr
-    done = run_garden(tmp_path, "experiment=cooccurrence", "cooccurrence.analyse_tensor=W_O")
-    assert done.returncode != 0 and "valid: W_Q, W_K, W_V, W" in done.stderr
-    done = run_garden(tmp_path, "experiment=cooccurrence", "metrics.names=[msd,entropy]")
-    assert done.returncode != 0 and "unknown metric" in done.stderr
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["experiment=cooccurrence", "cooccurrence.n=50"], "multiple of 6"),
+        (["experiment=cooccurrence", "cooccurrence.analyse_tensor=W_O"], "valid: W_Q, W_K, W_V, W"),
+        (["experiment=cooccurrence", "metrics.names=[msd,entropy]"], "unknown metric"),
+        (["task=sweep"], "valid: dynamics, cooccurrence"),
+    ],
+)
+def test_bad_cooccurrence_settings_fail_before_training(tmp_path, compose_config, overrides, message):
+    from garden.app import run
+    from garden.errors import GardenError
+
+    cfg = compose_config(*overrides, f"paths.data_dir={tmp_path}/data",
+                         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "progress=false")  # fmt: skip
+    with pytest.raises(GardenError, match=re.escape(message)):
+        run(cfg, output_dir=tmp_path / "out")
     assert not (tmp_path / "data" / "series").exists()  # nothing was trained
-    done = run_garden(tmp_path, "task=sweep")
-    assert done.returncode != 0 and "valid: dynamics, cooccurrence" in done.stderr
+    assert not (tmp_path / "mlflow.db").exists()

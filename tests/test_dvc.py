@@ -62,6 +62,11 @@ def tiny_folder(work: Path, variant: str) -> Path:
     return tiny_series_dir(params.model, params.corpus, Path("study"), variant)
 
 
+def visible(folder: Path) -> list[Path]:
+    """A folder's entries without the lock files garden.cache keeps beside what it produces."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
 def runs(work: Path):
     client = MlflowClient(f"sqlite:///{work}/mlflow.db")
     return client, client.search_runs([client.get_experiment_by_name("garden").experiment_id])
@@ -72,7 +77,7 @@ def test_repro_runs_every_stage_and_records_the_study(study):
     for stage in ("corpus", "series", "extract", "metrics", "evaluate", "report", "sweep@tiny-standard",
                   "sweep@tiny-deduped", "compare"):  # fmt: skip
         assert f"Running stage '{stage}'" in first.stdout
-    (trained,) = (work / "study" / "series").iterdir()
+    (trained,) = visible(work / "study" / "series")
     assert trained == work / tiny_folder(work, "standard") and (trained / "series.json").is_file()
     steps = pd.read_csv(work / "study" / "metrics" / "tables" / "steps.csv")
     assert list(steps["step"]) == [0, 1, 2, 4, 8, 16, 24, 32, 40]
@@ -148,11 +153,11 @@ def test_series_stage_keeps_only_the_current_series(study):
     """The `series` output persists (an interrupted training resumes there); another config's series
     left in it is removed, the current complete one is reused, not retrained."""
     work, _, _ = study
-    (current,) = (work / "study" / "series").iterdir()
+    (current,) = visible(work / "study" / "series")
     finished_at = (current / "series.json").stat().st_mtime_ns
     stale = work / "study" / "series" / "tiny-000000000000"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"old")
     sh(work, sys.executable, "-m", "garden.stages", "series")
-    assert list((work / "study" / "series").iterdir()) == [current]
+    assert visible(work / "study" / "series") == [current]
     assert (current / "series.json").stat().st_mtime_ns == finished_at

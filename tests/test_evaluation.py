@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 
 import numpy as np
@@ -188,10 +189,14 @@ SHRUNK = [
         (["evaluation=perplexity", "evaluation.max_windows=0"], "evaluation.max_windows must be a positive"),
     ],
 )
-def test_bad_evaluation_input_fails_before_any_work(tmp_path, overrides, message):
-    done = garden(tmp_path, *SHRUNK, *overrides)
-    assert done.returncode != 0
-    assert message in done.stderr, done.stderr[-2000:]
+def test_bad_evaluation_input_fails_before_any_work(tmp_path, compose_config, overrides, message):
+    from garden.app import run
+    from garden.errors import GardenError
+
+    cfg = compose_config(*SHRUNK, *overrides, f"paths.data_dir={tmp_path}/data",
+                         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "progress=false")  # fmt: skip
+    with pytest.raises(GardenError, match=re.escape(message)):
+        run(cfg, output_dir=tmp_path / "out")
     assert not (tmp_path / "data" / "series").exists()
 
 
@@ -234,3 +239,70 @@ def test_presets_run_offline_on_the_tiny_series(tmp_path, small_corpus):
     ppl = {m.step: m.value for m in client.get_metric_history(paper1.info.run_id, "perplexity")}
     assert ppl[40] < ppl[0]
     assert "figures/perplexity.png" in {a.path for a in client.list_artifacts(paper1.info.run_id, "figures")}
+
+
+# ------------------------------------------------------------------- LAMBADA against lm-eval-harness
+
+
+def _lm_eval_loglikelihoods(model, tokenizer, texts: list[str], max_length: int) -> list[tuple[float, bool]]:
+    """lm-evaluation-harness 0.4.13 itself: lambada_openai's doc_to_text / doc_to_target, then HFLM."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=2, max_length=max_length, device="cpu")
+    requests = [
+        Instance("loglikelihood", {"text": t}, (" ".join(t.split(" ")[:-1]), " " + t.split(" ")[-1]), i)
+        for i, t in enumerate(texts)
+    ]
+    return lm.loglikelihood(requests, disable_tqdm=True)
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer():
+    from conftest import WORDS
+    from garden.tiny import train_tokenizer
+
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(WORDS, size=30)) for _ in range(200)]
+    return train_tokenizer(texts, 300)
+
+
+@pytest.fixture(scope="module")
+def word_model(bpe_tokenizer):
+    torch.manual_seed(1)
+    config = GPTNeoXConfig(vocab_size=len(bpe_tokenizer), hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=64, max_position_embeddings=256,
+                           tie_word_embeddings=False)  # fmt: skip
+    return GPTNeoXForCausalLM(config).eval()
+
+
+LAMBADA_CASES = {
+    "plain": "the king and the queen walk in the garden while the fool sings",
+    "double space before the last word": "the lords argue over crowns and  swords",
+    "one word": "letters",
+    "long, truncated": " ".join(["the long night and the rain"] * 8) + " crowns",
+    "rare last word": "the queen sings of forking paths",
+}
+
+
+@pytest.mark.parametrize("max_length", [64, 12])
+def test_lambada_equals_lm_eval_harness_case_by_case(word_model, bpe_tokenizer, max_length):
+    """Each case of issue 11 (truncation, whitespace, one-word passages) against lm-eval's own HFLM."""
+    from garden.evaluation.perplexity import encode_lambada, lambada_loglikelihoods
+
+    texts = list(LAMBADA_CASES.values())
+    model = word_model
+    reference = _lm_eval_loglikelihoods(model, bpe_tokenizer, texts, max_length)
+    examples = encode_lambada(texts, bpe_tokenizer, max_length)
+    assert len(examples) == len(texts)  # one-word passages are scored, not dropped
+    assert all(len(e.context) + len(e.target) - 1 <= max_length for e in examples)
+    loglik, exact = lambada_loglikelihoods(model, examples, batch_size=3, pad_id=0)
+    for name, got, greedy, (want, want_greedy) in zip(LAMBADA_CASES, loglik, exact, reference, strict=True):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-5), name
+        assert greedy == want_greedy, name
+
+
+def test_lambada_splits_like_lm_eval():
+    assert split_last_word("the cat sat on the mat") == ("the cat sat on the", " mat")
+    assert split_last_word("the cat sat  mat") == ("the cat sat", "  mat")  # the space moves to the target
+    assert split_last_word("mat") == ("", " mat")

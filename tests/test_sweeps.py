@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -9,7 +10,8 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import neox_state, planted_fork, run_garden, write_series
+from conftest import SHRUNK_TINY, neox_state, planted_fork, run_garden, write_series
+from garden import cache
 
 pytestmark = pytest.mark.slow
 
@@ -59,19 +61,37 @@ def test_single_runs_have_no_parent(tmp_path, series):
     assert "mlflow.parentRunId" not in run.data.tags
 
 
-def test_four_parallel_jobs_on_one_sqlite_store_lose_nothing(tmp_path, series):
-    """4 joblib workers write params, per-step metric batches, summaries, tags and artifacts to the same
-    sqlite file at once: every run must hold all of it."""
+def job_logs(sweep_dir) -> list[str]:
+    return [log.read_text() for log in sorted(sweep_dir.glob("*/*.log"))]
+
+
+THRESHOLDS = "0.01,0.02,0.03,0.05,0.08,0.1,0.2,0.3"
+
+
+def test_eight_parallel_jobs_share_one_extraction_and_one_sqlite_store(tmp_path, series):
+    """8 jobs (4 at a time) that differ only in a metric setting: the extraction they share is made once
+    (the others wait on its lock, then reuse it), and every run holds all it wrote to the sqlite file."""
     done = run_garden(
         tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", "model=local",
-        f"model.path={series}", "metrics=minimal", "seed=0,1,2,3", f"hydra.sweep.dir={tmp_path}/sweep",
+        f"model.path={series}", "metrics=minimal", f"metrics.stationary_threshold={THRESHOLDS}",
+        f"hydra.sweep.dir={tmp_path}/sweep",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("garden").experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("garden.sweep") == "parent"]
+    assert parent.info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(r.data.params["seed"] for r in children) == ["0", "1", "2", "3"]
+    assert sorted(r.data.params["metrics.stationary_threshold"] for r in children) == sorted(
+        THRESHOLDS.split(",")
+    )
+    computed = [
+        int(m)
+        for text in job_logs(tmp_path / "sweep")
+        for m in re.findall(r"(\d+) of 6 steps computed", text)
+    ]
+    assert len(computed) == 8 and sum(computed) == 6  # one extraction per step, all jobs together
+    assert {r.data.tags["garden.cache.extract"] for r in children} == {cache.code_version("extract")}
     steps = [0, 1, 2, 4, 8, 16]
     for run in children:
         assert run.info.status == "FINISHED"
@@ -94,3 +114,35 @@ def test_four_parallel_jobs_on_one_sqlite_store_lose_nothing(tmp_path, series):
     assert {"msd_overlay.png", "bimodality_coefficient_overlay.png", "bifurcation_vs_size.png"} <= {
         a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(parent.info.run_id, "comparison/figures")
     }
+
+
+def test_four_parallel_jobs_on_an_untrained_tiny_series_train_it_once(tmp_path, small_corpus):
+    """The README's sweep on a series not trained yet: one job trains it, the others wait and reuse it."""
+    done = run_garden(
+        tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", *SHRUNK_TINY,
+        f"corpus.path={small_corpus}", "metrics=minimal", "layer=unembedding,embedding,mlp_out,attn_out",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("garden").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 5  # 4 jobs and their parent
+    logs = job_logs(tmp_path / "sweep")
+    assert len(logs) == 4
+    assert sum(text.count("training the tiny series") for text in logs) == 1
+    trained = [p for p in (tmp_path / "data" / "series").iterdir() if not p.name.startswith(".")]
+    assert len(trained) == 1
+
+
+def test_a_failing_job_ends_the_sweep_parent_failed(tmp_path, series):
+    done = run_garden(
+        tmp_path, "-m", "model=local", f"model.path={series}", "metrics=minimal",
+        "extract.reference_step=0,3", f"hydra.sweep.dir={tmp_path}/sweep",
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "extract.reference_step=3 is not a step of the series" in done.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("garden").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("garden.sweep") == "parent"]
+    assert parent.info.status == "FAILED"
+    assert all(r.info.status != "RUNNING" for r in runs)

@@ -263,7 +263,7 @@ def test_bad_unit_settings_fail_before_training_or_reading(compose_config, tmp_p
     cfg = compose_config(f"paths.data_dir={tmp_path / 'data'}", *overrides)
     with pytest.raises(GardenError, match=message):
         plan_dynamics(cfg)
-    assert not (tmp_path / "data").exists()  # the tiny series' shapes come from its config, untrained
+    assert not (tmp_path / "data" / "series").exists()  # the tiny series' shapes come from its config
 
 
 def test_an_explicit_axis_is_checked_against_a_local_series_header(compose_config, tmp_path):

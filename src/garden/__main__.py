@@ -28,5 +28,17 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(143 if sigterm else 130) from None
 
 
+def cli() -> None:
+    """The command: Hydra's app, then the end of a sweep's parent run when the sweep failed (Hydra does
+    not call its callbacks' `on_multirun_end` then)."""
+    from garden.tracking import end_open_sweep
+
+    try:
+        main()
+    except BaseException as err:
+        end_open_sweep(err)
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from garden import cache
 from garden.errors import GardenError
 from garden.evaluation.stage import EvaluationPlan, plan_evaluation
 from garden.extract import ExtractionPlan, extract
@@ -34,10 +35,13 @@ from garden.series import (
 )
 from garden.tracking import MlflowTracker, flatten
 from garden.trajectory import Trajectory
+from garden.validation import check_environment, check_settings
 
 log = logging.getLogger("garden")
 
 VARIANTS = ("standard", "deduped")
+#: Under paths.data_dir: the remembered content hashes of local series' files (see garden.cache).
+CONTENT_IDS = "content-ids"
 
 
 @dataclass
@@ -85,7 +89,7 @@ def describe_series(cfg: DictConfig) -> SeriesHandle:
             path = ensure_tiny_series(
                 cfg.model, cfg.corpus, data_dir, str(cfg.device), bool(cfg.progress), variant
             )
-            return LocalSeries(path, label="tiny")
+            return LocalSeries(path, label="tiny", memo_dir=data_dir / CONTENT_IDS)
 
         return SeriesHandle(
             label="tiny",
@@ -99,7 +103,7 @@ def describe_series(cfg: DictConfig) -> SeriesHandle:
     if source == "local":
         if not cfg.model.get("path"):
             raise GardenError("model=local needs model.path=<directory holding step{N}/ folders>")
-        series = LocalSeries(cfg.model.path, label=str(cfg.model.name))
+        series = LocalSeries(cfg.model.path, label=str(cfg.model.name), memo_dir=data_dir / CONTENT_IDS)
         steps = series.steps()
         return SeriesHandle(
             label=series.label,
@@ -165,22 +169,11 @@ def check_config(cfg: DictConfig) -> None:
             f"metrics.bifurcation_criterion={criterion!r} is not valid; "
             f"valid: {', '.join(BIFURCATION_CRITERIA)}"
         )
-    for key, low, high, closed in (
-        ("unit_fdr", 0.0, 1.0, False),
-        ("unit_fraction_threshold", 0.0, 1.0, True),
-    ):
-        value = cfg.metrics.get(key)
-        inside = (
-            isinstance(value, int | float)
-            and not isinstance(value, bool)
-            and (low < value <= high if closed else low < value < high)
-        )
-        if not inside:
-            span = f"({low:g}, {high:g}]" if closed else f"({low:g}, {high:g})"
-            raise GardenError(f"metrics.{key}={value!r} is not valid; valid: a number in {span}")
+    check_settings(cfg)
     from garden.devices import resolve_device
 
     resolve_device(str(cfg.device))
+    check_environment(cfg)
 
 
 def resolve_tensor(cfg: DictConfig, handle: SeriesHandle) -> ResolvedLayer:
@@ -251,6 +244,7 @@ def run_cooccurrence(cfg: DictConfig, output_dir: Path | None = None) -> RunOutc
 
     co = cfg.cooccurrence
     cooccurrence.validate(co)
+    check_environment(cfg)
     series_dir = Path(cfg.paths.data_dir) / "series" / f"cooccurrence-{cooccurrence.run_config_hash(co)}"
     tensor = co.get("analyse_tensor")
     analysis = None
@@ -274,6 +268,7 @@ def run_cooccurrence(cfg: DictConfig, output_dir: Path | None = None) -> RunOutc
         "garden.model": "cooccurrence",
         "garden.task": "cooccurrence",
         "garden.snapshots": str(series_dir),
+        **cache.version_tags("cooccurrence"),
     }
     with tracker.start("cooccurrence/standard/train", tags):
         tracker.log_params(flatten(cfg))
@@ -353,8 +348,15 @@ def plan_dynamics(cfg: DictConfig) -> DynamicsJob:
         "garden.series": series.identity,
         "garden.duplicates": ", ".join(f"step{d}=step{o}" for d, o in sorted(duplicates.items())) or "none",
         "garden.duplicates_policy": str(cfg.series.on_duplicate),
+        **cache.version_tags(*_caches_used(cfg, eval_plan)),
     }
     return DynamicsJob(cfg, handle, series, layer, plan, selected, duplicates, eval_plan, run_name, tags)
+
+
+def _caches_used(cfg: DictConfig, eval_plan: EvaluationPlan | None) -> list[str]:
+    """The caches a dynamics job reads or fills (their code versions are logged as tags)."""
+    used = {"tiny": ["tiny"], "hub": ["hub_tensor"]}.get(str(cfg.model.get("source")), [])
+    return [*used, "extract", *(["evaluate"] if eval_plan is not None else [])]
 
 
 def extract_trajectory(job: DynamicsJob) -> Trajectory:

@@ -14,10 +14,7 @@ the core dynamics analysis (MSD, bimodality, ...) reads them like any other seri
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +25,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from garden import cache
 from garden.errors import GardenError
 from garden.metrics.events import onset_index
 from garden.schedule import log_linear_schedule
@@ -119,9 +117,10 @@ def snapshot_steps(epochs: int, interval: int) -> list[int]:
 
 
 def run_config_hash(co) -> str:
+    """The run's folder key: the settings the training depends on and this module's code (garden.cache)."""
     payload = OmegaConf.to_container(co, resolve=True)
     keep = {k: payload[k] for k in ("n", "L", "d", "m", "m1", "lr", "epochs", "seed", "snapshot_interval")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+    return cache.cache_key("cooccurrence", **keep)[:12]
 
 
 def validate(co) -> None:
@@ -144,12 +143,28 @@ class TrainingRecord:
 def train(co, series_dir: Path, progress: bool = True) -> TrainingRecord:
     """Full-batch gradient descent; observables at log-spaced epochs; snapshots on a Pythia-like schedule.
 
-    A finished run (its folder name hashes the settings) is read back instead of trained again; an
-    unfinished one is trained afresh (it takes seconds) and marked complete only at the end.
+    A finished run (its folder name hashes the settings and the code) is read back instead of trained
+    again; an unfinished one is trained afresh (it takes seconds) and marked complete only at the end.
+    Jobs that start together train it once: the others wait on its lock, then read it back.
     """
+    finished = _finished(series_dir)
+    if finished is not None:
+        return finished
+    with cache.producing(series_dir, "the co-occurrence run"):
+        return _finished(series_dir) or _train(co, series_dir, progress)
+
+
+def _finished(series_dir: Path) -> TrainingRecord | None:
     marker, observables = series_dir / "COMPLETE", series_dir / "observables.csv"
-    if marker.is_file() and observables.is_file():
-        return TrainingRecord(pd.read_csv(observables), json.loads(marker.read_text()), series_dir)
+    summary = cache.read_json(marker, "co-occurrence record")
+    table = cache.read_or_none(observables, pd.read_csv, "co-occurrence record")
+    if summary is None or table is None:
+        return None
+    return TrainingRecord(table, summary, series_dir)
+
+
+def _train(co, series_dir: Path, progress: bool) -> TrainingRecord:
+    marker, observables = series_dir / "COMPLETE", series_dir / "observables.csv"
     n, length, d, m, m1 = (int(co[k]) for k in ("n", "L", "d", "m", "m1"))
     epochs, seed = int(co.epochs), int(co.seed)
     data = make_dataset(n, length, d, seed)
@@ -191,9 +206,9 @@ def train(co, series_dir: Path, progress: bool = True) -> TrainingRecord:
         optimizer.step()
     table = pd.DataFrame(rows)
     summary = phase_summary(table, initial_scores, float(co.attention_move_fraction))
-    (series_dir / "config.json").write_text(json.dumps({"model_type": "cooccurrence", "epochs": epochs}))
-    table.to_csv(observables, index=False)
-    marker.write_text(json.dumps(summary))
+    cache.write_json(series_dir / "config.json", {"model_type": "cooccurrence", "epochs": epochs})
+    cache.atomic_write(observables, lambda tmp: table.to_csv(tmp, index=False))
+    cache.write_json(marker, summary)
     return TrainingRecord(table, summary, series_dir)
 
 
@@ -201,9 +216,8 @@ def _save_snapshot(model: CooccurrenceModel, folder: Path, epoch: int) -> None:
     target = folder / f"step{epoch}"
     target.mkdir(parents=True, exist_ok=True)
     state = {name: p.detach().float().contiguous() for name, p in model.named_parameters()}
-    tmp = target / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"epoch": str(epoch)})
-    os.replace(tmp, target / "model.safetensors")
+    cache.atomic_write(target / "model.safetensors",
+                       lambda tmp: save_file(state, str(tmp), metadata={"epoch": str(epoch)}))  # fmt: skip
 
 
 def phase_summary(table: pd.DataFrame, initial_scores: np.ndarray, move_fraction: float) -> dict[str, float]:

@@ -13,15 +13,15 @@ on a seeded sample of its entries in a background thread (`garden.dip`, GIL rele
 checkpoint is read and reduced.
 
 Every finished step is written to its own file (atomically) in a cache folder keyed by everything the
-numbers depend on, so an interrupted run resumes where it stopped and a rerun recomputes nothing.
+numbers depend on (`garden.cache`: the plan, this code's version, and per record the content ids of the
+tensors it read), so an interrupted run resumes where it stopped and a rerun recomputes nothing. A job
+that finds the folder being produced by another waits for it and reuses its records.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import os
+import logging
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -32,12 +32,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from garden import cache
 from garden.dip import dip_pvalues
 from garden.errors import GardenError
 from garden.series import CheckpointSeries
 from garden.trajectory import Trajectory, UnitTrajectory
 
-CACHE_VERSION = 2
+log = logging.getLogger("garden")
 UNIT_STATS = ("mean", "std", "skewness", "kurtosis", "msd", "dip", "dip_pvalue")
 SPLIT_FIELDS = ("cut", "low_count", "low_mean", "high_count", "high_mean")
 # Threads the dip kernel uses for one checkpoint's units (it runs beside the streaming pass).
@@ -156,8 +157,7 @@ class ExtractionPlan:
         fields = asdict(self)
         del fields["steps"], fields["chunk_size"]
         fields["range_basis_step"] = self.steps[-1]
-        payload = json.dumps({"v": CACHE_VERSION, "series": series_identity, **fields}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:20]
+        return cache.cache_key("extract", series=series_identity, **fields)
 
 
 def quantile_column(q: float) -> str:
@@ -509,9 +509,15 @@ def extract(
     progress: bool = True,
     device: torch.device | str = "cpu",
 ) -> Trajectory:
-    """Stream the plan's steps through the fused pass, reusing every step already in the cache."""
-    device = torch.device(device)
+    """Stream the plan's steps through the fused pass, reusing every step already in the cache. The
+    cache folder is held by a lock while this job fills it: a second job on it waits, then reuses."""
     folder = Path(cache_dir) / plan.cache_key(series.identity)
+    with cache.producing(folder, f"the extraction of {plan.tensor} from {series.identity}"):
+        return _extract(series, plan, folder, progress, torch.device(device))
+
+
+def _extract(series: CheckpointSeries, plan: ExtractionPlan, folder: Path, progress: bool,
+             device: torch.device) -> Trajectory:  # fmt: skip
     meta = _prepare_meta(series, plan, folder)
     sampling = _Sampling(int(np.prod(meta["shape"])), plan)
     units = _unit_layout(meta, plan)
@@ -523,6 +529,7 @@ def extract(
     prev_fp = ""
     prev: torch.Tensor | None = None
     records = []
+    computed = 0
     pending: _Pending | None = None
     width = _blocks((sampling.n,) if units is None else tuple(meta["shape"]), plan.chunk_size, units)[1]
     workspace = Workspace(width, plan.quantile_bins, device)
@@ -553,6 +560,7 @@ def extract(
                 record = _compute_record(current, reference, prev, step, prev_step, plan, sampling, units,
                                          meta, lo, hi, workspace, final)  # fmt: skip
                 record["depends"] = depends
+                computed += 1
                 if pending is not None:
                     records.append(_finish(pending, units))
                     pending = None
@@ -584,6 +592,8 @@ def extract(
         workspace.close()
         if dip_worker is not None:
             dip_worker.shutdown(wait=True, cancel_futures=True)
+    log.info("extract %s: %d of %d steps computed, %d reused from the cache (%s)", plan.tensor, computed,
+             len(records), len(records) - computed, folder)  # fmt: skip
     return _assemble(records, plan, meta, sampling, units, lo, hi)
 
 
@@ -663,11 +673,13 @@ def _prepare_meta(series: CheckpointSeries, plan: ExtractionPlan, folder: Path) 
         "final": series.fingerprint(final_step, plan.tensor),
     }
     meta_path = folder / "meta.json"
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
+    meta = cache.read_json(meta_path, "extraction meta record")
+    if meta is not None:
         if meta.get("depends") == depends:
             return meta
-        shutil.rmtree(folder)  # the series changed under the cache: start afresh
+        log.warning("the reference or final step of %s changed since %s was made: starting it afresh",
+                    series.identity, folder)  # fmt: skip
+        shutil.rmtree(folder / "steps", ignore_errors=True)  # (under this job's lock)
     ref = series.read_tensor(plan.reference_step, plan.tensor)
     shape = tuple(ref.shape)
     axis = plan.resolve_unit_axis(shape)
@@ -694,8 +706,7 @@ def _prepare_meta(series: CheckpointSeries, plan: ExtractionPlan, folder: Path) 
         _check_shape(final, shape, plan, final_step)
         meta.update(_featured_unit(UnitLayout(shape, axis, plan.unit_sample, plan.seed), ref, final, plan,
                                    folder))  # fmt: skip
-    folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(meta_path, json.dumps(meta, indent=1))
+    cache.write_json(meta_path, meta)
     return meta
 
 
@@ -730,42 +741,37 @@ def _write_final_units(units: UnitLayout, final: torch.Tensor, folder: Path) -> 
 
 
 def _final_units(series, plan: ExtractionPlan, folder: Path, units: UnitLayout) -> dict[str, np.ndarray]:
-    """The final step's dips and cuts from the meta stage (made again if the file went missing)."""
-    try:
-        with np.load(folder / FINAL_UNITS, allow_pickle=False) as data:
-            found = {"dips": data["dips"], "cuts": data["cuts"]}
-        if len(found["dips"]) == units.n_units:
-            return found
-    except (OSError, ValueError, KeyError, EOFError):
-        pass
+    """The final step's dips and cuts from the meta stage (made again if the file is missing or damaged)."""
+
+    def load(path: Path) -> dict[str, np.ndarray]:
+        with np.load(path, allow_pickle=False) as data:
+            return {"dips": data["dips"], "cuts": data["cuts"]}
+
+    found = cache.read_or_none(folder / FINAL_UNITS, load, "extraction record")
+    if found is not None and len(found["dips"]) == units.n_units:
+        return found
     return _write_final_units(units, series.read_tensor(plan.steps[-1], plan.tensor), folder)
 
 
+def _read_npz(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
+
+
 def _load_record(path: Path, depends: str) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            record = {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError):
-        return None  # a damaged cache entry is recomputed, never trusted
-    if str(record.get("depends")) != depends:
+    """A step's record if it was made from the same content (a damaged one is recomputed, with a warning)."""
+    record = cache.read_or_none(path, _read_npz, "extraction record")
+    if record is None or str(record.get("depends")) != depends:
         return None
     return {k: (v.item() if v.ndim == 0 and k != "depends" else v) for k, v in record.items()}
 
 
 def _save_record(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, **{k: np.asarray(v) for k, v in record.items()})
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **{k: np.asarray(v) for k, v in record.items()})
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    cache.atomic_write(path, write)
 
 
 ARRAY_FIELDS = ("hist", "trajectories", "distribution_sample", "depends")

@@ -16,6 +16,7 @@ backoff; a body of the wrong length or hash is never used.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from garden import cache
 from garden.errors import GardenError
 from garden.integrity import sha256_of
 from garden.series import (
@@ -112,18 +114,19 @@ class HubSeries(CheckpointSeries):
         return bool(constants.HF_HUB_OFFLINE)
 
     def _load_manifest(self) -> dict:
-        if self.manifest_path.is_file():
-            try:
-                return json.loads(self.manifest_path.read_text())
-            except json.JSONDecodeError:
-                log.warning("ignoring an unreadable manifest %s", self.manifest_path)
-        return {"repo": self.repo, "steps": None, "revisions": {}}
+        found = cache.read_json(self.manifest_path, "Hub manifest")
+        return found if found is not None else {"repo": self.repo, "steps": None, "revisions": {}}
 
     def _save_manifest(self) -> None:
-        self.cache.mkdir(parents=True, exist_ok=True)
-        tmp = self.manifest_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.manifest, indent=1, sort_keys=True))
-        os.replace(tmp, self.manifest_path)
+        """Merge what this process learnt into the manifest on disk (other jobs may have added their own
+        revisions meanwhile), under the manifest's lock, then write it atomically."""
+        with cache.producing(self.manifest_path, f"the manifest of {self.repo}"):
+            on_disk = cache.read_json(self.manifest_path, "Hub manifest") or {}
+            for section in ("revisions", "headers", "verified"):
+                self.manifest[section] = {**on_disk.get(section, {}), **self.manifest.get(section, {})}
+            if self.manifest.get("steps") is None:
+                self.manifest["steps"] = on_disk.get("steps")
+            cache.write_json(self.manifest_path, self.manifest)
 
     def steps(self) -> list[int]:
         """The `step{N}` branches of the repository (from the manifest when offline or already known)."""
@@ -218,6 +221,21 @@ class HubSeries(CheckpointSeries):
     def content_id(self, step: int, tensor: str) -> str | None:
         return self.locate(step, tensor).sha256
 
+    def checkpoint_content_id(self, step: int) -> str:
+        """The LFS sha256 of every weight file of the revision (shards included), known without reading."""
+        record = self._revision(step)
+        files = record["files"]
+        ids = {name: entry["sha256"] for name, entry in files.items()}
+        for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+            if index_name in files:
+                for shard in sorted(set(self._weight_map(step, index_name).values())):
+                    if shard not in files:
+                        files[shard] = self._shard_record(step, shard)
+                        self._save_manifest()
+                    ids[shard] = files[shard]["sha256"]
+                break
+        return hashlib.sha256(json.dumps(ids, sort_keys=True).encode()).hexdigest()
+
     def tensor_names(self, step: int) -> list[str]:
         files = self._revision(step)["files"]
         for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
@@ -252,11 +270,14 @@ class HubSeries(CheckpointSeries):
             raise GardenError(
                 f"step {step}: HF_HUB_OFFLINE is set and {name} of {self.repo}@step{step} is not cached"
             )
-        tensor = self._range_read_tensor(remote, name)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
-        save_file({name: tensor}, str(tmp), metadata={"repo": self.repo, "source_sha256": remote.sha256})
-        os.replace(tmp, cached)
+        with cache.producing(cached, f"{name} of {self.repo}@step{step}"):
+            if cached.is_file():  # fetched by another job while this one waited
+                self.how[step] = "cache"
+                with safe_open(str(cached), framework="pt") as handle:
+                    return handle.get_tensor(name)
+            tensor = self._range_read_tensor(remote, name)
+            metadata = {"repo": self.repo, "source_sha256": remote.sha256}
+            cache.atomic_write(cached, lambda tmp: save_file({name: tensor}, str(tmp), metadata=metadata))
         self.how[step] = "range"
         return tensor
 
@@ -287,8 +308,11 @@ class HubSeries(CheckpointSeries):
     # ---------------------------------------------------------------- fetching
 
     def _tensor_cache_path(self, remote: RemoteFile, tensor: str) -> Path:
+        """Content-addressed: the source file's sha256, and the version of the code that cut the tensor
+        out of it (`garden.cache`, kind hub_tensor)."""
         safe_name = tensor.replace("/", "_")
-        return self.cache / "tensors" / remote.sha256 / f"{safe_name}.safetensors"
+        code = cache.code_version("hub_tensor")
+        return self.cache / "tensors" / remote.sha256 / f"{safe_name}.{code}.safetensors"
 
     def _header(self, remote: RemoteFile) -> dict:
         """The safetensors header of a remote file (cached in the manifest: it never changes for a sha256)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import struct
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from garden.cache import ContentMemo, content_hash, file_content_id
 from garden.errors import GardenError
 
 STEP_DIR = re.compile(r"^step(\d+)$")
@@ -115,6 +117,29 @@ def read_tensor_from(files: WeightFiles, tensor: str) -> torch.Tensor:
         raise GardenError(f"step {files.step}: cannot read {tensor!r} from {path}: {err}") from err
 
 
+def tensor_content_id(files: WeightFiles, tensor: str) -> str:
+    """A content id of a tensor: its dtype, shape and stored bytes. For safetensors only its byte range
+    is hashed (located by the header, through a memory map), so it costs a fraction of reading it."""
+    path = files.file_for(tensor)
+    try:
+        if files.fmt == "safetensors":
+            with open(path, "rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                entry = json.loads(handle.read(length)).get(tensor)
+            if entry is None:
+                raise missing_tensor_error(files.step, tensor, files.tensor_names())
+            begin, end = (8 + length + offset for offset in entry["data_offsets"])
+            data = file_content_id(path, begin, end)
+            return content_hash(f"{entry['dtype']}|{entry['shape']}|{data}".encode())
+        value = read_tensor_from(files, tensor).contiguous()
+        data = content_hash(value.view(-1).view(torch.uint8).numpy().data)
+        return content_hash(f"{value.dtype}|{list(value.shape)}|{data}".encode())
+    except GardenError:
+        raise
+    except Exception as err:
+        raise GardenError(f"step {files.step}: cannot read {tensor!r} from {path}: {err}") from err
+
+
 def missing_tensor_error(step: int, tensor: str, names: list[str]) -> GardenError:
     listing = "\n  ".join(sorted(names))
     return GardenError(f"step {step}: the checkpoint has no tensor {tensor!r}; it has:\n  {listing}")
@@ -173,6 +198,10 @@ class CheckpointSeries(ABC):
         them (the Hub's LFS sha256); identical ids mark duplicated checkpoints."""
         return None
 
+    def checkpoint_content_id(self, step: int) -> str:
+        """A content hash of the whole checkpoint a model-level stage loads (keys its cached records)."""
+        raise GardenError(f"{self.label} cannot provide whole checkpoints")
+
     def num_layers(self, step: int) -> int | None:
         """Number of transformer blocks, from config.json or else from the tensor names."""
         config = self.model_config()
@@ -185,7 +214,9 @@ class CheckpointSeries(ABC):
 class LocalSeries(CheckpointSeries):
     """A directory of `step{N}/` folders, each a Hugging Face checkpoint (any of the four layouts)."""
 
-    def __init__(self, root: str | Path, label: str = "local"):
+    def __init__(self, root: str | Path, label: str = "local", memo_dir: Path | None = None):
+        """`memo_dir` keeps the content hashes of the series' files between runs (hashed once per file
+        version); without it they are hashed once per process."""
         self.root = Path(root).expanduser()
         if not str(root).strip():
             raise GardenError("model.path is empty: give the directory that holds the step{N}/ folders")
@@ -193,6 +224,8 @@ class LocalSeries(CheckpointSeries):
             raise GardenError(f"model.path {self.root} is not a directory")
         self.label = label
         self.identity = f"local:{self.root.resolve()}"
+        name = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:16]
+        self.memo = ContentMemo(None if memo_dir is None else Path(memo_dir) / f"{name}.json")
 
     @cached_property
     def _step_folders(self) -> dict[int, Path]:
@@ -245,13 +278,24 @@ class LocalSeries(CheckpointSeries):
             raise GardenError(f"step {step}: cannot read the shape of {name!r} from {path}: {err}") from err
 
     def fingerprint(self, step: int, tensor: str) -> str:
+        """A hash of the tensor's stored dtype, shape and bytes: its content, not its path or date."""
         files = self.weight_files(step)
         holder = files.file_for(tensor)
+        if holder is None:
+            raise missing_tensor_error(step, tensor, files.tensor_names())
+        found = self.memo.get(holder, tensor, lambda: tensor_content_id(files, tensor))
+        self.memo.save()
+        return found
+
+    def checkpoint_content_id(self, step: int) -> str:
+        """A hash over every file of the step folder (weights, config, tokenizer), by name."""
+        folder = self.folder(step)
         digest = hashlib.sha256()
-        for path in [holder] if holder is not None else files.files:
-            stat = path.stat()
-            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-        return digest.hexdigest()[:16]
+        for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+            content = self.memo.get(path, "", lambda p=path: file_content_id(p))
+            digest.update(f"{path.name}:{content};".encode())
+        self.memo.save()
+        return digest.hexdigest()
 
     def model_config(self) -> dict | None:
         for candidate in (

@@ -106,13 +106,14 @@ def series(cfg: DictConfig) -> None:
     series gets a manifest of its steps, so later stages rerun when it changes. Only the current series
     is kept in the (persistent) output."""
     from garden.app import check_config, describe_series
+    from garden.cache import lock_path
 
     check_config(cfg)
     folder = data_dir(cfg) / "series"
     keep = tiny_series_path(cfg) if cfg.model.get("source") == "tiny" else None
     for stale in folder.glob("*") if folder.is_dir() else []:
-        if stale == keep:
-            continue  # the current series, maybe half-trained: it resumes
+        if keep is not None and stale in (keep, lock_path(keep)):
+            continue  # the current series, maybe half-trained: it resumes (its lock stays with it)
         if stale.is_dir():  # another config's series (the output persists between runs)
             shutil.rmtree(stale)
         else:

@@ -5,16 +5,17 @@ Pythia's recipe, shrunk: untied embeddings, parallel residual, rotary on a quart
 clipping at 1.0; checkpoints at step 0, the powers of two below the checkpoint interval, then every
 interval, in Hugging Face format (safetensors + config + tokenizer) under `step{N}/`.
 
-Trained once per configuration (the folder name hashes it); an interrupted training resumes from its
-last checkpoint; the series is marked complete (series.json) only when every checkpoint is written.
+Trained once per configuration and trainer code (the folder name hashes both, `garden.cache`); an
+interrupted training resumes from its last checkpoint; the series is marked complete (series.json) only
+when every checkpoint is written. Jobs started together train it once: the others wait on its lock.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -26,10 +27,13 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from garden import cache
 from garden.corpus import load_corpus
 from garden.devices import resolve_device
 from garden.errors import GardenError
 from garden.schedule import log_linear_schedule
+
+logger = logging.getLogger("garden")
 
 EOS = "<|endoftext|>"
 PAD = "<|padding|>"
@@ -38,7 +42,7 @@ STATE_FILE = "trainer_state.pt"
 
 
 def series_fingerprint(model_cfg, corpus_cfg, variant: str = "standard") -> str:
-    """Hash of everything the trained weights depend on."""
+    """Hash of everything the trained weights depend on: the config and the trainer's code."""
     payload = {
         "architecture": OmegaConf.to_container(model_cfg.architecture, resolve=True),
         "train": OmegaConf.to_container(model_cfg.train, resolve=True),
@@ -51,7 +55,7 @@ def series_fingerprint(model_cfg, corpus_cfg, variant: str = "standard") -> str:
     }
     if variant != "standard":
         payload["variant"] = variant
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+    return cache.cache_key("tiny", **payload)[:12]
 
 
 def tiny_series_dir(model_cfg, corpus_cfg, data_dir: Path, variant: str = "standard") -> Path:
@@ -149,7 +153,10 @@ def ensure_tiny_series(
     folder = tiny_series_dir(model_cfg, corpus_cfg, data_dir, variant)
     if (folder / COMPLETE_MARKER).is_file():
         return folder
-    train_series(model_cfg, corpus_cfg, folder, Path(data_dir), resolve_device(device), progress, variant)
+    with cache.producing(folder, "the tiny series"):
+        if not (folder / COMPLETE_MARKER).is_file():  # another job may have finished it while we waited
+            train_series(model_cfg, corpus_cfg, folder, Path(data_dir), resolve_device(device), progress,
+                         variant)  # fmt: skip
     return folder
 
 
@@ -166,13 +173,22 @@ def _lr_lambda(total: int, warmup: int, min_ratio: float):
 def _save_checkpoint(model, tokenizer, folder: Path, step: int, dtype: torch.dtype) -> None:
     """Write step{N}/ atomically: a half-written checkpoint never looks like a finished one."""
     final = folder / f"step{step}"
-    tmp = folder / f".step{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = cache.temporary_folder(final)
     snapshot = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
     snapshot.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+
+
+def _save_tokens(path: Path, train_ids: np.ndarray, heldout_ids: np.ndarray) -> None:
+    with open(path, "wb") as handle:  # a file object: np.savez would append ".npz" to a bare name
+        np.savez(handle, train=train_ids, heldout=heldout_ids)
+
+
+def _load_tokens(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path) as data:
+        return data["train"], data["heldout"]
 
 
 def train_series(
@@ -190,6 +206,8 @@ def train_series(
     hf_logging.disable_progress_bar()
     train = model_cfg.train
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".*.tmp"):  # left by a killed job (we hold the folder's lock)
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     save_dtype = getattr(torch, str(train.save_dtype))
     seq_len, batch = int(train.seq_len), int(train.batch_size)
     total = int(train.steps)
@@ -197,10 +215,10 @@ def train_series(
 
     tokens_path = folder / "tokens.npz"
     tokenizer_dir = folder / "tokenizer"
-    if tokens_path.is_file() and (tokenizer_dir / "tokenizer.json").is_file():
+    tokens = cache.read_or_none(tokens_path, _load_tokens, "token record")
+    if tokens is not None and (tokenizer_dir / "tokenizer.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        with np.load(tokens_path) as data:
-            train_ids, heldout_ids = data["train"], data["heldout"]
+        train_ids, heldout_ids = tokens
     else:
         texts = load_corpus(corpus_cfg, data_dir)
         if variant == "deduped":
@@ -213,7 +231,7 @@ def train_series(
         if len(train_ids) <= seq_len + 1:
             raise GardenError(f"the corpus has {len(ids)} tokens: too few for train.seq_len={seq_len}")
         tokenizer.save_pretrained(tokenizer_dir)
-        np.savez(tokens_path, train=train_ids, heldout=heldout_ids)
+        cache.atomic_write(tokens_path, lambda tmp: _save_tokens(tmp, train_ids, heldout_ids))
 
     torch.manual_seed(int(train.seed))
     model = GPTNeoXForCausalLM(neox_config(model_cfg)).to(device)
@@ -232,8 +250,10 @@ def train_series(
     log: list[dict] = []
     start = 0
     state_path = folder / STATE_FILE
-    if state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=True)
+    state = cache.read_or_none(
+        state_path, lambda p: torch.load(p, map_location=device, weights_only=True), "trainer state"
+    )
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -243,6 +263,7 @@ def train_series(
         _save_checkpoint(model, tokenizer, folder, 0, save_dtype)
 
     data = torch.from_numpy(train_ids.astype(np.int64))
+    logger.info("training the tiny series in %s: steps %d..%d of %d", folder, start + 1, total, total)
     model.train()
     began = time.perf_counter()
     bar = tqdm(
@@ -267,24 +288,22 @@ def train_series(
         bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
         if step in saves:
             _save_checkpoint(model, tokenizer, folder, step, save_dtype)
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "generator": generator.get_state(),
-                    "step": step,
-                    "log": log,
-                },
-                state_path.with_suffix(".tmp"),
-            )
-            os.replace(state_path.with_suffix(".tmp"), state_path)
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "generator": generator.get_state(),
+                "step": step,
+                "log": log,
+            }
+            cache.atomic_write(state_path, lambda tmp, state=state: torch.save(state, tmp))
     bar.close()
     elapsed = time.perf_counter() - began
     trained_tokens = (total - start) * batch * seq_len
-    with open(folder / "train_log.csv", "w") as handle:
-        handle.write("step,loss,lr\n")
-        handle.writelines(f"{r['step']},{r['loss']:.6f},{r['lr']:.8g}\n" for r in log)
+    cache.write_text(
+        folder / "train_log.csv",
+        "step,loss,lr\n" + "".join(f"{r['step']},{r['loss']:.6f},{r['lr']:.8g}\n" for r in log),
+    )
     summary = {
         "fingerprint": series_fingerprint(model_cfg, corpus_cfg, variant),
         "steps": checkpoint_steps(train),
@@ -299,4 +318,4 @@ def train_series(
         },
     }
     state_path.unlink(missing_ok=True)
-    (folder / COMPLETE_MARKER).write_text(json.dumps(summary, indent=1))
+    cache.write_text(folder / COMPLETE_MARKER, json.dumps(summary, indent=1))

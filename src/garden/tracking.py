@@ -2,13 +2,18 @@
 
 A run that raises is ended as FAILED (MLflow's `start_run` context does that), so nothing half-done is
 ever recorded as FINISHED; an interrupted one (Ctrl-C, or SIGTERM as sent by `kill`, `timeout` and SLURM)
-is ended as KILLED.
+is ended as KILLED. A process killed outright (`kill -9`, the OOM killer) cannot end its run, so every run
+carries its host and process: the next run on the store (or `python -m garden.runs cleanup`) ends the
+runs whose process is gone as KILLED. A sweep's parent run ends FINISHED, or FAILED when a job failed.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -22,6 +27,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch request
+
+log = logging.getLogger("garden")
 
 
 def flatten(config: Mapping | DictConfig, prefix: str = "") -> dict[str, str]:
@@ -50,8 +57,9 @@ class MlflowTracker:
         """A run, made the child of the sweep's parent run inside a Hydra multirun. Interrupted (SIGINT,
         or SIGTERM, which raises `Terminated` while the run is open), it ends KILLED."""
         mlflow.set_tracking_uri(self.uri)
-        mlflow.set_experiment(self.experiment)
-        tags = dict(tags or {})
+        experiment = mlflow.set_experiment(self.experiment)
+        end_dead_runs(self.client, [experiment.experiment_id])
+        tags = {**(tags or {}), **process_tags()}
         parent = sweep_parent_run_id()
         if parent:
             tags["mlflow.parentRunId"] = parent
@@ -98,6 +106,56 @@ class MlflowTracker:
         mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
 
 
+# --------------------------------------------------------------------------- runs whose process died
+
+
+def _process_start(pid: int) -> str:
+    """The kernel's start time of a process (Linux /proc), so a reused pid is not taken for the run's."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def process_tags() -> dict[str, str]:
+    """Who is writing the run: host, pid and the process's start time."""
+    return {
+        "garden.host": socket.gethostname(),
+        "garden.pid": str(os.getpid()),
+        "garden.process_start": _process_start(os.getpid()),
+    }
+
+
+def process_alive(tags: Mapping[str, str]) -> bool | None:
+    """Whether the process that writes a run still runs; None when that cannot be told from here (another
+    host, or a run not started by garden)."""
+    if tags.get("garden.host") != socket.gethostname() or not tags.get("garden.pid", "").isdigit():
+        return None
+    pid = int(tags["garden.pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    started = tags.get("garden.process_start")
+    return not started or _process_start(pid) == started
+
+
+def end_dead_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
+    """End as KILLED every RUNNING run of these experiments whose process (on this host) is gone."""
+    ended = []
+    for run in client.search_runs(experiment_ids, "attributes.status = 'RUNNING'", max_results=5000):
+        if process_alive(run.data.tags) is False:
+            client.set_tag(run.info.run_id, "garden.end_reason", "its process died without ending it")
+            client.set_terminated(run.info.run_id, "KILLED")
+            ended.append(run.info.run_id)
+    if ended:
+        log.warning("ended %d run(s) left RUNNING by a process that died (e.g. kill -9) as KILLED: %s",
+                    len(ended), ", ".join(ended))  # fmt: skip
+    return ended
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that every `finally` and interruption path runs."""
 
@@ -134,10 +192,33 @@ def sweep_parent_run_id() -> str | None:
     return marker.read_text().strip() if marker.is_file() else None
 
 
+#: The sweep parent run this process opened and has not ended: (tracking uri, run id).
+_open_sweep: tuple[str, str] | None = None
+
+
+def end_open_sweep(error: BaseException | None) -> None:
+    """End the sweep parent this process opened: FAILED when the sweep raised (a job failed), KILLED when
+    it was interrupted. Called by the CLI around Hydra, since Hydra skips `on_multirun_end` on failure."""
+    global _open_sweep
+    if _open_sweep is None:
+        return
+    uri, run_id = _open_sweep
+    _open_sweep = None
+    status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+    try:
+        MlflowClient(tracking_uri=uri).set_terminated(run_id, status)
+    except Exception as err:  # the store itself may be what failed; the next run ends it then
+        log.warning("could not end the sweep's parent run %s as %s: %s", run_id, status, err)
+
+
 class MlflowSweepCallback:
     """Hydra callback: one MLflow parent run per sweep (`-m`); each job's run is its child."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
+        global _open_sweep
+        from garden.validation import check_tracking_store
+
+        check_tracking_store(str(config.tracking.uri))
         client = MlflowClient(tracking_uri=str(config.tracking.uri))
         experiment = client.get_experiment_by_name(str(config.tracking.experiment))
         experiment_id = (
@@ -145,6 +226,7 @@ class MlflowSweepCallback:
             if experiment
             else client.create_experiment(str(config.tracking.experiment))
         )
+        end_dead_runs(client, [experiment_id])
         overrides = " ".join(config.hydra.overrides.task)
         sweep_dir = Path(str(config.hydra.sweep.dir))
         run = client.create_run(
@@ -154,17 +236,21 @@ class MlflowSweepCallback:
                 "garden.sweep": "parent",
                 "garden.sweep_overrides": overrides,
                 "garden.sweep_dir": str(sweep_dir),
+                **process_tags(),
             },
         )
+        _open_sweep = (str(config.tracking.uri), run.info.run_id)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / PARENT_RUN_FILE).write_text(run.info.run_id)
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        global _open_sweep
         marker = Path(str(config.hydra.sweep.dir)) / PARENT_RUN_FILE
         if marker.is_file():
             MlflowClient(tracking_uri=str(config.tracking.uri)).set_terminated(
                 marker.read_text().strip(), "FINISHED"
             )
+        _open_sweep = None
 
     # The other Hydra callback hooks are not needed.
     def on_run_start(self, config, **kwargs) -> None:

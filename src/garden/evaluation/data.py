@@ -73,7 +73,7 @@ def load_lambada(
         texts = read_lambada_file(Path(str(lambada_cfg.path)))
     else:
         source = heldout if heldout is not None else heldout_text(corpus_cfg, data_dir, fraction)
-        texts = lambada_from_text(source, limit=limit)
+        texts = lambada_from_text(source, limit=int(lambada_cfg.get("heldout_passages") or 500))
     return texts[:limit] if limit is not None else texts
 
 

@@ -1,9 +1,16 @@
 """Perplexity of a causal LM: token perplexity on a held-out stream, and LAMBADA last-word scores.
 
-LAMBADA as lm-eval-harness's `lambada_openai`: context = the text up to its last space, target = " " +
-the last word; an example's log-likelihood is the sum over the target's tokens; accuracy = every target
-token is the greedy choice; perplexity = exp(-mean over examples of that log-likelihood).
-Everything is batched (right padding with an attention mask) and runs on the model's device.
+LAMBADA exactly as lm-evaluation-harness (0.4.x) scores `lambada_openai`, case by case:
+- context = the words before the last one joined by single spaces (`text.split(" ")[:-1]`), target = " " +
+  the last word; trailing spaces of the context move into the target (`HFLM._encode_pair`), so a double
+  space before the last word is scored as part of the target;
+- the target's tokens are those of `context + target` after the context's own tokens;
+- a one-word passage has an empty context and is scored after the prefix token (BOS, else EOS);
+- the model sees the last `max_length + 1` tokens of context + target minus the final one, i.e. at most
+  `max_length` tokens (`_loglikelihood_tokens`); `max_length` defaults to the model's context length.
+An example's log-likelihood is the sum over the target's tokens; accuracy = every target token is the
+greedy choice; perplexity = exp(-mean over examples of that log-likelihood). Batched (left padding with
+an attention mask and positions that restart at each row's first token), on the model's device.
 """
 
 from __future__ import annotations
@@ -52,40 +59,68 @@ class LambadaExample:
 
 
 def split_last_word(text: str) -> tuple[str, str]:
-    context, _, word = text.strip().rpartition(" ")
-    return context, " " + word
+    """lambada_openai's doc_to_text / doc_to_target, then lm-eval's move of the context's trailing
+    whitespace into the target."""
+    words = text.split(" ")
+    context, target = " ".join(words[:-1]), " " + words[-1]
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, target = context[:-spaces], context[-spaces:] + target
+    return context, target
+
+
+def prefix_token_id(tokenizer) -> int:
+    """What lm-eval puts before an empty context: BOS, else EOS."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def model_max_length(config, tokenizer) -> int:
+    """lm-eval's default `max_length`: the model config's context length, else the tokenizer's, else 2048."""
+    for attribute in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if isinstance(getattr(config, attribute, None), int):
+            return getattr(config, attribute)
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if isinstance(limit, int) and limit < 10**12 else 2048
 
 
 def encode_lambada(texts: list[str], tokenizer, max_length: int) -> list[LambadaExample]:
-    """Tokenize context and target separately (as lm-eval does); keep the last max_length tokens."""
+    """Token ids of each passage's context (truncated as lm-eval truncates) and target."""
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
     examples = []
     for text in texts:
         context, target = split_last_word(text)
-        if not context:
-            continue
-        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-        tgt = tokenizer(target, add_special_tokens=False)["input_ids"]
+        if context:
+            ctx = encode(context)
+            tgt = encode(context + target)[len(ctx) :]
+        else:
+            ctx, tgt = [prefix_token_id(tokenizer)], encode(target)
         if not tgt:
             continue
-        keep = max(1, max_length - len(tgt))
+        # lm-eval feeds (ctx + tgt)[-(max_length + 1):][:-1]: the context keeps max_length + 1 - len(tgt).
+        keep = max(1, max_length + 1 - len(tgt))
         examples.append(LambadaExample(ctx[-keep:], tgt))
     return examples
 
 
 @torch.inference_mode()
-def lambada_scores(model, examples: list[LambadaExample], batch_size: int, pad_id: int) -> dict[str, float]:
-    """Summed target log-likelihood and greedy exactness per example, batched.
+def lambada_loglikelihoods(model, examples: list[LambadaExample], batch_size: int,
+                           pad_id: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Summed target log-likelihood and greedy exactness per example (in the given order), batched.
 
-    Sequences are left-padded (positions restart at each row's first real token), so every target ends
-    at the last column and the output head (d x vocab, most of the cost for Pythia's 50k vocabulary) runs
-    only over the last `max target length` positions instead of every position.
+    The model reads context + target without its last token. Sequences are left-padded (positions
+    restart at each row's first real token), so every target's predictions end at the last column and the
+    output head (d x vocab, most of the cost for Pythia's 50k vocabulary) runs only over the last
+    `max target length` positions instead of every position.
     """
     device = next(model.parameters()).device
-    loglik, exact = [], []
+    loglik, exact = np.zeros(len(examples)), np.zeros(len(examples), dtype=bool)
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].context) - len(examples[i].target))
     for start in range(0, len(order), batch_size):
-        chunk = [examples[i] for i in order[start : start + batch_size]]
-        sequences = [e.context + e.target for e in chunk]
+        indices = order[start : start + batch_size]
+        chunk = [examples[i] for i in indices]
+        sequences = [(e.context + e.target)[:-1] for e in chunk]
         width = max(len(s) for s in sequences)
         keep = max(len(e.target) for e in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
@@ -98,16 +133,21 @@ def lambada_scores(model, examples: list[LambadaExample], batch_size: int, pad_i
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             position_ids=positions.to(device),
-            logits_to_keep=keep + 1,
-        ).logits.float()  # column c predicts token width - keep + c
+            logits_to_keep=keep,
+        ).logits.float()  # the last `keep` columns: each row's target predictions end at the last one
         logprobs = torch.log_softmax(logits, dim=-1)
-        for row, example in enumerate(chunk):
+        for row, (index, example) in enumerate(zip(indices, chunk, strict=True)):
             n_tgt = len(example.target)
             columns = torch.arange(keep - n_tgt, keep, device=logits.device)
             target = torch.as_tensor(example.target, device=logits.device)
-            loglik.append(float(logprobs[row, columns, target].sum()))
-            exact.append(bool((logits[row, columns].argmax(-1) == target).all()))
-    loglik_arr = np.array(loglik)
+            loglik[index] = float(logprobs[row, columns, target].sum())
+            exact[index] = bool((logits[row, columns].argmax(-1) == target).all())
+    return loglik, exact
+
+
+def lambada_scores(model, examples: list[LambadaExample], batch_size: int, pad_id: int) -> dict[str, float]:
+    """lm-eval's lambada_openai metrics: perplexity, accuracy, mean log-likelihood, and the count."""
+    loglik_arr, exact = lambada_loglikelihoods(model, examples, batch_size, pad_id)
     return {
         "lambada_perplexity": float(np.exp(-loglik_arr.mean())),
         "lambada_accuracy": float(np.mean(exact)),

@@ -4,14 +4,15 @@ Stages: `perplexity` (held-out token perplexity), `lambada` (last-word log-likel
 `stability` (PER of each MLP output weight and each head's OV circuit, and linear CKA of every layer's
 attention and MLP output against the final checkpoint on a fixed batch, last token only). Each finished
 step is cached (one JSON per step, plus the final checkpoint's activations), so reruns and interrupted
-runs pick up where they stopped.
+runs pick up where they stopped. The cache folder's key covers the plan, the evaluation data, the final
+checkpoint's content and the scorers' code (`garden.cache`); each step's record also names its own
+checkpoint's content, so a checkpoint replaced on disk is scored again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,9 +21,16 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from garden import cache
 from garden.errors import GardenError
 from garden.evaluation import data, stability
-from garden.evaluation.perplexity import encode_lambada, lambada_scores, token_perplexity, token_windows
+from garden.evaluation.perplexity import (
+    encode_lambada,
+    lambada_scores,
+    model_max_length,
+    token_perplexity,
+    token_windows,
+)
 from garden.schedule import select_steps
 from garden.series import CheckpointSeries
 
@@ -43,12 +51,12 @@ class EvaluationPlan:
     cka_sequences: int
     seed: int
 
-    def cache_key(self, series_identity: str, data_digest: str) -> str:
+    def cache_key(self, series_identity: str, data_digest: str, final_content: str) -> str:
         fields = asdict(self)
         del fields["steps"], fields["device"], fields["batch_size"]
         fields["final_step"] = self.steps[-1]
-        payload = json.dumps({"series": series_identity, "data": data_digest, **fields}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:20]
+        return cache.cache_key("evaluate", series=series_identity, data=data_digest, final=final_content,
+                               **fields)  # fmt: skip
 
 
 def plan_evaluation(cfg, available_steps: list[int]) -> EvaluationPlan | None:
@@ -69,6 +77,12 @@ def plan_evaluation(cfg, available_steps: list[int]) -> EvaluationPlan | None:
     limit = ev.lambada.get("limit")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise GardenError(f"evaluation.lambada.limit must be a positive integer or null, got {limit!r}")
+    for key, low in (("max_length", 2), ("heldout_passages", 1)):
+        value = ev.lambada.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+            raise GardenError(
+                f"evaluation.lambada.{key}={value!r} is not valid; valid: an integer >= {low} or null"
+            )
     if "lambada" in stages:
         if ev.lambada.source not in data.LAMBADA_SOURCES:
             raise GardenError(
@@ -154,7 +168,13 @@ def evaluate(series: CheckpointSeries, plan: EvaluationPlan, cfg, cache_dir: Pat
     examples = []
     if "lambada" in plan.stages:
         texts = data.load_lambada(ev.lambada, cfg.corpus, Path(cfg.paths.data_dir), fraction, text)
-        examples = encode_lambada(texts, tokenizer, max_length=int(ev.lambada.max_length))
+        max_length = ev.lambada.get("max_length")
+        if max_length is None:  # lm-eval's default: the model's context length
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(series.checkpoint_folder(plan.steps[-1]))
+            max_length = model_max_length(config, tokenizer)
+        examples = encode_lambada(texts, tokenizer, max_length=int(max_length))
         if not examples:
             raise GardenError("no LAMBADA examples to score (empty source?)")
     batch = (
@@ -166,23 +186,33 @@ def evaluate(series: CheckpointSeries, plan: EvaluationPlan, cfg, cache_dir: Pat
     digest.update(json.dumps([(e.context, e.target) for e in examples]).encode())
     if batch is not None:
         digest.update(batch.tobytes())
-    folder = Path(cache_dir) / plan.cache_key(series.identity, digest.hexdigest())
-    folder.mkdir(parents=True, exist_ok=True)
+    contents = {step: series.checkpoint_content_id(step) for step in plan.steps}
+    folder = Path(cache_dir) / plan.cache_key(series.identity, digest.hexdigest(), contents[plan.steps[-1]])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
     order = [plan.steps[-1], *plan.steps[:-1]] if batch is not None else list(plan.steps)
+    with cache.producing(folder, f"the evaluation of {series.identity}"):
+        records = _evaluate_steps(series, plan, folder, order, contents, windows, examples, batch, pad_id,
+                                  progress)  # fmt: skip
+    n_layers, n_heads = records[plan.steps[-1]]["n_layers"], records[plan.steps[-1]]["n_heads"]
+    table = pd.DataFrame([records[s] for s in plan.steps]).drop(columns=["n_layers", "n_heads", "content"])
+    return EvaluationResult(table, n_layers, n_heads)
+
+
+def _evaluate_steps(series, plan, folder, order, contents, windows, examples, batch, pad_id,
+                    progress) -> dict[int, dict]:  # fmt: skip
+    """Each step's record: read back when it was made from the same checkpoint content, else scored."""
     reference = None
     records: dict[int, dict] = {}
-    n_layers = n_heads = 0
     for step in tqdm(order, desc="evaluate checkpoints", unit="step", disable=not progress):
         path = folder / f"step{step}.json"
-        if path.is_file():
-            records[step] = json.loads(path.read_text())
-            n_layers, n_heads = records[step]["n_layers"], records[step]["n_heads"]
+        found = cache.read_json(path, "evaluation record")
+        if found is not None and found.get("content") == contents[step]:
+            records[step] = found
             continue
         model = load_model(series, step, plan)
-        n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
-        record: dict = {"step": step, "n_layers": n_layers, "n_heads": n_heads}
+        record: dict = {"step": step, "content": contents[step],
+                        "n_layers": model.config.num_hidden_layers,
+                        "n_heads": model.config.num_attention_heads}  # fmt: skip
         if "perplexity" in plan.stages:
             record["perplexity"] = token_perplexity(model, windows, plan.batch_size)
         if "lambada" in plan.stages:
@@ -192,16 +222,18 @@ def evaluate(series: CheckpointSeries, plan: EvaluationPlan, cfg, cache_dir: Pat
             acts = activations(model, torch.as_tensor(batch), plan.batch_size)
             if reference is None:
                 reference = _final_activations(folder, acts if step == plan.steps[-1] else None)
+            if reference is None:  # saved by an earlier run, now missing or damaged: compute it again
+                final_model = load_model(series, plan.steps[-1], plan)
+                fresh = activations(final_model, torch.as_tensor(batch), plan.batch_size)
+                reference = _final_activations(folder, fresh)
+                del final_model
             for kind, per_layer in acts.items():
                 for layer, matrix in enumerate(per_layer):
                     record[f"cka_{kind}.{layer}"] = stability.linear_cka(matrix, reference[kind][layer])
         del model
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, path)
+        cache.write_json(path, record)
         records[step] = record
-    table = pd.DataFrame([records[s] for s in plan.steps]).drop(columns=["n_layers", "n_heads"])
-    return EvaluationResult(table, n_layers, n_heads)
+    return records
 
 
 def _series_heldout(series: CheckpointSeries) -> np.ndarray | None:
@@ -214,25 +246,29 @@ def _series_heldout(series: CheckpointSeries) -> np.ndarray | None:
         return saved["heldout"].astype(np.int64)
 
 
-def _final_activations(folder: Path, fresh: dict | None) -> dict[str, list[torch.Tensor]]:
-    """The final checkpoint's activations: saved when computed, read back on resume."""
+def _final_activations(folder: Path, fresh: dict | None) -> dict[str, list[torch.Tensor]] | None:
+    """The final checkpoint's activations: saved when computed, read back on resume (None when they
+    are missing or damaged: the caller computes them again)."""
     path = folder / "final_activations.npz"
     if fresh is not None:
         arrays = {f"{kind}.{i}": m.numpy() for kind, mats in fresh.items() for i, m in enumerate(mats)}
-        with open(path.with_suffix(".tmp"), "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(path.with_suffix(".tmp"), path)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **arrays)
+
+        cache.atomic_write(path, write)
         return fresh
-    if not path.is_file():
-        raise GardenError(
-            f"the final checkpoint's activations are missing from {folder}; delete it and rerun"
-        )
-    with np.load(path) as saved:
-        out: dict[str, list[torch.Tensor]] = {}
-        for key in sorted(saved.files, key=lambda k: (k.split(".")[0], int(k.split(".")[1]))):
-            kind, _ = key.split(".")
-            out.setdefault(kind, []).append(torch.from_numpy(saved[key]))
-    return out
+
+    def load(found: Path) -> dict[str, list[torch.Tensor]]:
+        with np.load(found) as saved:
+            out: dict[str, list[torch.Tensor]] = {}
+            for key in sorted(saved.files, key=lambda k: (k.split(".")[0], int(k.split(".")[1]))):
+                kind, _ = key.split(".")
+                out.setdefault(kind, []).append(torch.from_numpy(saved[key]))
+        return out
+
+    return cache.read_or_none(path, load, "evaluation record")
 
 
 def weight_ranks(model) -> dict[str, float]:

@@ -1,0 +1,232 @@
+"""One module for every keyed cache garden keeps (tiny series, extraction records, evaluation records,
+co-occurrence runs, Hub tensors), so that each follows the same four rules:
+
+- its key covers what the result depends on: the content it read (content ids, never a path alone), the
+  config it used, and the code that produced it (`code_version`: a hash of the producing source, so a
+  bug fix in a metric pass, the trainer or a scorer retires its old records without a hand-kept number);
+- writes are atomic, with unique temporary names in the target folder, so two jobs never tear a file;
+- a folder being produced is held by a file lock (`producing`): a second job waits, says so, and then
+  reuses what the first produced instead of producing it again;
+- an unreadable record is recomputed with a warning (`read_or_none`), never trusted and never fatal.
+
+The caches live under `paths.data_dir` (and the Hub tensors inside the Hugging Face cache), outside DVC;
+deleting a folder is always safe: it is produced again on the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import inspect
+import json
+import logging
+import mmap
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from functools import cache
+from pathlib import Path
+from typing import TypeVar
+
+import xxhash
+from filelock import FileLock, Timeout
+
+log = logging.getLogger("garden")
+
+T = TypeVar("T")
+
+#: The source each cache's records are produced by. A change to any of it changes the cache's keys.
+PRODUCERS: dict[str, tuple[str, ...]] = {
+    "tiny": ("garden.tiny", "garden.corpus", "garden.schedule"),
+    "extract": ("garden.extract", "garden.dip", "garden.dip_kernels"),
+    "evaluate": (
+        "garden.evaluation.stage",
+        "garden.evaluation.perplexity",
+        "garden.evaluation.stability",
+        "garden.evaluation.data",
+    ),
+    "cooccurrence": ("garden.cooccurrence",),
+    # Only the functions that turn a remote file's bytes into a tensor: the rest of garden.hub (retries,
+    # manifests) can change without re-downloading gigabytes of unchanged tensors.
+    "hub_tensor": (
+        "garden.hub:HubSeries._header",
+        "garden.hub:HubSeries._range_read_tensor",
+        "garden.hub:HubSeries._range",
+    ),
+}
+
+
+def _source_of(producer: str) -> str:
+    module_name, _, attribute = producer.partition(":")
+    target = importlib.import_module(module_name)
+    for part in filter(None, attribute.split(".")):
+        target = getattr(target, part)
+    return inspect.getsource(target)
+
+
+@cache
+def code_version(kind: str) -> str:
+    """A short hash of the source that produces a cache's records."""
+    if kind not in PRODUCERS:
+        raise KeyError(f"no cache named {kind!r}; known: {', '.join(PRODUCERS)}")
+    digest = hashlib.sha256()
+    for producer in PRODUCERS[kind]:
+        digest.update(producer.encode() + b"\0" + _source_of(producer).encode() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def version_tags(*kinds: str) -> dict[str, str]:
+    """MLflow tags naming the code version of each cache a run used (`garden.cache.<kind>`)."""
+    return {f"garden.cache.{kind}": code_version(kind) for kind in kinds}
+
+
+def cache_key(kind: str, **parts) -> str:
+    """The key of a cache entry: its kind, the producing code's version and every part it depends on."""
+    payload = json.dumps({"cache": kind, "code": code_version(kind), **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def _temporary(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    return Path(name)
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` to a unique temporary file beside `path`, then rename it into place."""
+    tmp = _temporary(Path(path))
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: Path, value) -> None:
+    write_text(path, json.dumps(value, indent=1, sort_keys=True))
+
+
+def temporary_folder(target: Path) -> Path:
+    """A fresh, uniquely named folder beside `target` (to be filled, then renamed into place)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def read_or_none(path: Path, load: Callable[[Path], T], what: str = "cache record") -> T | None:
+    """`load(path)`, or None when the file is missing; an unreadable one (torn by a crash, cut short on
+    a full disk) is deleted with a warning, so the caller recomputes it."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return load(path)
+    except Exception as err:  # every reader raises its own types for a damaged file (zip, json, pickle)
+        log.warning("unreadable %s %s (%s: %s); recomputing it", what, path, type(err).__name__, err)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return None
+
+
+def read_json(path: Path, what: str = "cache record"):
+    return read_or_none(path, lambda p: json.loads(p.read_text()), what)
+
+
+# ------------------------------------------------------------------------------------------ locking
+
+
+def lock_path(folder: Path) -> Path:
+    folder = Path(folder)
+    return folder.parent / f".{folder.name}.lock"
+
+
+@contextlib.contextmanager
+def producing(folder: Path, what: str) -> Iterator[None]:
+    """Hold `folder`'s lock while producing it. A job that finds it held logs that it waits, waits, and
+    then goes on (finding the folder complete, it reuses it). The lock is an OS file lock, released by
+    the kernel when its holder dies, so a killed job never blocks the next one."""
+    path = lock_path(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for another job producing %s (%s)", what, folder)
+        lock.acquire()
+        log.info("%s is free again; reusing what the other job produced", folder)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+# ------------------------------------------------------------------------------------------ content ids
+
+
+def content_hash(data) -> str:
+    """A 128-bit content id of a buffer. xxh3 rather than sha256: it hashes a 77 MB tensor in 3 ms
+    instead of 45 ms, and these ids key caches (downloads are still checked against sha256)."""
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+def file_content_id(path: Path, begin: int = 0, end: int | None = None) -> str:
+    """The content id of a file, or of its bytes [begin, end), read through a memory map (no copy)."""
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        end = size if end is None else end
+        if not 0 <= begin <= end <= size:
+            raise ValueError(f"{path} has {size} bytes; cannot hash bytes {begin}..{end}")
+        if size == 0:
+            return content_hash(b"")
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            view = memoryview(mapped)
+            try:
+                return content_hash(view[begin:end])
+            finally:
+                view.release()
+
+
+class ContentMemo:
+    """Content hashes of files on disk, remembered per (path, size, mtime, ctime, inode), so a file is
+    hashed once per version. ctime cannot be set from user space: a copy over a file, even one that
+    keeps size and mtime (`cp -p`), gets a new entry. Saved atomically; a lost update only costs a rehash."""
+
+    def __init__(self, path: Path | None):
+        self.path = Path(path) if path is not None else None
+        self.entries: dict[str, str] = {}
+        if self.path is not None:
+            self.entries = read_json(self.path, "content-id memo") or {}
+        self.dirty = False
+
+    @staticmethod
+    def _signature(path: Path, part: str) -> str:
+        stat = path.stat()
+        return f"{path.resolve()}|{part}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}"
+
+    def get(self, path: Path, part: str, compute: Callable[[], str]) -> str:
+        """The content id of `part` of a file (e.g. one tensor's bytes), computed once per version."""
+        signature = self._signature(Path(path), part)
+        found = self.entries.get(signature)
+        if found is None:
+            found = self.entries[signature] = compute()
+            self.dirty = True
+        return found
+
+    def save(self) -> None:
+        if self.path is None or not self.dirty:
+            return
+        on_disk = read_json(self.path, "content-id memo") or {}
+        write_json(self.path, {**on_disk, **self.entries})
+        self.dirty = False

@@ -1,0 +1,82 @@
+"""Every setting validated before work starts: the setting, its value and what is valid, nothing done."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from garden.app import run
+from garden.errors import GardenError
+from garden.validation import SETTINGS, TINY_SETTINGS, check_tracking_store
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "extract.n_distribution_sample=0",
+            r"extract.n_distribution_sample=0 is not valid; valid: an integer >= 4",
+        ),
+        ("model.train.steps=0", r"model.train.steps=0 is not valid; valid: an integer >= 1"),
+        ("model.train.interval=0", r"model.train.interval=0 is not valid"),
+        ("model.train.batch_size=0", r"model.train.batch_size=0 is not valid"),
+        ("seed=-1", r"seed=-1 is not valid; valid: an integer >= 0"),
+        ("model.train.lr=0", r"model.train.lr=0 is not valid; valid: a number in \(0, inf\]"),
+        (
+            "model.train.save_dtype=int8",
+            r"save_dtype='int8' is not valid; valid: one of float32, float16, bfloat16",
+        ),
+        (
+            "metrics.stationary_threshold=2",
+            r"metrics.stationary_threshold=2 is not valid; valid: a number in \(0, 1\)",
+        ),
+        ("metrics.dip_pvalue=abc", r"metrics.dip_pvalue='abc' is not valid"),
+        ("extract.quantiles=[0.5,1.5]", r"extract.quantiles=\[0.5, 1.5\] is not valid"),
+        ("metrics.alpha_max_step=1", r"metrics.alpha_max_step=1 is not valid; valid: null or above"),
+        ("model.architecture.num_attention_heads=3", r"hidden_size=128 is not valid; valid: a multiple of"),
+        ("model.train.seq_len=999", r"model.train.seq_len=999 is not valid; valid: at most"),
+        ("series.retries=-2", r"series.retries=-2 is not valid"),
+        ("progress=maybe", r"progress='maybe' is not valid; valid: true or false"),
+        ("paths.data_dir=/proc/garden-data", r"paths.data_dir='/proc/garden-data' is not writable"),
+        (
+            "tracking.uri=sqlite:////proc/x.db",
+            r"tracking.uri='sqlite:////proc/x.db' cannot be opened for writing",
+        ),
+        ("tracking.uri=sqlite:////nowhere/at/all/m.db", r"the folder /nowhere/at/all does not exist"),
+    ],
+)
+def test_a_bad_setting_fails_at_once_naming_it_with_nothing_done(tmp_path, compose_config, override, message):
+    defaults = [
+        f"paths.data_dir={tmp_path}/data",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        "progress=false",
+    ]
+    cfg = compose_config(*defaults, override)
+    began = time.perf_counter()
+    with pytest.raises(GardenError, match=message):
+        run(cfg, output_dir=tmp_path / "out")
+    assert time.perf_counter() - began < 10  # MLflow's own retries on a bad store take ~100 s
+    assert not (tmp_path / "data" / "series").exists()  # nothing trained
+    assert not (tmp_path / "mlflow.db").exists()  # no run created
+
+
+def test_every_rule_names_what_is_valid():
+    for key, rule in {**SETTINGS, **TINY_SETTINGS}.items():
+        assert rule.describe and re.match(r"(an integer|a number|one of|true)", rule.describe), key
+
+
+def test_a_writable_store_passes_and_keeps_its_runs(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    check_tracking_store(uri)
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run():
+        pass
+    check_tracking_store(uri)  # a store in use is only locked and rolled back, never changed
+    assert len(mlflow.search_runs(search_all_experiments=True)) == 1
+    check_tracking_store(f"file:{tmp_path}/mlruns")
+    with pytest.raises(GardenError, match="cannot be opened"):
+        check_tracking_store("http://127.0.0.1:9/", timeout_seconds=2)
