@@ -85,6 +85,7 @@ def model_max_length(config, tokenizer) -> int:
 
 def encode_lambada(texts: list[str], tokenizer, max_length: int) -> list[LambadaExample]:
     """Token ids of each passage's context (truncated as lm-eval truncates) and target."""
+
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
