@@ -93,3 +93,60 @@ def test_tensor_of_changing_size_is_an_error(tmp_path):
 def test_bad_extraction_settings(kwargs, message):
     with pytest.raises(GardenError, match=message):
         plan_for(**kwargs).validate()
+
+
+# ------------------------------------------------------------------- bad values inside a checkpoint
+
+
+def _series_with(bad: str, steps=(0, 1, 2, 4, 8, 16)) -> dict[int, dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    tensors = {s: {"embed_out.weight": torch.randn(40, 30, generator=gen) * (1 + s / 16)} for s in steps}
+    weights = tensors[4]["embed_out.weight"]
+    if bad == "nan":
+        weights[3, 7] = float("nan")
+    elif bad == "transposed":  # same number of values, another shape
+        tensors[4]["embed_out.weight"] = weights.T.contiguous()
+    return tensors
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("nan", r"step 4: embed_out.weight holds non-finite values"),
+        ("transposed", r"step 4: .* has shape \[30, 40\]"),
+    ],
+)
+def test_a_bad_step_fails_naming_it_or_is_excluded_and_recorded(tmp_path, compose_config, bad, message):
+    """Issue 11's probes: one NaN, or a transposed tensor, at one step. By default the job fails naming
+    the step before any metric; with series.on_bad_step=exclude the step is dropped, with a warning, and
+    the run records it. No metric silently loses the step."""
+    from mlflow.tracking import MlflowClient
+
+    from conftest import write_series
+    from garden.app import run
+
+    root = write_series(tmp_path / f"series-{bad}", _series_with(bad))
+    common = ["model=local", f"model.path={root}", "metrics=minimal", f"paths.data_dir={tmp_path}/data",
+              f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "progress=false"]  # fmt: skip
+    with pytest.raises(GardenError, match=message + r".*series.on_bad_step=exclude"):
+        run(compose_config(*common), output_dir=tmp_path / "failed")
+    outcome = run(compose_config(*common, "series.on_bad_step=exclude"), output_dir=tmp_path / "kept")
+    assert list(outcome.trajectory.steps) == [0, 1, 2, 8, 16]
+    assert outcome.summary["n_excluded_steps"] == 1
+    assert outcome.tags["garden.excluded_steps"].startswith("step4: ")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    statuses = {r.info.run_id: r.info.status for r in client.search_runs(["0", "1"])}
+    assert statuses[outcome.run_id] == "FINISHED" and sorted(statuses.values()) == ["FAILED", "FINISHED"]
+    msd = [m.step for m in client.get_metric_history(outcome.run_id, "msd")]
+    assert msd == [0, 1, 2, 8, 16]
+    steps_table = pd.read_csv(tmp_path / "kept" / "tables" / "steps.csv")
+    assert np.isfinite(steps_table[["min", "max", "mean", "std"]].to_numpy()).all()
+
+
+def test_a_bad_reference_or_final_step_cannot_be_excluded(tmp_path):
+    tensors = _series_with("none")
+    tensors[16]["embed_out.weight"][0, 0] = float("inf")
+    plan = ExtractionPlan(tensor="embed_out.weight", steps=(0, 1, 2, 4, 8, 16), reference_step=0,
+                          on_bad_step="exclude")  # fmt: skip
+    with pytest.raises(GardenError, match=r"step 16: .* non-finite values .* at the final step"):
+        extract(ArraySeries(tensors), plan, tmp_path, progress=False)

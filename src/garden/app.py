@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -320,7 +320,7 @@ def plan_dynamics(cfg: DictConfig) -> DynamicsJob:
     handle = describe_series(cfg)
     layer = resolve_tensor(cfg, handle)
     steps = select_steps(handle.steps, OmegaConf.to_container(cfg.steps, resolve=True))
-    plan = ExtractionPlan.from_config(cfg.extract, layer.tensor, steps)
+    plan = ExtractionPlan.from_config(cfg.extract, layer.tensor, steps, str(cfg.series.on_bad_step))
     if plan.reference_step not in handle.steps:
         raise GardenError(f"extract.reference_step={plan.reference_step} is not a step of the series")
     shape = handle.tensor_shape(layer.tensor)
@@ -379,7 +379,11 @@ def analyse(cfg: DictConfig, trajectory: Trajectory, job_summary: dict[str, floa
         "n_parameters": float(trajectory.n),
         **job_summary,
     }
-    tags: dict[str, str] = {}
+    excluded = trajectory.meta.get("excluded_steps") or {}
+    summary["n_excluded_steps"] = float(len(excluded))
+    tags: dict[str, str] = {
+        "garden.excluded_steps": "; ".join(f"step{s}: {why}" for s, why in excluded.items()) or "none"
+    }
     for result in results.values():
         per_step.update(result.per_step)
         summary.update(result.summary)
@@ -407,7 +411,8 @@ def run_dynamics(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
         write_dynamics(output_dir, analysis, job.run_name, cfg)
         evaluation = None
         if job.eval_plan is not None:
-            evaluation, eval_summary = evaluate_models(job, output_dir, analysis.summary)
+            evaluation, eval_summary = evaluate_models(job, output_dir, analysis.summary,
+                                                       trajectory.meta.get("excluded_steps", {}))  # fmt: skip
             analysis.summary.update(eval_summary)
         tags = {**job.tags, **analysis.tags}
         write_summary(output_dir, job.run_name, analysis.summary, tags)
@@ -434,16 +439,17 @@ def log_results(tracker: MlflowTracker, folder: Path, steps, per_step: dict, eva
             tracker.log_artifact(Path(extra), "series")
 
 
-def evaluate_models(job: DynamicsJob, output_dir: Path, dynamics: dict) -> tuple[pd.DataFrame, dict]:
+def evaluate_models(job: DynamicsJob, output_dir: Path, dynamics: dict,
+                    excluded: Iterable[int] = ()) -> tuple[pd.DataFrame, dict]:  # fmt: skip
     """The model-level stages: per-step metrics at their training steps, tables and figures, marked with
     the dynamics' pooled and per-unit bifurcation steps (from its summary)."""
     from garden.evaluation.stage import evaluate, summarise
     from garden.figures import draw_evaluation
 
     cfg = job.cfg
-    result = evaluate(
-        job.series, job.eval_plan, cfg, Path(cfg.paths.data_dir) / "evaluate", bool(cfg.progress)
-    )
+    excluded = {int(s) for s in excluded}  # steps the extraction excluded (series.on_bad_step)
+    eval_plan = replace(job.eval_plan, steps=tuple(s for s in job.eval_plan.steps if s not in excluded))
+    result = evaluate(job.series, eval_plan, cfg, Path(cfg.paths.data_dir) / "evaluate", bool(cfg.progress))
     table = result.table
     bifurcation_step = dynamics.get("bifurcation_step")
     summary, layers = summarise(result, cfg, bifurcation_step, dynamics.get("unit_bifurcation_step"))

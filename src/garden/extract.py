@@ -39,6 +39,18 @@ from garden.series import CheckpointSeries
 from garden.trajectory import Trajectory, UnitTrajectory
 
 log = logging.getLogger("garden")
+BAD_STEP_POLICIES = ("error", "exclude")
+
+
+class BadStep(GardenError):
+    """A checkpoint whose tensor cannot be analysed: a wrong shape or non-finite values."""
+
+    def __init__(self, step: int, reason: str, hint: str = ""):
+        super().__init__(f"step {step}: {reason}{hint}")
+        self.step, self.reason = step, reason
+
+
+EXCLUDE_HINT = " (set series.on_bad_step=exclude to drop such steps with a warning, recorded in the run)"
 UNIT_STATS = ("mean", "std", "skewness", "kurtosis", "msd", "dip", "dip_pvalue")
 SPLIT_FIELDS = ("cut", "low_count", "low_mean", "high_count", "high_mean")
 # Threads the dip kernel uses for one checkpoint's units (it runs beside the streaming pass).
@@ -74,9 +86,13 @@ class ExtractionPlan:
     seed: int = 0
     unit_axis: str | int | None = "auto"
     unit_sample: int = 4096
+    # What a step with a wrong shape or non-finite values does: error (the job fails naming it) | exclude
+    # (dropped with a warning, recorded in the trajectory's meta). Not part of the cache key.
+    on_bad_step: str = "error"
 
     @classmethod
-    def from_config(cls, extract_cfg, tensor: str, steps: list[int]) -> ExtractionPlan:
+    def from_config(cls, extract_cfg, tensor: str, steps: list[int],
+                    on_bad_step: str = "error") -> ExtractionPlan:  # fmt: skip
         """Build and validate a plan from the `extract` config section (fails before any reading)."""
         reference = extract_cfg.get("reference_step")
         plan = cls(
@@ -96,6 +112,7 @@ class ExtractionPlan:
             seed=int(extract_cfg.seed),
             unit_axis=_unit_axis_setting(extract_cfg.get("unit_axis", "auto")),
             unit_sample=int(extract_cfg.get("unit_sample", 4096)),
+            on_bad_step=str(on_bad_step),
         )
         plan.validate()
         return plan
@@ -155,7 +172,7 @@ class ExtractionPlan:
         """Hash of what the per-step numbers depend on: not the step list or chunking, but the last
         selected step, whose values (with the reference's) fix the shared histogram range."""
         fields = asdict(self)
-        del fields["steps"], fields["chunk_size"]
+        del fields["steps"], fields["chunk_size"], fields["on_bad_step"]
         fields["range_basis_step"] = self.steps[-1]
         return cache.cache_key("extract", series=series_identity, **fields)
 
@@ -249,6 +266,8 @@ def _histogram(flat: torch.Tensor, blocks, cols: int, lo: float, hi: float, spac
         c.copy_(flat[start:stop].reshape(-1), non_blocking=True)
         cmin, cmax = torch.aminmax(c)
         vmin, vmax = torch.minimum(vmin, cmin), torch.maximum(vmax, cmax)
+        if not bool(torch.isfinite(cmin + cmax)):  # NaN/inf: the extremes carry them to the step's check;
+            c.nan_to_num_(nan=lo, posinf=hi, neginf=lo)  # the bins must stay valid indices
         # bin = floor((v - lo) * scale), clamped into the end bins.
         torch.add(offset, c, alpha=scale, out=c)
         c.clamp_(0, fine_bins - 1)
@@ -530,6 +549,7 @@ def _extract(series: CheckpointSeries, plan: ExtractionPlan, folder: Path, progr
     prev: torch.Tensor | None = None
     records = []
     computed = 0
+    excluded: dict[int, str] = {}
     pending: _Pending | None = None
     width = _blocks((sampling.n,) if units is None else tuple(meta["shape"]), plan.chunk_size, units)[1]
     workspace = Workspace(width, plan.quantile_bins, device)
@@ -553,12 +573,20 @@ def _extract(series: CheckpointSeries, plan: ExtractionPlan, folder: Path, progr
                 if prev_step is not None and prev is None:
                     prev = _prepared(series.read_tensor(prev_step, plan.tensor), sampling, units, plan, meta,
                                      prev_step)  # fmt: skip
-                current = _prepared(series.read_tensor(step, plan.tensor), sampling, units, plan, meta, step)
                 # The final step's dips and cuts are known from the meta stage: its record is completed
                 # in the pass itself, each unit's two groups included.
                 final = final_units if step == plan.steps[-1] else None
-                record = _compute_record(current, reference, prev, step, prev_step, plan, sampling, units,
-                                         meta, lo, hi, workspace, final)  # fmt: skip
+                try:
+                    current = _prepared(series.read_tensor(step, plan.tensor), sampling, units, plan, meta,
+                                        step)  # fmt: skip
+                    record = _compute_record(current, reference, prev, step, prev_step, plan, sampling,
+                                             units, meta, lo, hi, workspace, final)  # fmt: skip
+                except BadStep as bad:
+                    if plan.on_bad_step != "exclude" or step in (plan.reference_step, plan.steps[-1]):
+                        raise
+                    log.warning("%s; excluded (series.on_bad_step=exclude)", bad)
+                    excluded[step] = bad.reason
+                    continue  # the next step's predecessor stays the last good one
                 record["depends"] = depends
                 computed += 1
                 if pending is not None:
@@ -594,15 +622,24 @@ def _extract(series: CheckpointSeries, plan: ExtractionPlan, folder: Path, progr
             dip_worker.shutdown(wait=True, cancel_futures=True)
     log.info("extract %s: %d of %d steps computed, %d reused from the cache (%s)", plan.tensor, computed,
              len(records), len(records) - computed, folder)  # fmt: skip
-    return _assemble(records, plan, meta, sampling, units, lo, hi)
+    trajectory = _assemble(records, plan, meta, sampling, units, lo, hi)
+    trajectory.meta["excluded_steps"] = {str(step): reason for step, reason in excluded.items()}
+    return trajectory
 
 
-def _check_shape(tensor: torch.Tensor, shape, plan: ExtractionPlan, step: int) -> None:
+def _check_shape(tensor: torch.Tensor, shape, plan: ExtractionPlan, step: int,
+                 hint: str = EXCLUDE_HINT) -> None:  # fmt: skip
     if list(tensor.shape) != list(shape):
-        raise GardenError(
-            f"step {step}: {plan.tensor} has shape {list(tensor.shape)}, the reference step "
-            f"{plan.reference_step} has {list(shape)}"
-        )
+        raise BadStep(step, f"{plan.tensor} has shape {list(tensor.shape)}, the reference step "
+                            f"{plan.reference_step} has {list(shape)}", hint)  # fmt: skip
+
+
+def _check_finite(tensor: torch.Tensor, plan: ExtractionPlan, step: int, role: str) -> None:
+    """The reference and final steps fix the shared histogram range: they are checked before the pass
+    and cannot be excluded."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise BadStep(step, f"{plan.tensor} holds non-finite values (NaN or inf) at the {role} step, "
+                            "which every other step is measured against; select other steps")  # fmt: skip
 
 
 def _prepared(tensor: torch.Tensor, sampling: _Sampling, units, plan, meta, step: int) -> torch.Tensor:
@@ -621,10 +658,7 @@ def _compute_record(x, ref, prev, step, prev_step, plan, sampling, units, meta, 
     cuts = None if final is None else final["cuts"]
     stats = step_statistics(x, ref, prev, lo, hi, plan.quantile_bins, plan.chunk_size, workspace, units, cuts)
     if not (np.isfinite(stats["min"]) and np.isfinite(stats["max"])):
-        raise GardenError(
-            f"step {step}: {plan.tensor} holds non-finite values (NaN or inf); its statistics would be "
-            "meaningless, so the step is not analysed (exclude it with steps=list steps.values=[...])"
-        )
+        raise BadStep(step, f"{plan.tensor} holds non-finite values (NaN or inf)", EXCLUDE_HINT)
     fine = stats.pop("fine_hist")
     unit_stats = stats.pop("units", None)
     quantiles = histogram_quantiles(fine, lo, hi, plan.quantiles, stats["min"], stats["max"])
@@ -681,13 +715,18 @@ def _prepare_meta(series: CheckpointSeries, plan: ExtractionPlan, folder: Path) 
                     series.identity, folder)  # fmt: skip
         shutil.rmtree(folder / "steps", ignore_errors=True)  # (under this job's lock)
     ref = series.read_tensor(plan.reference_step, plan.tensor)
+    _check_finite(ref, plan, plan.reference_step, "reference")
     shape = tuple(ref.shape)
     axis = plan.resolve_unit_axis(shape)
     final = None
+    if plan.histogram_range is None or axis is not None:
+        final = series.read_tensor(final_step, plan.tensor)
+        _check_shape(final, shape, plan, final_step, " (the final step fixes the shared histogram range and "
+                                                    "cannot be excluded; select other steps)")  # fmt: skip
+        _check_finite(final, plan, final_step, "final")
     if plan.histogram_range is not None:
         half_range = plan.histogram_range
     else:
-        final = series.read_tensor(final_step, plan.tensor)
         half_range = 1.25 * max(float(ref.abs().max()), float(final.abs().max()))
         half_range = half_range if half_range > 0 else 1.0
     meta = {
@@ -702,8 +741,6 @@ def _prepare_meta(series: CheckpointSeries, plan: ExtractionPlan, folder: Path) 
         "unit_axis": axis,
     }
     if axis is not None:
-        final = series.read_tensor(final_step, plan.tensor) if final is None else final
-        _check_shape(final, shape, plan, final_step)
         meta.update(_featured_unit(UnitLayout(shape, axis, plan.unit_sample, plan.seed), ref, final, plan,
                                    folder))  # fmt: skip
     cache.write_json(meta_path, meta)

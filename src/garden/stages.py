@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -162,8 +163,9 @@ def evaluate(cfg: DictConfig) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     summary: dict = {}
     if cfg.evaluation.get("stages"):
-        dynamics = _read_json(data_dir(cfg) / "metrics" / "summary.json")["summary"]
-        _, summary = evaluate_models(plan_dynamics(cfg), folder, dynamics)
+        recorded = _read_json(data_dir(cfg) / "metrics" / "summary.json")
+        excluded = re.findall(r"step(\d+):", recorded["tags"].get("garden.excluded_steps", ""))
+        _, summary = evaluate_models(plan_dynamics(cfg), folder, recorded["summary"], excluded)
     _write_json(folder / "summary.json", {"summary": summary})
 
 

@@ -72,6 +72,7 @@ NONNEGATIVE = number(0.0)
 SETTINGS: dict[str, Rule] = {
     "seed": integer(0),
     "progress": BOOLEAN,
+    "series.on_bad_step": choice("error", "exclude"),
     "series.retries": integer(0),
     "series.backoff_seconds": NONNEGATIVE,
     "series.timeout_seconds": POSITIVE,
