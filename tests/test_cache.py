@@ -189,3 +189,46 @@ def test_an_extraction_follows_weights_copied_over_a_step(tmp_path):
     assert before.table["msd"].iloc[2] > 0
     assert after.table["msd"].iloc[2] == 0.0  # step 2 now holds step 0's weights
     assert after.table["msd"].iloc[3] == before.table["msd"].iloc[3]
+
+
+def test_evaluation_scores_again_a_checkpoint_whose_weights_were_replaced(
+    tmp_path, compose_config, small_corpus
+):
+    """Issue 11's probe: step0's weights copied over step2 (keeping the date); a rerun with the same
+    data dir reports step 0's perplexity for step 2, as a fresh data dir would, not the cached one."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from garden.evaluation.stage import evaluate, plan_evaluation
+    from garden.tiny import train_tokenizer
+
+    text = "\n".join(p.read_text() for p in sorted(small_corpus.iterdir()))
+    tokenizer = train_tokenizer(text.splitlines(), 300)
+    root = tmp_path / "series"
+    for step in (0, 1, 2):
+        torch.manual_seed(step)
+        config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=32,
+                               max_position_embeddings=64)  # fmt: skip
+        GPTNeoXForCausalLM(config).save_pretrained(root / f"step{step}")
+        tokenizer.save_pretrained(root / f"step{step}")
+    (tmp_path / "eval.txt").write_text(text[:20000])
+    cfg = compose_config(
+        "model=local", f"model.path={root}", "evaluation=perplexity", "evaluation.stages=[perplexity]",
+        "evaluation.text.source=file", f"evaluation.text.path={tmp_path}/eval.txt", "evaluation.seq_len=16",
+        "evaluation.max_windows=8", "evaluation.steps.select=all", f"paths.data_dir={tmp_path}/data",
+    )  # fmt: skip
+
+    def perplexities() -> list[float]:
+        series = LocalSeries(root, memo_dir=tmp_path / "data" / "content-ids")
+        plan = plan_evaluation(cfg, series.steps())
+        return (
+            evaluate(series, plan, cfg, tmp_path / "data" / "evaluate", progress=False)
+            .table["perplexity"]
+            .tolist()
+        )
+
+    before = perplexities()
+    assert len(set(before)) == 3
+    shutil.copy2(root / "step0" / "model.safetensors", root / "step2" / "model.safetensors")
+    after = perplexities()
+    assert after[2] == pytest.approx(before[0]) and after[:2] == before[:2]

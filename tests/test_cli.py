@@ -58,6 +58,7 @@ def test_cli_logs_the_forking_paths_run(tmp_path, fork_series):
     assert done.returncode == 0, done.stderr
     client, found = runs(tmp_path)
     assert len(found) == 1
+    assert "mlflow.parentRunId" not in found[0].data.tags  # a single run has no sweep parent
     run = found[0]
     assert run.info.status == "FINISHED"
     assert run.info.run_name == "local/standard/unembedding"
@@ -98,8 +99,9 @@ def test_cli_logs_the_forking_paths_run(tmp_path, fork_series):
     assert both[0].data.metrics["alpha"] == both[1].data.metrics["alpha"]
 
 
-def test_block_layer_and_step_selection(tmp_path, fork_series):
-    done = garden(
+def test_block_layer_and_step_selection(tmp_path, fork_series, compose_config):
+    run_in_process(
+        compose_config,
         tmp_path,
         "model=local",
         f"model.path={fork_series}",
@@ -109,7 +111,6 @@ def test_block_layer_and_step_selection(tmp_path, fork_series):
         "steps.values=[0,4,24]",
         "metrics=minimal",
     )
-    assert done.returncode == 0, done.stderr
     client, (run,) = runs(tmp_path)
     assert run.info.run_name == "local/standard/mlp_out.1"
     assert run.data.tags["garden.tensor"] == "gpt_neox.layers.1.mlp.dense_4h_to_h.weight"
@@ -166,40 +167,49 @@ def in_process(tmp_path) -> list[str]:
     ]
 
 
-def test_corrupt_step_fails_the_run_naming_the_step(tmp_path, fork_series):
+def run_in_process(compose_config, tmp_path, *overrides: str, out: str = "out"):
+    """`run(cfg)` in the test's process (for tests whose subject is not the command line itself)."""
+    from garden.app import run
+
+    return run(compose_config(*overrides, *in_process(tmp_path)), output_dir=tmp_path / out)
+
+
+def test_corrupt_step_fails_the_run_naming_the_step(tmp_path, fork_series, compose_config):
+    from garden.errors import GardenError
+
     broken = tmp_path / "broken"
     shutil.copytree(fork_series, broken)
     (broken / "step16" / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
-    done = garden(tmp_path, "model=local", f"model.path={broken}")
-    assert done.returncode != 0
-    assert "step 16: cannot read" in done.stderr and str(broken / "step16") in done.stderr
+    with pytest.raises(GardenError, match=re.escape("step 16: cannot read")) as failed:
+        run_in_process(compose_config, tmp_path, "model=local", f"model.path={broken}")
+    assert str(broken / "step16") in str(failed.value)
     _, (run,) = runs(tmp_path)
     assert run.info.status == "FAILED"
 
 
-def test_missing_step_folder_weights(tmp_path, fork_series):
+def test_missing_step_folder_weights(tmp_path, fork_series, compose_config):
+    from garden.errors import GardenError
+
     broken = tmp_path / "holes"
     shutil.copytree(fork_series, broken)
     (broken / "step12" / "model.safetensors").unlink()
-    done = garden(tmp_path, "model=local", f"model.path={broken}")
-    assert done.returncode != 0
-    assert "step 12: no weights in" in done.stderr
+    with pytest.raises(GardenError, match="step 12: no weights in"):
+        run_in_process(compose_config, tmp_path, "model=local", f"model.path={broken}")
     _, found = runs(tmp_path)
     assert all(r.info.status != "FINISHED" for r in found)
 
 
-def test_bin_series_gives_the_same_numbers_as_safetensors(tmp_path, fork_series):
+def test_bin_series_gives_the_same_numbers_as_safetensors(tmp_path, fork_series, compose_config):
     from safetensors.torch import load_file
 
     as_bin = tmp_path / "bin"
     for step_dir in sorted(fork_series.glob("step*")):
         (as_bin / step_dir.name).mkdir(parents=True)
         torch.save(load_file(step_dir / "model.safetensors"), as_bin / step_dir.name / "pytorch_model.bin")
-    a = garden(tmp_path, "model=local", f"model.path={fork_series}", "metrics=minimal")
-    b = garden(
-        tmp_path, "model=local", f"model.path={as_bin}", "metrics=minimal", f"hydra.run.dir={tmp_path}/o2"
+    run_in_process(compose_config, tmp_path, "model=local", f"model.path={fork_series}", "metrics=minimal")
+    run_in_process(
+        compose_config, tmp_path, "model=local", f"model.path={as_bin}", "metrics=minimal", out="o2"
     )
-    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     _, (r1, r2) = runs(tmp_path)
     for key in ("alpha", "final_msd", "final_bimodality_coefficient", "bifurcation_step"):
         assert r1.data.metrics[key] == pytest.approx(r2.data.metrics[key], rel=1e-12), key

