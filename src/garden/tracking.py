@@ -56,6 +56,11 @@ class MlflowTracker:
     def start(self, run_name: str, tags: Mapping[str, str] | None = None) -> Iterator[MlflowTracker]:
         """A run, made the child of the sweep's parent run inside a Hydra multirun. Interrupted (SIGINT,
         or SIGTERM, which raises `Terminated` while the run is open), it ends KILLED."""
+        with _restored_env("MLFLOW_TRACKING_URI"), self._open(run_name, tags) as tracker:
+            yield tracker
+
+    @contextmanager
+    def _open(self, run_name: str, tags: Mapping[str, str] | None) -> Iterator[MlflowTracker]:
         mlflow.set_tracking_uri(self.uri)
         experiment = mlflow.set_experiment(self.experiment)
         end_dead_runs(self.client, [experiment.experiment_id])
@@ -104,6 +109,20 @@ class MlflowTracker:
 
     def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+
+
+@contextmanager
+def _restored_env(name: str) -> Iterator[None]:
+    """`mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI; put it back once the run is over, so
+    it leaks neither into later jobs of the same process (`${oc.env:...}` in conf/) nor their children."""
+    before = os.environ.get(name)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 # --------------------------------------------------------------------------- runs whose process died
