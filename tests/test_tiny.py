@@ -100,3 +100,17 @@ def test_default_cli_on_a_shrunken_tiny_series(tmp_path, small_corpus, compose_c
     assert all(r.info.status == "FINISHED" for r in found)
     steps = sorted(m.step for m in client.get_metric_history(found[0].info.run_id, "msd"))
     assert steps == [0, 1, 2, 4, 8, 16, 24, 32, 40]
+
+
+def test_the_series_key_follows_the_corpus_content_not_its_place(tmp_path, compose_config):
+    from garden.tiny import series_fingerprint
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "text.txt").write_text("to be or not to be\n")
+    cfg = compose_config(f"corpus.path={tmp_path}/a")
+    first = series_fingerprint(cfg.model, cfg.corpus)
+    (tmp_path / "a").rename(tmp_path / "b")
+    moved = compose_config(f"corpus.path={tmp_path}/b")
+    assert series_fingerprint(moved.model, moved.corpus) == first
+    (tmp_path / "b" / "text.txt").write_text("to be or not to be, that is the question\n")
+    assert series_fingerprint(moved.model, moved.corpus) != first

