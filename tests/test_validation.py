@@ -39,6 +39,11 @@ from garden.validation import SETTINGS, TINY_SETTINGS, check_tracking_store
         ("model.train.seq_len=999", r"model.train.seq_len=999 is not valid; valid: at most"),
         ("series.retries=-2", r"series.retries=-2 is not valid"),
         ("progress=maybe", r"progress='maybe' is not valid; valid: true or false"),
+        (
+            "evaluation.cka.threshold=1.5",
+            r"evaluation.cka.threshold=1.5 is not valid; valid: a number in \(0, 1\]",
+        ),
+        ("cooccurrence.attention_move_fraction=0", r"cooccurrence.attention_move_fraction=0 is not valid"),
         ("paths.data_dir=/proc/garden-data", r"paths.data_dir='/proc/garden-data' is not writable"),
         (
             "tracking.uri=sqlite:////proc/x.db",

@@ -63,6 +63,7 @@ def choice(*values: str) -> Rule:
     return Rule(f"one of {', '.join(values)}", lambda v: v in values)
 
 
+_ABSENT = object()
 BOOLEAN = Rule("true or false", lambda v: isinstance(v, bool))
 PROBABILITY = number(0.0, 1.0, low_open=True, high_open=True)
 POSITIVE = number(0.0, low_open=True)
@@ -95,6 +96,12 @@ SETTINGS: dict[str, Rule] = {
     "metrics.lag_msd_max_lag": integer(1),
     "metrics.unit_fdr": PROBABILITY,
     "metrics.unit_fraction_threshold": number(0.0, 1.0, low_open=True),
+    "evaluation.cka.threshold": number(0.0, 1.0, low_open=True),
+    "evaluation.batch_size": integer(1),
+    "evaluation.seq_len": integer(2),
+    "evaluation.cka.n_sequences": integer(2),
+    "cooccurrence.attention_move_fraction": PROBABILITY,
+    "cooccurrence.seed": integer(0),
 }
 
 #: The tiny series' trainer (model.source=tiny).
@@ -128,9 +135,9 @@ def check_settings(cfg: DictConfig) -> None:
     if cfg.model.get("source") == "tiny":
         rules.update(TINY_SETTINGS)
     for key, rule in rules.items():
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is None and rule.nullable:
-            continue
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is _ABSENT or (value is None and rule.nullable):
+            continue  # a setting this config tree does not have (e.g. a model without `train`)
         if not rule.accepts(value):
             raise GardenError(f"{key}={value!r} is not valid; valid: {rule.describe}")
     quantiles = OmegaConf.select(cfg, "extract.quantiles", default=None) or []
