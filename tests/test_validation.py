@@ -86,3 +86,33 @@ def test_a_writable_store_passes_and_keeps_its_runs(tmp_path):
     check_tracking_store(f"file:{tmp_path}/mlruns")
     with pytest.raises(GardenError, match="cannot be opened"):
         check_tracking_store("http://127.0.0.1:9/", timeout_seconds=2)
+
+
+def test_runs_cleanup_ends_only_runs_whose_process_is_gone(tmp_path, capsys):
+    """`python -m garden.runs cleanup`: a run of a dead process on this host ends KILLED; a live one and
+    one written from another host are left alone."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from garden import runs
+    from garden.tracking import process_tags
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("garden")
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = gone.stdout.strip()
+    tags = {
+        "dead": {**process_tags(), "garden.pid": dead_pid, "garden.process_start": "1"},
+        "alive": process_tags(),
+        "elsewhere": {**process_tags(), "garden.host": "another-node", "garden.pid": dead_pid},
+    }
+    ids = {name: client.create_run(experiment, tags=t, run_name=name).info.run_id for name, t in tags.items()}
+    runs.main(["cleanup", "--tracking-uri", uri])
+    assert "ended 1 run(s) as KILLED" in capsys.readouterr().out
+    status = {name: client.get_run(run_id).info.status for name, run_id in ids.items()}
+    assert status == {"dead": "KILLED", "alive": "RUNNING", "elsewhere": "RUNNING"}
