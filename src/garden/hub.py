@@ -186,11 +186,17 @@ class HubSeries(CheckpointSeries):
                 if tensor not in weight_map:
                     raise missing_tensor_error(step, tensor, list(weight_map))
                 shard = weight_map[tensor]
-                if shard not in files:
-                    files[shard] = self._shard_record(step, shard)
-                    self._save_manifest()
-                return RemoteFile(step, shard, files[shard]["sha256"], files[shard]["size"], fmt)
+                entry = self._shard(step, shard)
+                return RemoteFile(step, shard, entry["sha256"], entry["size"], fmt)
         return self._single(step)
+
+    def _shard(self, step: int, shard: str) -> dict:
+        """A shard's record (sha256, size) in the revision's manifest, looked up once and kept."""
+        files = self._revision(step)["files"]
+        if shard not in files:
+            files[shard] = self._shard_record(step, shard)
+            self._save_manifest()
+        return files[shard]
 
     def _single(self, step: int) -> RemoteFile:
         """The unsharded weight file of a revision (safetensors preferred)."""
@@ -229,10 +235,7 @@ class HubSeries(CheckpointSeries):
         for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
             if index_name in files:
                 for shard in sorted(set(self._weight_map(step, index_name).values())):
-                    if shard not in files:
-                        files[shard] = self._shard_record(step, shard)
-                        self._save_manifest()
-                    ids[shard] = files[shard]["sha256"]
+                    ids[shard] = self._shard(step, shard)["sha256"]
                 break
         return hashlib.sha256(json.dumps(ids, sort_keys=True).encode()).hexdigest()
 
@@ -258,9 +261,7 @@ class HubSeries(CheckpointSeries):
         remote = self.locate(step, name)
         cached = self._tensor_cache_path(remote, name)
         if cached.is_file():
-            self.how[step] = "cache"
-            with safe_open(str(cached), framework="pt") as handle:
-                return handle.get_tensor(name)
+            return self._from_tensor_cache(step, cached, name)
         if remote.fmt == "bin":
             state = load_bin(self._local_bin(remote))
             if name not in state:
@@ -272,14 +273,17 @@ class HubSeries(CheckpointSeries):
             )
         with cache.producing(cached, f"{name} of {self.repo}@step{step}"):
             if cached.is_file():  # fetched by another job while this one waited
-                self.how[step] = "cache"
-                with safe_open(str(cached), framework="pt") as handle:
-                    return handle.get_tensor(name)
+                return self._from_tensor_cache(step, cached, name)
             tensor = self._range_read_tensor(remote, name)
             metadata = {"repo": self.repo, "source_sha256": remote.sha256}
             cache.atomic_write(cached, lambda tmp: save_file({name: tensor}, str(tmp), metadata=metadata))
         self.how[step] = "range"
         return tensor
+
+    def _from_tensor_cache(self, step: int, cached: Path, name: str) -> torch.Tensor:
+        self.how[step] = "cache"
+        with safe_open(str(cached), framework="pt") as handle:
+            return handle.get_tensor(name)
 
     def missing_from_cache(self, steps: list[int], tensor: str) -> list[int]:
         """Steps whose tensor could not be read offline (for a clear error before any work)."""

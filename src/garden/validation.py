@@ -20,6 +20,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from garden.errors import GardenError
+from garden.extract import BAD_STEP_POLICIES
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ NONNEGATIVE = number(0.0)
 SETTINGS: dict[str, Rule] = {
     "seed": integer(0),
     "progress": BOOLEAN,
-    "series.on_bad_step": choice("error", "exclude"),
+    "series.on_bad_step": choice(*BAD_STEP_POLICIES),
     "series.retries": integer(0),
     "series.backoff_seconds": NONNEGATIVE,
     "series.timeout_seconds": POSITIVE,
@@ -97,9 +98,9 @@ SETTINGS: dict[str, Rule] = {
     "metrics.unit_fdr": PROBABILITY,
     "metrics.unit_fraction_threshold": number(0.0, 1.0, low_open=True),
     "evaluation.cka.threshold": number(0.0, 1.0, low_open=True),
-    "evaluation.batch_size": integer(1),
+    # Stricter than plan_evaluation's "positive" (which owns batch_size, max_windows and cka.n_sequences):
+    # a window of one token predicts nothing.
     "evaluation.seq_len": integer(2),
-    "evaluation.cka.n_sequences": integer(2),
     "cooccurrence.attention_move_fraction": PROBABILITY,
     "cooccurrence.seed": integer(0),
 }
