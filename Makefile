@@ -26,7 +26,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 bench: install
-	$(PY) -m garden.bench $(ARGS)
+	$(PY) tests/bench.py $(ARGS)
 
 # The DVC study: params.yaml from conf/study.yaml (what `dvc exp run -S` composes), then every stage.
 params: install

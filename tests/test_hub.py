@@ -14,8 +14,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import neox_state, planted_fork, run_garden, write_series
+from fakehub import FakeHub, Fault
 from garden.errors import GardenError
-from garden.fakehub import FakeHub, Fault
 from garden.hub import HubSeries
 
 REPO = "garden-test/neox-fork"

@@ -378,8 +378,7 @@ FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "1
 def peak_rss_kib(root: Path, n_steps: int, cache_parent: Path, env: dict[str, str] | None = None) -> dict:
     command = [
         sys.executable,
-        "-m",
-        "garden.bench",
+        str(Path(__file__).resolve()),
         "--rss-child",
         str(root),
         str(n_steps),
@@ -428,7 +427,7 @@ def machine_line() -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m garden.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="make bench ARGS=...", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="checkpoints in the pythia-160m-shaped series")
     parser.add_argument(
         "--rss-steps",
@@ -475,7 +474,7 @@ def hub_routes(full_root: Path, steps: list[int], workdir: Path) -> dict:
     """
     from huggingface_hub import hf_hub_download
 
-    from garden.fakehub import FakeHub
+    from fakehub import FakeHub
     from garden.hub import HubSeries
 
     hub_root = workdir / "hub"

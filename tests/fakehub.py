@@ -1,4 +1,4 @@
-"""A small stand-in for the Hugging Face Hub on 127.0.0.1, for tests and `make bench`.
+"""A small stand-in for the Hugging Face Hub on 127.0.0.1, for the tests and `make bench` (not shipped).
 
 It serves the endpoints huggingface_hub uses to read a model repository (`refs`, `paths-info`,
 `resolve` with HEAD and byte ranges) from folders on disk laid out as `<root>/<org>/<name>/<branch>/`,
