@@ -11,8 +11,8 @@ measures, in one run so that every ratio compares figures taken on the same mach
 * the notebook route: `from_pretrained` per step, then numpy/scipy statistics on a float32 copy;
 * agreement of garden's numbers with the notebook's (moments, distances, quantiles, histogram);
 * peak RSS of `extract` over 10 and over 40 steps, each in a fresh subprocess;
-* the Hub source on a fake Hub (127.0.0.1) serving the same series: bytes fetched for the head against
-  the tensor's own bytes, and time against `hf_hub_download` of the whole files;
+* the Hub source on a fake Hub (127.0.0.1, `bench_hub.py`): bytes fetched for the head against its own
+  bytes in every weight layout, and `extract` over a throttled Hub with and without fetching ahead;
 * LAMBADA perplexity throughput of the batched scorer against a one-example-at-a-time loop over the same
   texts (a pythia-14m-shaped model), with the numbers compared.
 
@@ -78,6 +78,8 @@ QUANTILE_FINE_BINS = 2.0
 MAX_HIST_DIFF_FRACTION = 1e-4
 MAX_RSS_RATIO = 1.10
 MAX_HUB_BYTES_RATIO = 1.05
+MAX_PREFETCH_OVER_SLOWEST = 1.25
+MIN_PREFETCH_SPEEDUP = 1.6
 MIN_PERPLEXITY_SPEEDUP = 3.0
 MAX_PERPLEXITY_REL_DIFF = 1e-4
 HUB_REPO = "bench/pythia-160m-shaped"
@@ -453,7 +455,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--rss-repeats", type=int, default=3, help="subprocess runs per step count")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--hub-steps", type=int, default=6, help="checkpoints fetched through the fake Hub")
+    parser.add_argument("--hub-steps", type=int, default=2, help="checkpoints fetched per weight format")
+    parser.add_argument(
+        "--hub-bandwidth", type=float, default=50e6, help="throttled Hub: bytes/s per connection"
+    )
+    parser.add_argument("--hub-latency", type=float, default=0.02, help="throttled Hub: seconds per request")
+    parser.add_argument("--hub-prefetch", type=int, default=4, help="series.prefetch of the throttled runs")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     parser.add_argument("--rss-child", nargs=2, metavar=("ROOT", "N_STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -464,61 +471,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not 1 <= args.rss_steps[0] < args.rss_steps[1]:
         parser.error("--rss-steps needs 1 <= SMALL < LARGE")
     return args
-
-
-def hub_routes(full_root: Path, steps: list[int], workdir: Path) -> dict:
-    """Serve the series from a fake Hub; fetch the head garden's way, then as whole files.
-
-    Garden's way: the safetensors header by a range request, then the tensor's bytes. The usual way:
-    `hf_hub_download` of each step's model.safetensors, then `safe_open(...).get_tensor`.
-    """
-    from huggingface_hub import hf_hub_download
-
-    from fakehub import FakeHub
-    from garden.hub import HubSeries
-
-    hub_root = workdir / "hub"
-    branches = hub_root / HUB_REPO
-    branches.mkdir(parents=True, exist_ok=True)
-    for step in steps:
-        link = branches / f"step{step}"
-        if not link.exists():
-            link.symlink_to(full_root / f"step{step}", target_is_directory=True)
-    tensor_bytes = VOCAB * HIDDEN * 2
-    with FakeHub(hub_root) as hub:
-        for step in steps:  # hash the files once up front, as the Hub has them stored
-            hub.hashes(branches / f"step{step}" / "model.safetensors")
-        series = HubSeries(HUB_REPO, "bench", cache_dir=workdir / "hf-garden", endpoint=hub.url)
-        started = time.perf_counter()
-        for step in steps:
-            series.read_tensor(step, HEAD).float()
-        garden_s = time.perf_counter() - started
-        garden_bytes = hub.bytes_sent
-        started = time.perf_counter()
-        for step in steps:
-            path = hf_hub_download(
-                HUB_REPO,
-                "model.safetensors",
-                revision=f"step{step}",
-                cache_dir=workdir / "hf-whole",
-                endpoint=hub.url,
-            )
-            with safe_open(path, "pt") as handle:
-                handle.get_tensor(HEAD).float()
-        whole_s = time.perf_counter() - started
-        whole_bytes = hub.bytes_sent - garden_bytes
-    shutil.rmtree(workdir / "hf-whole", ignore_errors=True)
-    shutil.rmtree(workdir / "hf-garden", ignore_errors=True)
-    return {
-        "hub_steps": len(steps),
-        "hub_garden_bytes_per_step": garden_bytes / len(steps),
-        "hub_whole_bytes_per_step": whole_bytes / len(steps),
-        "hub_tensor_bytes": tensor_bytes,
-        "hub_garden_bytes_ratio": garden_bytes / (tensor_bytes * len(steps)),
-        "hub_whole_bytes_ratio": whole_bytes / (tensor_bytes * len(steps)),
-        "hub_garden_s_per_step": garden_s / len(steps),
-        "hub_whole_s_per_step": whole_s / len(steps),
-    }
 
 
 def perplexity_routes(n_examples: int = 256, batch_size: int = 32) -> dict:
@@ -640,13 +592,17 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict]
     rss_small, rss_large = statistics.median(hwm[small]), statistics.median(hwm[large])
     fixed = {n: peak_rss_kib(head_root, n, caches, FIXED_MALLOC)["vm_hwm_kib"] for n in (small, large)}
 
-    hub = hub_routes(full_root, steps[: args.hub_steps], workdir)
-    print(
-        f"hub: garden {hub['hub_garden_bytes_ratio']:.4f}x tensor bytes, whole files "
-        f"{hub['hub_whole_bytes_ratio']:.2f}x",
-        flush=True,
+    from bench_hub import format_routes, prefetch_routes
+
+    formats = format_routes(full_root, workdir, steps[: args.hub_steps])
+    print("hub bytes / tensor bytes: " + ", ".join(f"{k} {v['bytes_ratio']:.4f}" for k, v in formats.items()),
+          flush=True)  # fmt: skip
+    prefetch = prefetch_routes(
+        full_root, steps, workdir, args.hub_bandwidth, args.hub_latency, args.hub_prefetch
     )
-    results.update(hub)
+    print(f"hub prefetch: {prefetch}", flush=True)
+    results["hub_formats"] = formats
+    results["hub_prefetch"] = prefetch
 
     ppl = perplexity_routes()
     print(f"perplexity: batched {ppl['ppl_speedup']:.1f}x the one-at-a-time loop", flush=True)
@@ -777,16 +733,35 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict]
             f"{fixed[small] / 1024:.1f} / {fixed[large] / 1024:.1f} MiB",
         ),
     ]
+    slowest = max(prefetch["fetch_only_s"], prefetch["compute_only_s"])
     rows += [
-        Row(
-            f"Hub: bytes fetched for {HEAD} / its bytes ({hub['hub_steps']} steps)",
-            f"{hub['hub_garden_bytes_ratio']:.4f}",
-            f"<= {MAX_HUB_BYTES_RATIO:g}",
-            hub["hub_garden_bytes_ratio"] <= MAX_HUB_BYTES_RATIO,
+        *(
+            Row(
+                f"Hub {fmt}: bytes fetched for {HEAD} / its bytes ({args.hub_steps} steps, "
+                f"{m['tensor_mb']:.0f} MB, by {'+'.join(m['how'])}; files {m['file_bytes_ratio']:.1f}x)",
+                f"{m['bytes_ratio']:.4f}",
+                f"<= {MAX_HUB_BYTES_RATIO:g}",
+                m["bytes_ratio"] <= MAX_HUB_BYTES_RATIO,
+            )
+            for fmt, m in formats.items()
         ),
-        Row("Hub: hf_hub_download of whole files / tensor bytes", f"{hub['hub_whole_bytes_ratio']:.2f}"),
-        Row("Hub: garden range reads, s/step", f"{hub['hub_garden_s_per_step']:.3f}"),
-        Row("Hub: hf_hub_download whole files, s/step", f"{hub['hub_whole_s_per_step']:.3f}"),
+        Row(
+            f"Hub, {len(steps)} steps at {args.hub_bandwidth / 1e6:g} MB/s per connection, "
+            f"{args.hub_latency * 1e3:g} ms latency: fetch only / compute only, s",
+            f"{prefetch['fetch_only_s']:.2f} / {prefetch['compute_only_s']:.2f}",
+        ),
+        Row(
+            f"Hub: extract with series.prefetch={args.hub_prefetch} / max(fetch only, compute only)",
+            f"{prefetch['prefetch_s'] / slowest:.2f} ({prefetch['prefetch_s']:.2f} s)",
+            f"<= {MAX_PREFETCH_OVER_SLOWEST:g}",
+            prefetch["prefetch_s"] / slowest <= MAX_PREFETCH_OVER_SLOWEST,
+        ),
+        Row(
+            "Hub: extract with series.prefetch=0 / with prefetch",
+            f"{prefetch['serial_s'] / prefetch['prefetch_s']:.2f} ({prefetch['serial_s']:.2f} s)",
+            f">= {MIN_PREFETCH_SPEEDUP:g}",
+            prefetch["serial_s"] / prefetch["prefetch_s"] >= MIN_PREFETCH_SPEEDUP,
+        ),
         Row(
             f"LAMBADA perplexity ({ppl['ppl_device']}, pythia-14m shape): batched / one-at-a-time",
             f"{ppl['ppl_speedup']:.2f}x ({ppl['ppl_batched_tokens_per_s']:.0f} vs "
@@ -799,10 +774,6 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> tuple[list[Row], dict]
             f"{ppl['ppl_rel_diff']:.2e} ({ppl['ppl_accuracy_equal']})",
             f"< {MAX_PERPLEXITY_REL_DIFF:g}",
             ppl["ppl_rel_diff"] < MAX_PERPLEXITY_REL_DIFF and ppl["ppl_accuracy_equal"],
-        ),
-        Row(
-            "Hub: whole-file time / garden time",
-            f"{hub['hub_whole_s_per_step'] / hub['hub_garden_s_per_step']:.2f}x",
         ),
     ]
     return rows, results
@@ -827,7 +798,9 @@ def main(argv: list[str] | None = None) -> int:
             if made_temp:
                 shutil.rmtree(workdir, ignore_errors=True)
             else:
-                for child in (f"pythia160m-{args.steps}", f"head-{args.rss_steps[1]}", "caches", "hub"):
+                made = (f"pythia160m-{args.steps}", f"head-{args.rss_steps[1]}", "caches", "hub-formats",
+                        "hub-throttled")  # fmt: skip
+                for child in made:
                     shutil.rmtree(workdir / child, ignore_errors=True)
     results["wall_s"] = time.perf_counter() - started
     print()

@@ -1,5 +1,7 @@
 """The local source: every Hugging Face layout, one tensor per step, and errors that name path and step."""
 
+import time
+
 import pytest
 import torch
 
@@ -90,3 +92,43 @@ def test_layer_resolution_and_index_range():
         resolve_layer(OmegaConf.create({**block, "index": 2}), 2)
     exact = resolve_layer(OmegaConf.create({**block, "tensor": "W_V"}), None)
     assert (exact.tensor, exact.label) == ("W_V", "W_V")
+
+
+def test_the_prefetcher_reads_ahead_in_order_and_holds_at_most_depth_tensors():
+    import threading
+
+    from garden.series import Prefetcher
+
+    started: list[int] = []
+    held = []
+    gate = threading.Event()
+
+    def read(step: int) -> torch.Tensor:
+        started.append(step)
+        gate.wait(5)
+        if step == 13:
+            raise GardenError("step 13: broken")
+        return torch.full((2,), float(step))
+
+    order = [0, 1, 2, 3, 4, 5, 13, 6]
+    with Prefetcher(read, order, depth=2) as reads:
+        time.sleep(0.1)
+        assert sorted(started) == [0, 1]  # two ahead, no more, before anything is asked for
+        gate.set()
+        held.append(reads.get(0))
+        assert reads.get(1)[0] == 1
+        assert reads.get(4)[0] == 4  # the pass skipped 2 and 3: their reads are dropped
+        assert reads.get(9)[0] == 9  # never planned: read at once
+        assert reads.get(5)[0] == 5
+        with pytest.raises(GardenError, match="step 13: broken"):  # errors surface where the step is read
+            reads.get(13)
+        assert reads.get(6)[0] == 6
+    assert started.count(9) == 1 and 3 not in started[started.index(4) :]
+    assert Prefetcher(read, order, depth=0).get(3)[0] == 3  # depth 0: plain reads
+
+
+def test_a_legacy_bin_checkpoint_is_read_without_mapping(tmp_path):
+    state = neox_state(torch.arange(32 * 8, dtype=torch.float32).reshape(32, 8).half())
+    (tmp_path / "step0").mkdir()
+    torch.save(state, tmp_path / "step0" / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    assert torch.equal(LocalSeries(tmp_path).read_tensor(0, "embed_out.weight"), state["embed_out.weight"])

@@ -38,6 +38,7 @@ from garden.validation import SETTINGS, TINY_SETTINGS, check_tracking_store
         ("model.architecture.num_attention_heads=3", r"hidden_size=128 is not valid; valid: a multiple of"),
         ("model.train.seq_len=999", r"model.train.seq_len=999 is not valid; valid: at most"),
         ("series.retries=-2", r"series.retries=-2 is not valid"),
+        ("series.prefetch=-1", r"series.prefetch=-1 is not valid; valid: an integer in \[0, 64\]"),
         ("progress=maybe", r"progress='maybe' is not valid; valid: true or false"),
         (
             "evaluation.cka.threshold=1.5",
@@ -65,6 +66,22 @@ def test_a_bad_setting_fails_at_once_naming_it_with_nothing_done(tmp_path, compo
     assert time.perf_counter() - began < 10  # MLflow's own retries on a bad store take ~100 s
     assert not (tmp_path / "data" / "series").exists()  # nothing trained
     assert not (tmp_path / "mlflow.db").exists()  # no run created
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("series.endpoint=ftp://mirror", r"series.endpoint='ftp://mirror' is not valid; valid: null"),
+        ("paths.cache_dir=/proc/garden-cache", r"paths.cache_dir='/proc/garden-cache' is not writable"),
+    ],
+)
+def test_hub_settings_fail_before_any_request(tmp_path, compose_config, override, message):
+    cfg = compose_config("model=pythia-14m", f"paths.data_dir={tmp_path}/data", "series.retries=0",
+                         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "series.endpoint=http://127.0.0.1:9",
+                         override)  # fmt: skip
+    with pytest.raises(GardenError, match=message):
+        run(cfg, output_dir=tmp_path / "out")
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_every_rule_names_what_is_valid():

@@ -132,7 +132,9 @@ def describe_hub_series(cfg: DictConfig) -> SeriesHandle:
     series = HubSeries(
         hub_repo(cfg),
         label=str(cfg.model.name),
-        cache_dir=cfg.paths.get("hf_cache"),
+        cache_dir=cfg.paths.cache_dir,
+        hf_cache=cfg.paths.get("hf_cache"),
+        endpoint=cfg.series.get("endpoint"),
         retries=int(cfg.series.retries),
         backoff_seconds=float(cfg.series.backoff_seconds),
         timeout_seconds=float(cfg.series.timeout_seconds),
@@ -365,7 +367,7 @@ def extract_trajectory(job: DynamicsJob) -> Trajectory:
 
     cfg = job.cfg
     return extract(job.series, job.plan, Path(cfg.paths.data_dir) / "extract", progress=bool(cfg.progress),
-                   device=resolve_device(str(cfg.device)))  # fmt: skip
+                   device=resolve_device(str(cfg.device)), prefetch=int(cfg.series.prefetch))  # fmt: skip
 
 
 def analyse(cfg: DictConfig, trajectory: Trajectory, job_summary: dict[str, float]) -> Analysis:

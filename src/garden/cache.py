@@ -9,7 +9,7 @@ co-occurrence runs, Hub tensors), so that each follows the same four rules:
   reuses what the first produced instead of producing it again;
 - an unreadable record is recomputed with a warning (`read_or_none`), never trusted and never fatal.
 
-The caches live under `paths.data_dir` (and the Hub tensors inside the Hugging Face cache), outside DVC;
+The caches live under `paths.data_dir` (the Hub tensors under `paths.cache_dir`), outside DVC;
 deleting a folder is always safe: it is produced again on the next run.
 """
 
@@ -51,8 +51,12 @@ PRODUCERS: dict[str, tuple[str, ...]] = {
     # manifests) can change without re-downloading gigabytes of unchanged tensors.
     "hub_tensor": (
         "garden.hub:HubSeries._header",
+        "garden.hub:HubSeries._fetch_tensor",
         "garden.hub:HubSeries._range_read_tensor",
+        "garden.hub:HubSeries._range_read_bin_tensor",
         "garden.hub:HubSeries._range",
+        "garden.hub:_slice_of",
+        "garden.torchzip",
     ),
 }
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 from garden import cache
 from garden.dip import dip_pvalues
 from garden.errors import GardenError
-from garden.series import CheckpointSeries
+from garden.series import CheckpointSeries, Prefetcher
 from garden.trajectory import Trajectory, UnitTrajectory
 
 log = logging.getLogger("garden")
@@ -527,16 +528,46 @@ def extract(
     cache_dir: Path,
     progress: bool = True,
     device: torch.device | str = "cpu",
+    prefetch: int = 0,
 ) -> Trajectory:
     """Stream the plan's steps through the fused pass, reusing every step already in the cache. The
-    cache folder is held by a lock while this job fills it: a second job on it waits, then reuses."""
+    cache folder is held by a lock while this job fills it: a second job on it waits, then reuses.
+    For a remote series, `prefetch` steps are fetched ahead while a step is computed."""
     folder = Path(cache_dir) / plan.cache_key(series.identity)
     with cache.producing(folder, f"the extraction of {plan.tensor} from {series.identity}"):
-        return _extract(series, plan, folder, progress, torch.device(device))
+        return _extract(
+            series, plan, folder, progress, torch.device(device), prefetch if series.remote else 0
+        )
+
+
+def _planned_reads(series: CheckpointSeries, plan: ExtractionPlan, folder: Path,
+                   ref_fp: str) -> tuple[list[int], dict[int, tuple[str, dict]]]:  # fmt: skip
+    """The records the pass can reuse (with the dependency string each was checked against), and the
+    tensors it will read, in order, for the rest: what the prefetcher fetches ahead."""
+    reads: list[int] = []
+    reusable: dict[int, tuple[str, dict]] = {}
+    prev_step, prev_fp, reference_read, prev_in_memory = None, "", False, False
+    for step in plan.steps:
+        fingerprint = series.fingerprint(step, plan.tensor)
+        depends = f"{fingerprint}|ref:{ref_fp}|prev:{prev_step}:{prev_fp}"
+        record = _load_record(folder / "steps" / f"step{step}.npz", depends)
+        if record is None:
+            if not reference_read:
+                reads.append(plan.reference_step)
+                reference_read = True
+            if prev_step is not None and not prev_in_memory:
+                reads.append(prev_step)
+            reads.append(step)
+            prev_in_memory = True
+        else:
+            reusable[step] = (depends, record)
+            prev_in_memory = False
+        prev_step, prev_fp = step, fingerprint
+    return reads, reusable
 
 
 def _extract(series: CheckpointSeries, plan: ExtractionPlan, folder: Path, progress: bool,
-             device: torch.device) -> Trajectory:  # fmt: skip
+             device: torch.device, prefetch: int) -> Trajectory:  # fmt: skip
     meta = _prepare_meta(series, plan, folder)
     sampling = _Sampling(int(np.prod(meta["shape"])), plan)
     units = _unit_layout(meta, plan)
@@ -551,10 +582,13 @@ def _extract(series: CheckpointSeries, plan: ExtractionPlan, folder: Path, progr
     computed = 0
     excluded: dict[int, str] = {}
     pending: _Pending | None = None
+    planned, reusable = _planned_reads(series, plan, folder, ref_fp)
     width = _blocks((sampling.n,) if units is None else tuple(meta["shape"]), plan.chunk_size, units)[1]
     workspace = Workspace(width, plan.quantile_bins, device)
     dip_worker = ThreadPoolExecutor(1, thread_name_prefix="garden-dip") if units is not None else None
+    reads = Prefetcher(lambda step: series.read_tensor(step, plan.tensor), planned, prefetch)
     bar = tqdm(plan.steps, desc=f"extract {plan.tensor}", unit="step", disable=not progress)
+    fetched_before, started = series.bytes_fetched(), time.perf_counter()
     threads = torch.get_num_threads()
     if device.type == "cpu":
         # The sums, the histogram helper and the dip worker run at once: leave those two a core each
@@ -565,20 +599,19 @@ def _extract(series: CheckpointSeries, plan: ExtractionPlan, folder: Path, progr
             fingerprint = series.fingerprint(step, plan.tensor)
             depends = f"{fingerprint}|ref:{ref_fp}|prev:{prev_step}:{prev_fp}"
             path = folder / "steps" / f"step{step}.npz"
-            record = _load_record(path, depends)
+            known = reusable.pop(step, None)
+            record = known[1] if known is not None and known[0] == depends else _load_record(path, depends)
             if record is None:
                 if reference is None:
-                    reference = _prepared(series.read_tensor(plan.reference_step, plan.tensor), sampling,
-                                          units, plan, meta, plan.reference_step)  # fmt: skip
+                    reference = _prepared(reads.get(plan.reference_step), sampling, units, plan, meta,
+                                          plan.reference_step)  # fmt: skip
                 if prev_step is not None and prev is None:
-                    prev = _prepared(series.read_tensor(prev_step, plan.tensor), sampling, units, plan, meta,
-                                     prev_step)  # fmt: skip
+                    prev = _prepared(reads.get(prev_step), sampling, units, plan, meta, prev_step)
                 # The final step's dips and cuts are known from the meta stage: its record is completed
                 # in the pass itself, each unit's two groups included.
                 final = final_units if step == plan.steps[-1] else None
                 try:
-                    current = _prepared(series.read_tensor(step, plan.tensor), sampling, units, plan, meta,
-                                        step)  # fmt: skip
+                    current = _prepared(reads.get(step), sampling, units, plan, meta, step)
                     record = _compute_record(current, reference, prev, step, prev_step, plan, sampling,
                                              units, meta, lo, hi, workspace, final)  # fmt: skip
                 except BadStep as bad:
@@ -605,6 +638,8 @@ def _extract(series: CheckpointSeries, plan: ExtractionPlan, folder: Path, progr
                 records.append(record)
                 prev = None  # read again only if a later step needs recomputing
             prev_step, prev_fp = step, fingerprint
+            if series.remote:
+                bar.set_postfix_str(_fetch_rate(series.bytes_fetched() - fetched_before, started))
         if pending is not None:
             records.append(_finish(pending, units))
             pending = None
@@ -615,6 +650,7 @@ def _extract(series: CheckpointSeries, plan: ExtractionPlan, folder: Path, progr
                 _finish(pending, units)
         raise
     finally:
+        reads.close()
         torch.set_num_threads(threads)
         bar.close()
         workspace.close()
@@ -622,9 +658,18 @@ def _extract(series: CheckpointSeries, plan: ExtractionPlan, folder: Path, progr
             dip_worker.shutdown(wait=True, cancel_futures=True)
     log.info("extract %s: %d of %d steps computed, %d reused from the cache (%s)", plan.tensor, computed,
              len(records), len(records) - computed, folder)  # fmt: skip
+    if series.remote:
+        log.info("extract %s: fetched %s", plan.tensor,
+                 _fetch_rate(series.bytes_fetched() - fetched_before, started))  # fmt: skip
     trajectory = _assemble(records, plan, meta, sampling, units, lo, hi)
     trajectory.meta["excluded_steps"] = {str(step): reason for step, reason in excluded.items()}
     return trajectory
+
+
+def _fetch_rate(fetched: int, started: float) -> str:
+    """Bytes fetched and the rate since `started`, for the progress bar and the log."""
+    seconds = max(time.perf_counter() - started, 1e-9)
+    return f"{fetched / 1e6:.1f} MB fetched, {fetched / 1e6 / seconds:.1f} MB/s"
 
 
 def _check_shape(tensor: torch.Tensor, shape, plan: ExtractionPlan, step: int,
@@ -714,13 +759,22 @@ def _prepare_meta(series: CheckpointSeries, plan: ExtractionPlan, folder: Path) 
         log.warning("the reference or final step of %s changed since %s was made: starting it afresh",
                     series.identity, folder)  # fmt: skip
         shutil.rmtree(folder / "steps", ignore_errors=True)  # (under this job's lock)
+    # A remote series fetches the final step beside the reference (it is needed unless the histogram
+    # range is given and units are off: then the fetch is left to the pass).
+    final_ahead = None
+    if series.remote and (plan.histogram_range is None or plan.unit_axis is not None):
+        fetcher = ThreadPoolExecutor(1, thread_name_prefix="garden-fetch")
+        final_ahead = fetcher.submit(series.read_tensor, final_step, plan.tensor)
+        fetcher.shutdown(wait=False)
     ref = series.read_tensor(plan.reference_step, plan.tensor)
     _check_finite(ref, plan, plan.reference_step, "reference")
     shape = tuple(ref.shape)
     axis = plan.resolve_unit_axis(shape)
     final = None
     if plan.histogram_range is None or axis is not None:
-        final = series.read_tensor(final_step, plan.tensor)
+        final = (
+            final_ahead.result() if final_ahead is not None else series.read_tensor(final_step, plan.tensor)
+        )
         _check_shape(final, shape, plan, final_step, " (the final step fixes the shared histogram range and "
                                                     "cannot be excluded; select other steps)")  # fmt: skip
         _check_finite(final, plan, final_step, "final")

@@ -11,7 +11,11 @@ import hashlib
 import json
 import re
 import struct
+import zipfile
 from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -89,8 +93,10 @@ def _read_names(step: int, fmt: str, path: Path) -> list[str]:
 
 
 def load_bin(path: Path) -> dict[str, torch.Tensor]:
-    """Memory-map a zip-format checkpoint; tensors are paged in only when touched."""
-    state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    """Memory-map a zip-format checkpoint (tensors are paged in only when touched); a legacy (pre-zip)
+    one cannot be mapped and is read whole."""
+    mmap = zipfile.is_zipfile(path)
+    state = torch.load(str(path), map_location="cpu", mmap=mmap, weights_only=True)
     if not isinstance(state, dict):
         raise GardenError(f"{path} holds a {type(state).__name__}, not a state dict")
     return state
@@ -152,6 +158,8 @@ class CheckpointSeries(ABC):
     identity: str
     #: Short label for run names and logs.
     label: str
+    #: Whether reads go over the network (then the extraction fetches ahead while it computes).
+    remote: bool = False
 
     @abstractmethod
     def steps(self) -> list[int]:
@@ -209,6 +217,63 @@ class CheckpointSeries(ABC):
             return config["num_hidden_layers"]
         blocks = {int(m.group(1)) for name in self.tensor_names(step) if (m := BLOCK_TENSOR.search(name))}
         return max(blocks) + 1 if blocks else None
+
+
+class Prefetcher:
+    """Reads the tensors a pass will ask for, `depth` steps ahead of it, in worker threads: while the pass
+    computes step k, steps k+1..k+depth are being fetched. At most `depth` tensors wait in memory.
+
+    `order` is the pass's expected sequence of reads; a read that is not the next expected one (the pass
+    took another path, e.g. after excluding a bad step) drops the guesses before it and is read at once.
+    Errors surface where the pass reads the step, as if it had read it itself.
+    """
+
+    def __init__(self, read: Callable[[int], torch.Tensor], order: Sequence[int], depth: int):
+        self._read = read
+        self._order = deque(order)
+        self._pending: deque[tuple[int, Future]] = deque()
+        self._depth = max(0, int(depth))
+        self._pool = (
+            ThreadPoolExecutor(self._depth, thread_name_prefix="garden-fetch") if self._depth else None
+        )
+        self._top_up()
+
+    def _top_up(self) -> None:
+        while self._pool is not None and self._order and len(self._pending) < self._depth:
+            step = self._order.popleft()
+            self._pending.append((step, self._pool.submit(self._read, step)))
+
+    def get(self, step: int) -> torch.Tensor:
+        if any(pending == step for pending, _ in self._pending):
+            while True:
+                pending, future = self._pending.popleft()
+                if pending == step:
+                    self._top_up()
+                    return future.result()
+                future.cancel()
+        if step in self._order:  # the pass skipped ahead of every read under way
+            for _, future in self._pending:
+                future.cancel()
+            self._pending.clear()
+            while self._order.popleft() != step:
+                pass
+            self._top_up()
+        return self._read(step)
+
+    def close(self) -> None:
+        """Stop fetching: queued reads are cancelled, the ones under way are waited for."""
+        self._order.clear()
+        for _, future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class LocalSeries(CheckpointSeries):

@@ -9,6 +9,7 @@ MLflow store (opened and written once, in seconds) and `paths.*` (writable).
 from __future__ import annotations
 
 import math
+import re
 import sqlite3
 import tempfile
 import urllib.parse
@@ -75,6 +76,7 @@ SETTINGS: dict[str, Rule] = {
     "seed": integer(0),
     "progress": BOOLEAN,
     "series.on_bad_step": choice(*BAD_STEP_POLICIES),
+    "series.prefetch": integer(0, 64),
     "series.retries": integer(0),
     "series.backoff_seconds": NONNEGATIVE,
     "series.timeout_seconds": POSITIVE,
@@ -188,6 +190,12 @@ def check_writable(key: str, folder: str | Path) -> None:
 
 def check_paths(cfg: DictConfig) -> None:
     check_writable("paths.data_dir", cfg.paths.data_dir)
+    if cfg.model.get("source") == "hub":
+        check_writable("paths.cache_dir", cfg.paths.cache_dir)
+        endpoint = cfg.series.get("endpoint")
+        if endpoint is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", str(endpoint)):
+            raise GardenError(f"series.endpoint={endpoint!r} is not valid; valid: null (HF_ENDPOINT, else "
+                              "the Hub) or an http(s):// URL of a Hub-API server")  # fmt: skip
     if cfg.paths.get("hf_cache"):
         check_writable("paths.hf_cache", cfg.paths.hf_cache)
 
