@@ -265,26 +265,34 @@ def hub_overrides(hub: FakeHub, tmp_path: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def compared_with_local(compose_config, tmp_path: Path):
+    """Run the same series from files on disk (without the duplicated step1); the Hub run's summary
+    metrics must equal that run's to 1e-12. Returns the client and the (hub, local) runs."""
+    from test_cli import run_in_process
+
+    local = tmp_path / "local"
+    write_series(local, {s: v for s, v in branch_states().items() if s != 1}, "safetensors")
+    run_in_process(compose_config, tmp_path, "model=local", f"model.path={local}", out="local-run")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("garden").experiment_id])
+    by_model = {r.data.tags["garden.model"]: r for r in runs}
+    hub_run, local_run = by_model["pythia-14m"], by_model["local"]
+    assert hub_run.data.tags["garden.duplicates"] == "step1=step0"
+    for key in ("bifurcation_step", "alpha", "final_msd", "final_bimodality_coefficient"):
+        assert hub_run.data.metrics[key] == pytest.approx(local_run.data.metrics[key], rel=1e-12), key
+    return client, hub_run, local_run
+
+
 @pytest.mark.slow
 def test_a_hub_run_matches_the_same_series_on_disk(hub, tmp_path, compose_config, monkeypatch):
     from test_cli import run_in_process
 
     run_in_process(compose_config, tmp_path, *hub_overrides(hub, tmp_path), "series.prefetch=3")
     fetched_once = hub.bytes_sent
-    local = tmp_path / "local"
-    write_series(local, {s: v for s, v in branch_states().items() if s != 1}, "safetensors")
-    run_in_process(compose_config, tmp_path, "model=local", f"model.path={local}", out="o2")
-
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("garden").experiment_id])
-    by_model = {r.data.tags["garden.model"]: r for r in runs}
-    hub_run, local_run = by_model["pythia-14m"], by_model["local"]
+    client, hub_run, local_run = compared_with_local(compose_config, tmp_path)
     assert hub_run.info.run_name == "pythia-14m/standard/unembedding"
-    assert hub_run.data.tags["garden.duplicates"] == "step1=step0"
     assert hub_run.data.metrics["n_duplicate_steps"] == 1
     assert 0 < hub_run.data.metrics["hub_bytes_fetched"] <= hub_run.data.metrics["hub_file_bytes"] * 2
-    for key in ("bifurcation_step", "alpha", "final_msd", "final_bimodality_coefficient"):
-        assert hub_run.data.metrics[key] == pytest.approx(local_run.data.metrics[key], rel=1e-12), key
     hub_msd = [(m.step, m.value) for m in client.get_metric_history(hub_run.info.run_id, "msd")]
     local_msd = [(m.step, m.value) for m in client.get_metric_history(local_run.info.run_id, "msd")]
     assert [s for s, _ in sorted(hub_msd)] == [s for s, _ in sorted(local_msd)] and 1 not in dict(hub_msd)
@@ -328,16 +336,7 @@ def test_an_independent_hub_server_gives_the_same_run_as_the_files_on_disk(
 
         olah_override = hub_overrides(olah, tmp_path)
         run_in_process(compose_config, tmp_path, *olah_override)
-    local = tmp_path / "local"
-    write_series(local, {s: v for s, v in branch_states().items() if s != 1}, "safetensors")
-    run_in_process(compose_config, tmp_path, "model=local", f"model.path={local}", out="o2")
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("garden").experiment_id])
-    by_model = {r.data.tags["garden.model"]: r for r in runs}
-    assert by_model["pythia-14m"].data.tags["garden.duplicates"] == "step1=step0"
-    for key in ("bifurcation_step", "alpha", "final_msd", "final_bimodality_coefficient"):
-        got, want = by_model["pythia-14m"].data.metrics[key], by_model["local"].data.metrics[key]
-        assert got == pytest.approx(want, rel=1e-12), key
+    compared_with_local(compose_config, tmp_path)
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -568,13 +569,23 @@ def _planned_reads(series: CheckpointSeries, plan: ExtractionPlan, folder: Path,
 
 def _extract(series: CheckpointSeries, plan: ExtractionPlan, folder: Path, progress: bool,
              device: torch.device, prefetch: int) -> Trajectory:  # fmt: skip
-    meta = _prepare_meta(series, plan, folder)
-    sampling = _Sampling(int(np.prod(meta["shape"])), plan)
-    units = _unit_layout(meta, plan)
-    final_units = None if units is None else _final_units(series, plan, folder, units)
+    meta = _current_meta(series, plan, folder)
+    ref_fp = series.fingerprint(plan.reference_step, plan.tensor)
+    planned, reusable = _planned_reads(series, plan, folder, ref_fp)
+    # One read-ahead queue for the whole job: the meta stage's reads (the reference and the final step)
+    # first, then the pass's, so that a remote series is fetching the first steps while the meta is made.
+    meta_reads = [] if meta is not None else _meta_reads(plan)
+    reads = Prefetcher(lambda step: series.read_tensor(step, plan.tensor), meta_reads + planned, prefetch)
+    try:
+        meta = meta if meta is not None else _make_meta(series, plan, folder, reads.get)
+        sampling = _Sampling(int(np.prod(meta["shape"])), plan)
+        units = _unit_layout(meta, plan)
+        final_units = None if units is None else _final_units(reads.get, plan, folder, units)
+    except BaseException:
+        reads.close()
+        raise
     lo, hi = -meta["half_range"], meta["half_range"]
     reference = None
-    ref_fp = series.fingerprint(plan.reference_step, plan.tensor)
     prev_step: int | None = None
     prev_fp = ""
     prev: torch.Tensor | None = None
@@ -582,11 +593,9 @@ def _extract(series: CheckpointSeries, plan: ExtractionPlan, folder: Path, progr
     computed = 0
     excluded: dict[int, str] = {}
     pending: _Pending | None = None
-    planned, reusable = _planned_reads(series, plan, folder, ref_fp)
     width = _blocks((sampling.n,) if units is None else tuple(meta["shape"]), plan.chunk_size, units)[1]
     workspace = Workspace(width, plan.quantile_bins, device)
     dip_worker = ThreadPoolExecutor(1, thread_name_prefix="garden-dip") if units is not None else None
-    reads = Prefetcher(lambda step: series.read_tensor(step, plan.tensor), planned, prefetch)
     bar = tqdm(plan.steps, desc=f"extract {plan.tensor}", unit="step", disable=not progress)
     fetched_before, started = series.bytes_fetched(), time.perf_counter()
     threads = torch.get_num_threads()
@@ -740,41 +749,52 @@ def _finish(pending: _Pending, units: UnitLayout) -> dict:
     return record
 
 
-def _prepare_meta(series: CheckpointSeries, plan: ExtractionPlan, folder: Path) -> dict:
+def _meta_depends(series: CheckpointSeries, plan: ExtractionPlan) -> dict[str, str]:
+    return {
+        "reference": series.fingerprint(plan.reference_step, plan.tensor),
+        "final": series.fingerprint(plan.steps[-1], plan.tensor),
+    }
+
+
+def _current_meta(series: CheckpointSeries, plan: ExtractionPlan, folder: Path) -> dict | None:
+    """The cache folder's meta record if it was made from the same reference and final step; None when
+    it must be made (step records made under a meta that no longer holds are dropped: the shared
+    histogram range they used has changed)."""
+    meta = cache.read_json(folder / "meta.json", "extraction meta record")
+    if meta is None:
+        return None
+    if meta.get("depends") == _meta_depends(series, plan):
+        return meta
+    log.warning("the reference or final step of %s changed since %s was made: starting it afresh",
+                series.identity, folder)  # fmt: skip
+    shutil.rmtree(folder / "steps", ignore_errors=True)  # (under this job's lock)
+    return None
+
+
+def _meta_reads(plan: ExtractionPlan) -> list[int]:
+    """What `_make_meta` reads: the reference, and the final step unless the histogram range is given
+    and units are off."""
+    needs_final = plan.histogram_range is None or plan.unit_axis is not None
+    return [plan.reference_step, *([plan.steps[-1]] if needs_final else [])]
+
+
+def _make_meta(series: CheckpointSeries, plan: ExtractionPlan, folder: Path,
+               read: Callable[[int], torch.Tensor]) -> dict:  # fmt: skip
     """Shape, dtype, the shared histogram range and the unit layout, fixed once per cache folder (whose
     key names the last selected step, so nothing depends on which run filled the cache first).
 
     With units on, the featured unit (the figures' most bimodal one: the largest dip at the final step)
     is chosen here too, so that its values can be recorded at every step in the one pass."""
     final_step = plan.steps[-1]
-    depends = {
-        "reference": series.fingerprint(plan.reference_step, plan.tensor),
-        "final": series.fingerprint(final_step, plan.tensor),
-    }
+    depends = _meta_depends(series, plan)
     meta_path = folder / "meta.json"
-    meta = cache.read_json(meta_path, "extraction meta record")
-    if meta is not None:
-        if meta.get("depends") == depends:
-            return meta
-        log.warning("the reference or final step of %s changed since %s was made: starting it afresh",
-                    series.identity, folder)  # fmt: skip
-        shutil.rmtree(folder / "steps", ignore_errors=True)  # (under this job's lock)
-    # A remote series fetches the final step beside the reference (it is needed unless the histogram
-    # range is given and units are off: then the fetch is left to the pass).
-    final_ahead = None
-    if series.remote and (plan.histogram_range is None or plan.unit_axis is not None):
-        fetcher = ThreadPoolExecutor(1, thread_name_prefix="garden-fetch")
-        final_ahead = fetcher.submit(series.read_tensor, final_step, plan.tensor)
-        fetcher.shutdown(wait=False)
-    ref = series.read_tensor(plan.reference_step, plan.tensor)
+    ref = read(plan.reference_step)
     _check_finite(ref, plan, plan.reference_step, "reference")
     shape = tuple(ref.shape)
     axis = plan.resolve_unit_axis(shape)
     final = None
     if plan.histogram_range is None or axis is not None:
-        final = (
-            final_ahead.result() if final_ahead is not None else series.read_tensor(final_step, plan.tensor)
-        )
+        final = read(final_step)
         _check_shape(final, shape, plan, final_step, " (the final step fixes the shared histogram range and "
                                                     "cannot be excluded; select other steps)")  # fmt: skip
         _check_finite(final, plan, final_step, "final")
@@ -831,7 +851,8 @@ def _write_final_units(units: UnitLayout, final: torch.Tensor, folder: Path) -> 
     return {"dips": dips, "cuts": cuts}
 
 
-def _final_units(series, plan: ExtractionPlan, folder: Path, units: UnitLayout) -> dict[str, np.ndarray]:
+def _final_units(read: Callable[[int], torch.Tensor], plan: ExtractionPlan, folder: Path,
+                 units: UnitLayout) -> dict[str, np.ndarray]:  # fmt: skip
     """The final step's dips and cuts from the meta stage (made again if the file is missing or damaged)."""
 
     def load(path: Path) -> dict[str, np.ndarray]:
@@ -841,7 +862,7 @@ def _final_units(series, plan: ExtractionPlan, folder: Path, units: UnitLayout) 
     found = cache.read_or_none(folder / FINAL_UNITS, load, "extraction record")
     if found is not None and len(found["dips"]) == units.n_units:
         return found
-    return _write_final_units(units, series.read_tensor(plan.steps[-1], plan.tensor), folder)
+    return _write_final_units(units, read(plan.steps[-1]), folder)
 
 
 def _read_npz(path: Path) -> dict:

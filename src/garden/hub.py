@@ -511,8 +511,10 @@ class HubSeries(CheckpointSeries):
                 f"{start + begin}-{start + end}, beyond the file's {remote.size} bytes: the checkpoint is "
                 "truncated or damaged on the server"
             )
-        raw = self._range(remote, start + begin, start + end - 1) if end > begin else b""
-        return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(entry["shape"])
+        raw = self._range(remote, start + begin, start + end - 1) if end > begin else bytearray()
+        if not raw:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(raw, dtype=dtype).reshape(entry["shape"])
 
     def _bin_layout(self, remote: RemoteFile) -> dict | None:
         """Where each tensor of a zip-format `.bin` lives (from its directory and data.pkl, read by ranges
@@ -611,8 +613,7 @@ class HubSeries(CheckpointSeries):
                     hf_raise_for_status(response)
                 if status == 206:
                     _check_content_range(response.headers.get("Content-Range"), remote, first)
-                    body = response.read()
-                    received = len(body)
+                    body, received = _slice_of(response.iter_bytes(), 0, expected)
                 elif status == 200:
                     self._warn_ignored_range(remote, response.headers.get("Content-Length"))
                     if remote.fmt == "bin":
@@ -835,22 +836,24 @@ def _check_content_range(value: str | None, remote: RemoteFile, first: int) -> N
         )
 
 
-def _slice_of(chunks: Iterator[bytes], first: int, length: int) -> tuple[bytes, int]:
-    """Bytes [first, first + length) of a streamed whole body, reading no further; and how many bytes
-    were received."""
-    parts: list[bytes] = []
+def _slice_of(chunks: Iterator[bytes], first: int, length: int) -> tuple[bytearray, int]:
+    """Bytes [first, first + length) of a streamed body, copied once into one buffer (a tensor is built
+    on it without another copy), reading no further; and how many bytes were received."""
+    buffer = bytearray(length)
+    view = memoryview(buffer)
     position = received = taken = 0
     for chunk in chunks:
         received += len(chunk)
         end = position + len(chunk)
-        if end > first:
-            piece = chunk[max(0, first - position) : first + length - position]
-            parts.append(piece)
+        if end > first and taken < length:
+            piece = memoryview(chunk)[max(0, first - position) : first + length - position]
+            view[taken : taken + len(piece)] = piece
             taken += len(piece)
         position = end
         if taken >= length:
             break
-    return b"".join(parts), received
+    del view
+    return (buffer if taken == length else buffer[:taken]), received
 
 
 def _first_line(err: Exception | None) -> str:
