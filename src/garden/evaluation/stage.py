@@ -195,6 +195,8 @@ def evaluate(series: CheckpointSeries, plan: EvaluationPlan, cfg, cache_dir: Pat
                                   progress)  # fmt: skip
     n_layers, n_heads = records[plan.steps[-1]]["n_layers"], records[plan.steps[-1]]["n_heads"]
     table = pd.DataFrame([records[s] for s in plan.steps]).drop(columns=["n_layers", "n_heads", "content"])
+    # One column order whether the records were scored now or read back from the cache (sorted there).
+    table = table[["step", *sorted(c for c in table.columns if c != "step")]]
     return EvaluationResult(table, n_layers, n_heads)
 
 
