@@ -77,7 +77,6 @@ SAFETENSORS_DTYPES = {
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 HEADER_PROBE = 100_000  # one request usually holds the whole header (Pythia's are ~20-40 kB)
 MANIFEST_FORMAT = 2  # bump when the manifest's records change shape: older ones are relearnt
-ID_KINDS = ("sha256", "git-blob", "etag")  # how a file's content id was known, most to least trusted
 
 
 class TransientError(Exception):
