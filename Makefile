@@ -26,7 +26,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 bench: install
-	$(PY) tests/bench.py $(ARGS)
+	$(PY) benchmarks/bench.py $(ARGS)
 
 # The DVC study: params.yaml from conf/study.yaml (what `dvc exp run -S` composes), then every stage.
 params: install
@@ -40,7 +40,7 @@ compare: install
 	$(PY) -m garden.compare $(ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests benchmarks
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -27,6 +27,10 @@ from garden.extract import ExtractionPlan, extract
 from garden.hub import HubSeries
 from garden.series import Prefetcher
 
+# The fake Hub is test support (tests/fakehub.py); the bench serves its series with it too.
+FAKEHUB = Path(__file__).resolve().parents[1] / "tests" / "fakehub.py"
+sys.path.insert(0, str(FAKEHUB.parent))
+
 HEAD = "embed_out.weight"
 FORMATS = ("safetensors", "sharded_safetensors", "bin", "sharded_bin", "12b_like_sharded_bin")
 # pythia-12b's layout at small scale: its 36 blocks and vocabulary at a tenth of its width, in three
@@ -140,8 +144,7 @@ class ThrottledHub:
     """The fake Hub in a process of its own (so that serving does not share the bench's interpreter)."""
 
     def __init__(self, root: Path, bandwidth: float, latency: float):
-        script = Path(__file__).with_name("fakehub.py")
-        command = [sys.executable, str(script), str(root), "--bandwidth", str(bandwidth), "--latency",
+        command = [sys.executable, str(FAKEHUB), str(root), "--bandwidth", str(bandwidth), "--latency",
                    str(latency), "--seconds", "1800"]  # fmt: skip
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         self.url = self.process.stdout.readline().strip()
