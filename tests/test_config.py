@@ -15,7 +15,7 @@ GROUPS = {
     ],
     "layer": ["unembedding", "embedding", "attn_qkv", "attn_out", "mlp_in", "mlp_out"],
     "metrics": ["forking_paths", "minimal"],
-    "steps": ["all", "eval", "every", "list"],
+    "steps": ["all", "eval", "every", "list", "log"],
     "tracking": ["mlflow"],
     "corpus": ["shakespeare"],
 }

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from garden.errors import GardenError
@@ -40,7 +41,8 @@ def test_list_selection_and_missing_steps_are_named():
 @pytest.mark.parametrize(
     "selection, message",
     [
-        ({"select": "sometimes"}, "valid: all, eval, every, list"),
+        ({"select": "sometimes"}, "valid: all, eval, every, list, log"),
+        ({"select": "log", "count": 1}, "steps.count must be an integer >= 2"),
         ({"select": "every", "stride": 0}, "positive integer"),
         ({"select": "list", "values": []}, "needs steps.values"),
         ({"select": "list", "values": [0]}, "at least two checkpoints"),
@@ -49,3 +51,14 @@ def test_list_selection_and_missing_steps_are_named():
 def test_bad_selections_fail_clearly(selection, message):
     with pytest.raises(GardenError, match=message):
         select_steps(PYTHIA_STEPS, selection)
+
+
+def test_log_subset_spaces_steps_evenly_per_decade_on_any_schedule():
+    chosen = select_steps(PYTHIA_STEPS, {"select": "log", "count": 20})
+    assert len(chosen) == 20 and chosen[0] == 0 and chosen[-1] == 143000
+    assert chosen[1:11] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]  # the dense early part, one per octave
+    olmo_like = list(range(1000, 929001, 1000))  # a branch every 1000 steps, from step 1000
+    picked = select_steps(olmo_like, {"select": "log", "count": 7})
+    targets = np.geomspace(1000, 929000, 7)  # each pick is the branch nearest numpy's geometric target
+    assert len(picked) == 7 and all(abs(p - t) <= 500 for p, t in zip(picked, targets, strict=True))
+    assert select_steps([0, 5, 10], {"select": "log", "count": 30}) == [0, 5, 10]  # fewer than asked: all

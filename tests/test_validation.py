@@ -39,6 +39,7 @@ from garden.validation import SETTINGS, TINY_SETTINGS, check_tracking_store
         ("model.train.seq_len=999", r"model.train.seq_len=999 is not valid; valid: at most"),
         ("series.retries=-2", r"series.retries=-2 is not valid"),
         ("series.prefetch=-1", r"series.prefetch=-1 is not valid; valid: an integer in \[0, 64\]"),
+        ("steps=log steps.count=1", r"steps.count=1 is not valid; valid: an integer >= 2"),
         ("progress=maybe", r"progress='maybe' is not valid; valid: true or false"),
         (
             "evaluation.cka.threshold=1.5",
@@ -59,7 +60,7 @@ def test_a_bad_setting_fails_at_once_naming_it_with_nothing_done(tmp_path, compo
         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
         "progress=false",
     ]
-    cfg = compose_config(*defaults, override)
+    cfg = compose_config(*defaults, *override.split(" "))
     began = time.perf_counter()
     with pytest.raises(GardenError, match=message):
         run(cfg, output_dir=tmp_path / "out")

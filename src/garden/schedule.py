@@ -1,12 +1,14 @@
-"""Checkpoint schedules (Pythia's and scaled copies of it) and the step selections of conf/steps/."""
+"""Checkpoint schedules (Pythia's and scaled copies of it) and the step selections of conf/steps/, which
+work on any series' steps."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from garden.errors import GardenError
 
-STEP_SELECTIONS = ("all", "eval", "every", "list")
+STEP_SELECTIONS = ("all", "eval", "every", "list", "log")
 
 
 def log_linear_schedule(interval: int, total: int) -> list[int]:
@@ -40,6 +42,27 @@ def eval_subset(steps: Sequence[int]) -> list[int]:
     return sorted(set(log_part + linear[:1] + linear[2::10] + linear[-1:]))
 
 
+def log_subset(steps: Sequence[int], count: int) -> list[int]:
+    """`count` steps spaced evenly in log(step) from the first positive step to the last (step 0 kept
+    when the series has it): the same density per decade on any schedule, Pythia's 154 steps from 0 or
+    OLMo-2's hundreds of branches from step 1000. Each target takes the nearest step not yet taken, so
+    exactly `count` come back whenever the series has that many."""
+    steps = sorted(set(steps))
+    if len(steps) <= count:
+        return steps
+    chosen = [0] if steps[0] == 0 else []
+    positive = [s for s in steps if s > 0]
+    wanted = count - len(chosen)
+    low, high = math.log(positive[0]), math.log(positive[-1])
+    free = list(positive)
+    for i in range(wanted):
+        target = low + (high - low) * i / max(wanted - 1, 1)
+        nearest = min(free, key=lambda s: (abs(math.log(s) - target), s))
+        free.remove(nearest)
+        chosen.append(nearest)
+    return sorted(chosen)
+
+
 def select_steps(available: Sequence[int], selection: dict) -> list[int]:
     """Apply a conf/steps/ selection to the steps a series has; errors name what is valid."""
     available = sorted(available)
@@ -70,6 +93,11 @@ def select_steps(available: Sequence[int], selection: dict) -> list[int]:
                 f"{_abbreviate(available)}"
             )
         chosen = wanted
+    elif kind == "log":
+        count = selection.get("count")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 2:
+            raise GardenError(f"steps.count must be an integer >= 2, got {count!r}")
+        chosen = log_subset(available, count)
     else:
         raise GardenError(f"unknown step selection {kind!r}; valid: {', '.join(STEP_SELECTIONS)}")
     if len(chosen) < 2:

@@ -77,6 +77,7 @@ SETTINGS: dict[str, Rule] = {
     "progress": BOOLEAN,
     "series.on_bad_step": choice(*BAD_STEP_POLICIES),
     "series.prefetch": integer(0, 64),
+    "steps.count": integer(2),
     "series.retries": integer(0),
     "series.backoff_seconds": NONNEGATIVE,
     "series.timeout_seconds": POSITIVE,
