@@ -301,18 +301,14 @@ def _handler(hub: FakeHub):
 
         def _error(self, status: int, code: str, message: str) -> None:
             body = json.dumps({"error": message}).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("X-Error-Code", code)
-            self.send_header("X-Error-Message", message)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
+            self._send(status, body, "application/json", {"X-Error-Code": code, "X-Error-Message": message})
 
-        def _send(self, status: int, body: bytes, content_type: str = "text/plain") -> None:
+        def _send(self, status: int, body: bytes, content_type: str = "text/plain",
+                  headers: dict[str, str] | None = None) -> None:  # fmt: skip
             self.send_response(status)
             self.send_header("Content-Type", content_type)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             if self.command != "HEAD":

@@ -54,6 +54,7 @@ PRODUCERS: dict[str, tuple[str, ...]] = {
         "garden.hub:HubSeries._fetch_tensor",
         "garden.hub:HubSeries._range_read_tensor",
         "garden.hub:HubSeries._range_read_bin_tensor",
+        "garden.hub:HubSeries._with_zip_reader",
         "garden.hub:HubSeries._range",
         "garden.hub:_slice_of",
         "garden.torchzip",

@@ -541,6 +541,11 @@ def extract(
         )
 
 
+def _step_depends(fingerprint: str, ref_fp: str, prev_step: int | None, prev_fp: str) -> str:
+    """What a step's record was computed from: its weights, the reference's and its predecessor's."""
+    return f"{fingerprint}|ref:{ref_fp}|prev:{prev_step}:{prev_fp}"
+
+
 def _planned_reads(series: CheckpointSeries, plan: ExtractionPlan, folder: Path,
                    ref_fp: str) -> tuple[list[int], dict[int, tuple[str, dict]]]:  # fmt: skip
     """The records the pass can reuse (with the dependency string each was checked against), and the
@@ -550,7 +555,7 @@ def _planned_reads(series: CheckpointSeries, plan: ExtractionPlan, folder: Path,
     prev_step, prev_fp, reference_read, prev_in_memory = None, "", False, False
     for step in plan.steps:
         fingerprint = series.fingerprint(step, plan.tensor)
-        depends = f"{fingerprint}|ref:{ref_fp}|prev:{prev_step}:{prev_fp}"
+        depends = _step_depends(fingerprint, ref_fp, prev_step, prev_fp)
         record = _load_record(folder / "steps" / f"step{step}.npz", depends)
         if record is None:
             if not reference_read:
@@ -606,7 +611,7 @@ def _extract(series: CheckpointSeries, plan: ExtractionPlan, folder: Path, progr
     try:
         for step in bar:
             fingerprint = series.fingerprint(step, plan.tensor)
-            depends = f"{fingerprint}|ref:{ref_fp}|prev:{prev_step}:{prev_fp}"
+            depends = _step_depends(fingerprint, ref_fp, prev_step, prev_fp)
             path = folder / "steps" / f"step{step}.npz"
             known = reusable.pop(step, None)
             record = known[1] if known is not None and known[0] == depends else _load_record(path, depends)

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from huggingface_hub import (
@@ -66,6 +67,7 @@ from garden.series import (
 )
 
 log = logging.getLogger("garden.hub")
+T = TypeVar("T")
 logging.getLogger("httpx2").setLevel(logging.WARNING)  # one INFO line per request drowns the job log
 
 WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, BIN, BIN_INDEX)
@@ -262,7 +264,7 @@ class HubSeries(CheckpointSeries):
         def head():
             try:
                 return get_hf_file_metadata(url, timeout=self.timeout_seconds)
-            except (RemoteEntryNotFoundError, HfHubHTTPError) as err:
+            except HfHubHTTPError as err:
                 if not required and (isinstance(err, RemoteEntryNotFoundError) or _unsupported(err)):
                     return None
                 raise
@@ -336,17 +338,16 @@ class HubSeries(CheckpointSeries):
         return self.locate(step, tensor).key
 
     def content_id(self, step: int, tensor: str) -> str | None:
-        return self.locate(step, tensor).key
+        return self.fingerprint(step, tensor)
 
     def checkpoint_content_id(self, step: int) -> str:
         """The content ids of every weight file of the revision (shards included), known without reading."""
         files = self._revision(step)["files"]
-        ids = {name: f"{entry['id_kind']}-{entry['id']}" for name, entry in files.items()}
+        ids = {name: _id_of(entry) for name, entry in files.items()}
         for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
             if index_name in files:
                 for shard in sorted(set(self._weight_map(step, index_name).values())):
-                    entry = self._shard(step, shard)
-                    ids[shard] = f"{entry['id_kind']}-{entry['id']}"
+                    ids[shard] = _id_of(self._shard(step, shard))
                 break
         return hashlib.sha256(json.dumps(ids, sort_keys=True).encode()).hexdigest()
 
@@ -529,18 +530,10 @@ class HubSeries(CheckpointSeries):
             raise GardenError(
                 f"step {remote.step}: HF_HUB_OFFLINE is set and the layout of {remote.filename} is not cached"
             )
-
-        def learn() -> dict:
-            reader = torchzip.TorchZipReader(
-                lambda first, last: self._range(remote, first, last), remote.size
-            )
-            try:
-                return reader.layout()
-            except torchzip.CorruptMember as err:
-                raise TransientError(str(err)) from err
-
         try:
-            layout = self._call(learn, f"step {remote.step}: reading the layout of {remote.filename}")
+            layout = self._with_zip_reader(
+                remote, None, torchzip.TorchZipReader.layout, f"reading the layout of {remote.filename}"
+            )
         except RangeIgnored:
             return None
         except torchzip.NotTorchZip as err:
@@ -550,10 +543,6 @@ class HubSeries(CheckpointSeries):
                 remote.step, remote.filename, err,
             )  # fmt: skip
             layout = {"legacy": True}
-        except GardenError as err:
-            if str(err).startswith(f"step {remote.step}:"):
-                raise
-            raise GardenError(f"step {remote.step}: {remote.filename}: {err}") from err
         layout["code"] = code
         with self._lock:
             headers[remote.key] = layout
@@ -565,21 +554,38 @@ class HubSeries(CheckpointSeries):
         against its CRC-32 and fetched again when it fails."""
         if name not in layout["tensors"]:
             raise missing_tensor_error(remote.step, name, list(layout["tensors"]))
+        return self._with_zip_reader(
+            remote, layout, lambda reader: reader.tensor(name), f"reading {name} from {remote.filename}"
+        )
 
-        def fetch() -> torch.Tensor:
-            reader = torchzip.TorchZipReader.from_layout(
-                lambda first, last: self._range(remote, first, last), remote.size, layout
+    def _with_zip_reader(self, remote: RemoteFile, layout: dict | None,
+                         use: Callable[[torchzip.TorchZipReader], T], what: str) -> T:  # fmt: skip
+        """`use` a reader of the remote `.bin` (one that already knows `layout`, when given) under the
+        retry loop: bytes that fail their CRC-32 are fetched again; the reader's own errors name the step
+        and the file; a legacy file (NotTorchZip) and a server ignoring Range (RangeIgnored) pass through
+        for the caller to fall back on a whole download."""
+
+        def read(first: int, last: int) -> bytes:
+            return self._range(remote, first, last)
+
+        def attempt() -> T:
+            reader = (
+                torchzip.TorchZipReader(read, remote.size)
+                if layout is None
+                else torchzip.TorchZipReader.from_layout(read, remote.size, layout)
             )
             try:
-                return reader.tensor(name)
+                return use(reader)
             except torchzip.CorruptMember as err:
                 raise TransientError(str(err)) from err
+            except (torchzip.NotTorchZip, RangeIgnored):
+                raise
             except GardenError as err:
-                if str(err).startswith(f"step {remote.step}:"):  # already names the step (a failed read)
+                if str(err).startswith(f"step {remote.step}:"):  # a failed read already names the step
                     raise
                 raise GardenError(f"step {remote.step}: {remote.filename}: {err}") from err
 
-        return self._call(fetch, f"step {remote.step}: reading {name} from {remote.filename}")
+        return self._call(attempt, f"step {remote.step}: {what}")
 
     def _range(self, remote: RemoteFile, first: int, last: int) -> bytes:
         """Bytes [first, last] of a remote file, exactly that many, retried with backoff.
@@ -799,6 +805,11 @@ class HubSeries(CheckpointSeries):
                 "how": self.how.get(step, "cache"), "bytes_fetched": self.fetched.get(step, 0),
             })  # fmt: skip
         return rows
+
+
+def _id_of(record: dict) -> str:
+    """A manifest file record's content id with its kind (sha256-…, git-blob-…, etag-…)."""
+    return f"{record['id_kind']}-{record['id']}"
 
 
 def _remote(step: int, filename: str, record: dict, fmt: str) -> RemoteFile:

@@ -164,6 +164,7 @@ class _Storage:
 
 
 _TENSOR_TYPE = object()  # torch.Tensor / Parameter as `_rebuild_from_type_v2`'s new_type
+TORCH_DTYPES = {name: value for name, value in vars(torch).items() if isinstance(value, torch.dtype)}
 LEGACY_STORAGES = {
     "Double": torch.float64, "Float": torch.float32, "Half": torch.float16, "BFloat16": torch.bfloat16,
     "Long": torch.int64, "Int": torch.int32, "Short": torch.int16, "Char": torch.int8,
@@ -212,7 +213,7 @@ class _RecordingUnpickler(pickle.Unpickler):
             "torch._tensor._rebuild_from_type_v2": self.rebuild_from_type_v2,
         }
         self.allowed |= {f"torch.{k}Storage": _StorageType(v) for k, v in LEGACY_STORAGES.items()}
-        self.allowed |= {f"torch.{k}": v for k, v in vars(torch).items() if isinstance(v, torch.dtype)}
+        self.allowed |= {f"torch.{name}": dtype for name, dtype in TORCH_DTYPES.items()}
 
     def find_class(self, module: str, name: str) -> Any:
         try:
@@ -391,14 +392,9 @@ class TorchZipReader:
         reader = cls(read, size)
         reader.prefix, reader.big_endian = layout["prefix"], bool(layout["big_endian"])
         reader._directory = {name: ZipEntry(name, *fields) for name, fields in layout["members"].items()}
-        dtypes = {
-            name: getattr(torch, name)
-            for name, value in vars(torch).items()
-            if isinstance(value, torch.dtype)
-        }
         reader._records = {
-            name: TensorRecord(t["storage_key"], dtypes[t["dtype"]], tuple(t["shape"]), tuple(t["stride"]),
-                               int(t["storage_offset"]), dict(t["metadata"]))
+            name: TensorRecord(t["storage_key"], TORCH_DTYPES[t["dtype"]], tuple(t["shape"]),
+                               tuple(t["stride"]), int(t["storage_offset"]), dict(t["metadata"]))
             for name, t in layout["tensors"].items()
         }  # fmt: skip
         reader._data_offsets = dict(layout["data_offsets"])

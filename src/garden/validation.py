@@ -75,9 +75,9 @@ NONNEGATIVE = number(0.0)
 SETTINGS: dict[str, Rule] = {
     "seed": integer(0),
     "progress": BOOLEAN,
+    "steps.count": integer(2),
     "series.on_bad_step": choice(*BAD_STEP_POLICIES),
     "series.prefetch": integer(0, 64),
-    "steps.count": integer(2),
     "series.retries": integer(0),
     "series.backoff_seconds": NONNEGATIVE,
     "series.timeout_seconds": POSITIVE,
@@ -155,6 +155,10 @@ def check_settings(cfg: DictConfig) -> None:
         )
     if cfg.model.get("source") == "tiny":
         _check_tiny(cfg.model)
+    endpoint = OmegaConf.select(cfg, "series.endpoint", default=None)
+    if endpoint is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", str(endpoint)):
+        raise GardenError(f"series.endpoint={endpoint!r} is not valid; valid: null (HF_ENDPOINT, else "
+                          "the Hub) or an http(s):// URL of a Hub-API server")  # fmt: skip
 
 
 def _check_tiny(model) -> None:
@@ -193,10 +197,6 @@ def check_paths(cfg: DictConfig) -> None:
     check_writable("paths.data_dir", cfg.paths.data_dir)
     if cfg.model.get("source") == "hub":
         check_writable("paths.cache_dir", cfg.paths.cache_dir)
-        endpoint = cfg.series.get("endpoint")
-        if endpoint is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", str(endpoint)):
-            raise GardenError(f"series.endpoint={endpoint!r} is not valid; valid: null (HF_ENDPOINT, else "
-                              "the Hub) or an http(s):// URL of a Hub-API server")  # fmt: skip
     if cfg.paths.get("hf_cache"):
         check_writable("paths.hf_cache", cfg.paths.hf_cache)
 
