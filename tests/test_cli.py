@@ -62,7 +62,9 @@ def test_cli_logs_the_forking_paths_run(tmp_path, fork_series):
     run = found[0]
     assert run.info.status == "FINISHED"
     assert run.info.run_name == "local/standard/unembedding"
-    assert run.data.params["layer.pattern"] == "embed_out.weight"
+    assert run.data.params["layer.role"] == "unembedding"
+    assert run.data.tags["garden.tensor"] == "embed_out.weight"
+    assert run.data.tags["garden.family"] == "gpt_neox"  # detected from the tensor names
     assert run.data.params["model.path"] == str(fork_series)
     assert run.data.params["metrics.bifurcation_criterion"] == "bimodality_coefficient"
     for key in ("msd", "displacement", "bimodality_coefficient", "std"):
@@ -183,8 +185,8 @@ def test_corrupt_step_fails_the_run_naming_the_step(tmp_path, fork_series, compo
     with pytest.raises(GardenError, match=re.escape("step 16: cannot read")) as failed:
         run_in_process(compose_config, tmp_path, "model=local", f"model.path={broken}")
     assert str(broken / "step16") in str(failed.value)
-    _, (run,) = runs(tmp_path)
-    assert run.info.status == "FAILED"
+    _, found = runs(tmp_path)  # found while looking for duplicated steps (before the run), or in the run
+    assert all(r.info.status == "FAILED" for r in found)
 
 
 def test_missing_step_folder_weights(tmp_path, fork_series, compose_config):

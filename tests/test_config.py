@@ -5,15 +5,18 @@ from pathlib import Path
 import pytest
 from hydra.errors import MissingConfigException
 
+from garden import families
 from garden.config import config_dir
+from garden.layers import resolve_layer
 
 GROUPS = {
     "model": ["tiny", "local"]
     + [
         f"pythia-{size}"
         for size in ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")
-    ],
-    "layer": ["unembedding", "embedding", "attn_qkv", "attn_out", "mlp_in", "mlp_out"],
+    ]
+    + [f"olmo2-{size}" for size in ("1b", "7b", "13b", "32b")],
+    "layer": list(families.ROLES),  # every role is a layer option, valid for every family
     "metrics": ["forking_paths", "minimal"],
     "steps": ["all", "eval", "every", "list", "log"],
     "tracking": ["mlflow"],
@@ -31,7 +34,7 @@ def test_config_tree_is_found_and_complete():
 def test_defaults(compose_config):
     cfg = compose_config()
     assert cfg.model.name == "tiny" and cfg.layer.name == "unembedding" and cfg.steps.select == "all"
-    assert cfg.layer.pattern == "embed_out.weight"
+    assert cfg.layer.role == "unembedding" and cfg.model.family == "gpt_neox"
     assert cfg.tracking.experiment == "garden"
     assert cfg.metrics.bifurcation_criterion == "bimodality_coefficient"
     assert cfg.variant == "standard"
@@ -45,7 +48,11 @@ def test_every_group_option_composes(compose_config, group, option):
 
 def test_block_layers_take_an_index(compose_config):
     cfg = compose_config("layer=mlp_out", "layer.index=3")
-    assert cfg.layer.pattern.format(index=cfg.layer.index) == "gpt_neox.layers.3.mlp.dense_4h_to_h.weight"
+    resolved = resolve_layer(cfg.layer, families.get(cfg.model.family), 4)
+    assert resolved.tensor == "gpt_neox.layers.3.mlp.dense_4h_to_h.weight"
+    olmo = compose_config("model=olmo2-1b", "layer=mlp_out", "layer.index=3")
+    resolved = resolve_layer(olmo.layer, families.get(olmo.model.family), 16)
+    assert resolved.tensor == "model.layers.3.mlp.down_proj.weight"
     cfg = compose_config("layer.tensor=gpt_neox.embed_in.weight")
     assert cfg.layer.tensor == "gpt_neox.embed_in.weight"
 
@@ -121,7 +128,7 @@ def test_stages_refuse_bad_input_naming_the_choices(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = compose_study()
     (tmp_path / "params.yaml").write_text(OmegaConf.to_yaml(cfg))
-    unknown = r"Could not find .model/gpt2. \(models: local, pythia-1.4b, .*, tiny\)"
+    unknown = r"Could not find .model/gpt2. \(models: local, olmo2-13b, .*, pythia-1.4b, .*, tiny\)"
     with pytest.raises(SystemExit, match=unknown):
         main(["sweep", "--model", "gpt2", "--variant", "standard"])
     with pytest.raises(SystemExit, match="model=pythia-14m has no deduped variant; it has: standard"):

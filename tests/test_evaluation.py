@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import subprocess
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from conftest import SHRUNK_TINY, run_garden
+from garden import families
 from garden.evaluation.data import lambada_from_text
 from garden.evaluation.perplexity import (
     LambadaExample,
@@ -97,7 +99,11 @@ def test_ov_singular_values_match_the_explicit_product():
     head_dim = d // heads
     qkv = torch.randn(3 * d, d, generator=gen, dtype=torch.float64)
     dense = torch.randn(d, d, generator=gen, dtype=torch.float64)
-    fast = ov_singular_values(qkv, dense, heads)
+    block = SimpleNamespace(attention=SimpleNamespace(query_key_value=torch.nn.Linear(d, 3 * d),
+                                                      dense=torch.nn.Linear(d, d)))  # fmt: skip
+    block.attention.query_key_value.weight.data, block.attention.dense.weight.data = qkv, dense
+    circuits = families.get("gpt_neox").ov_circuits(block, SimpleNamespace(num_attention_heads=heads))
+    fast = ov_singular_values(circuits)
     rows = qkv.reshape(heads, 3, head_dim, d)
     for h in range(heads):
         product = dense[:, h * head_dim : (h + 1) * head_dim] @ rows[h, 2]

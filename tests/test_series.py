@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import neox_state, write_series
+from garden import families
 from garden.errors import GardenError
 from garden.layers import resolve_layer
 from garden.series import LocalSeries
@@ -58,7 +59,7 @@ def test_bad_paths_and_files_name_the_path_and_step(tmp_path):
     with pytest.raises(GardenError, match="is not a directory"):
         LocalSeries(tmp_path / "absent")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(GardenError, match=r"holds no step\{N\}/ folders"):
+    with pytest.raises(GardenError, match=r"holds no checkpoint folders \(e.g. step0/"):
         LocalSeries(tmp_path / "empty").steps()
     root = small_series(tmp_path / "s")
     (root / "step3").mkdir()
@@ -78,20 +79,21 @@ def test_corrupt_bin_names_the_step(tmp_path):
 
 
 def test_layer_resolution_and_index_range():
-    block = {
-        "name": "mlp_out",
-        "pattern": "gpt_neox.layers.{index}.mlp.dense_4h_to_h.weight",
-        "index": 1,
-        "tensor": None,
-    }
+    block = {"name": "mlp_out", "role": "mlp_out", "index": 1, "tensor": None}
     from omegaconf import OmegaConf
 
-    assert resolve_layer(OmegaConf.create(block), 2).tensor == "gpt_neox.layers.1.mlp.dense_4h_to_h.weight"
-    assert resolve_layer(OmegaConf.create({**block, "index": -1}), 2).label == "mlp_out.1"
+    neox = families.get("gpt_neox")
+    resolved = resolve_layer(OmegaConf.create(block), neox, 2)
+    assert resolved.tensor == "gpt_neox.layers.1.mlp.dense_4h_to_h.weight"
+    assert resolve_layer(OmegaConf.create({**block, "index": -1}), neox, 2).label == "mlp_out.1"
     with pytest.raises(GardenError, match=r"layer.index=2 is out of range.*valid layer.index is 0..1"):
-        resolve_layer(OmegaConf.create({**block, "index": 2}), 2)
-    exact = resolve_layer(OmegaConf.create({**block, "tensor": "W_V"}), None)
+        resolve_layer(OmegaConf.create({**block, "index": 2}), neox, 2)
+    exact = resolve_layer(OmegaConf.create({**block, "tensor": "W_V"}), None, None)
     assert (exact.tensor, exact.label) == ("W_V", "W_V")
+    with pytest.raises(GardenError, match=r"layer=mlp_out needs the model family.*gpt_neox.*olmo2"):
+        resolve_layer(OmegaConf.create(block), None, 2)
+    with pytest.raises(GardenError, match=r"layer.role='mlp_gate' is not valid; valid: unembedding"):
+        resolve_layer(OmegaConf.create({**block, "role": "mlp_gate"}), neox, 2)
 
 
 def test_the_prefetcher_reads_ahead_in_order_and_holds_at_most_depth_tensors():

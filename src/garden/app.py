@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from garden import cache
+from garden import cache, families
 from garden.errors import GardenError
 from garden.evaluation.stage import EvaluationPlan, plan_evaluation
 from garden.extract import ExtractionPlan, extract
@@ -28,6 +28,7 @@ from garden.schedule import select_steps
 from garden.series import (
     DUPLICATE_POLICIES,
     CheckpointSeries,
+    DerivedTensors,
     LocalSeries,
     apply_duplicate_policy,
     find_duplicates,
@@ -53,6 +54,9 @@ class SeriesHandle:
     num_layers: int | None
     tensor_names: Callable[[], list[str]]
     open: Callable[[], CheckpointSeries]
+    family: families.Family | None  # None: not known, and not needed (layer.tensor, no evaluation)
+    #: What derived roles need (head counts): model.architecture, else the series' config.json.
+    architecture: dict = field(default_factory=dict)
     artifacts: list[Path] = field(default_factory=list)
     # The shape of a tensor at the first step, where known without reading weights (None otherwise).
     tensor_shape: Callable[[str], tuple[int, ...] | None] = lambda name: None
@@ -69,9 +73,25 @@ class RunOutcome:
     tags: dict[str, str]
 
 
+def configured_family(cfg: DictConfig) -> families.Family | None:
+    """The family model.family names (None: detect it from the series)."""
+    name = cfg.model.get("family")
+    return None if name is None else families.get(str(name))
+
+
+def _architecture(cfg: DictConfig, config: dict | None) -> dict:
+    """model.architecture over the series' config.json: what roles and parameter counts need."""
+    known = (
+        OmegaConf.to_container(cfg.model.architecture, resolve=True) if cfg.model.get("architecture") else {}
+    )
+    return {**(config or {}), **known}  # type: ignore[dict-item]
+
+
 def describe_series(cfg: DictConfig) -> SeriesHandle:
     source = cfg.model.get("source")
     data_dir = Path(cfg.paths.data_dir)
+    family = configured_family(cfg)
+    pattern = cfg.model.get("revision_pattern")
     if source == "tiny":
         from garden.tiny import (
             COMPLETE_MARKER,
@@ -97,20 +117,26 @@ def describe_series(cfg: DictConfig) -> SeriesHandle:
             num_layers=int(cfg.model.architecture.num_hidden_layers),
             tensor_names=lambda: tensor_names_on_disk(cfg.model),
             open=open_tiny,
+            family=family or families.get("gpt_neox"),
+            architecture=_architecture(cfg, None),
             artifacts=[folder / "train_log.csv", folder / COMPLETE_MARKER],
             tensor_shape=lambda name: tensor_shapes_on_disk(cfg.model).get(name),
         )
     if source == "local":
         if not cfg.model.get("path"):
             raise GardenError("model=local needs model.path=<directory holding step{N}/ folders>")
-        series = LocalSeries(cfg.model.path, label=str(cfg.model.name), memo_dir=data_dir / CONTENT_IDS)
+        series = LocalSeries(cfg.model.path, label=str(cfg.model.name), memo_dir=data_dir / CONTENT_IDS,
+                             family=family, revision_pattern=pattern)  # fmt: skip
         steps = series.steps()
+        config = series.model_config()
         return SeriesHandle(
             label=series.label,
             steps=steps,
             num_layers=series.num_layers(steps[0]),
             tensor_names=lambda: series.tensor_names(steps[0]),
             open=lambda: series,
+            family=family or families.detect(config, lambda: series.tensor_names(steps[0])),
+            architecture=_architecture(cfg, config),
             tensor_shape=lambda name: series.tensor_shape(steps[0], name),
         )
     if source == "hub":
@@ -129,6 +155,7 @@ def hub_repo(cfg: DictConfig) -> str:
 def describe_hub_series(cfg: DictConfig) -> SeriesHandle:
     from garden.hub import HubSeries
 
+    family = configured_family(cfg)
     series = HubSeries(
         hub_repo(cfg),
         label=str(cfg.model.name),
@@ -138,6 +165,8 @@ def describe_hub_series(cfg: DictConfig) -> SeriesHandle:
         retries=int(cfg.series.retries),
         backoff_seconds=float(cfg.series.backoff_seconds),
         timeout_seconds=float(cfg.series.timeout_seconds),
+        family=family,
+        revision_pattern=cfg.model.get("revision_pattern"),
     )
     steps = series.steps()
     layers = cfg.model.get("architecture", {}).get("num_hidden_layers")
@@ -147,6 +176,8 @@ def describe_hub_series(cfg: DictConfig) -> SeriesHandle:
         num_layers=int(layers) if layers is not None else series.num_layers(steps[0]),
         tensor_names=lambda: series.tensor_names(steps[0]),
         open=lambda: series,
+        family=family or families.detect(series.model_config(), lambda: series.tensor_names(steps[0])),
+        architecture=_architecture(cfg, None),
         tensor_shape=lambda name: series.tensor_shape(steps[0], name),
     )
 
@@ -179,10 +210,11 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def resolve_tensor(cfg: DictConfig, handle: SeriesHandle) -> ResolvedLayer:
-    layer = resolve_layer(cfg.layer, handle.num_layers)
+    layer = resolve_layer(cfg.layer, handle.family, handle.num_layers, handle.architecture)
     names = handle.tensor_names()
-    if layer.tensor not in names:
-        raise missing_tensor_error(handle.steps[0], layer.tensor, names)
+    for part in layer.spec.parts:
+        if part not in names:
+            raise missing_tensor_error(handle.steps[0], part, names)
     return layer
 
 
@@ -192,7 +224,7 @@ def _drop_duplicates(series: CheckpointSeries, plan: ExtractionPlan, policy: str
     kept = apply_duplicate_policy(list(plan.steps), duplicates, policy)
     if duplicates:
         log.warning(
-            "%d duplicated checkpoint(s) (identical weight files): %s; series.on_duplicate=%s",
+            "%d duplicated checkpoint(s) (identical weights): %s; series.on_duplicate=%s",
             len(duplicates),
             ", ".join(f"step{d} = step{o}" for d, o in sorted(duplicates.items())),
             policy,
@@ -325,13 +357,17 @@ def plan_dynamics(cfg: DictConfig) -> DynamicsJob:
     plan = ExtractionPlan.from_config(cfg.extract, layer.tensor, steps, str(cfg.series.on_bad_step))
     if plan.reference_step not in handle.steps:
         raise GardenError(f"extract.reference_step={plan.reference_step} is not a step of the series")
-    shape = handle.tensor_shape(layer.tensor)
+    shape = None if layer.spec.derived else handle.tensor_shape(layer.tensor)
     if shape is not None:  # else checked on the first read, still before any statistics
         plan.resolve_unit_axis(shape)
     eval_plan = plan_evaluation(cfg, handle.steps)
+    if eval_plan is not None and "stability" in eval_plan.stages:
+        families.require(handle.family, "evaluation stage stability")
     run_name = cfg.tracking.get("run_name") or f"{cfg.model.name}/{cfg.variant}/{layer.label}"
 
     series = handle.open()
+    if layer.spec.derived:
+        series = DerivedTensors(series, layer.spec)
     missing = series.missing_from_cache(list(plan.steps), plan.tensor)
     if missing:
         raise GardenError(
@@ -347,6 +383,7 @@ def plan_dynamics(cfg: DictConfig) -> DynamicsJob:
         "garden.variant": str(cfg.variant),
         "garden.layer": layer.label,
         "garden.tensor": layer.tensor,
+        "garden.family": handle.family.name if handle.family else "unknown",
         "garden.series": series.identity,
         "garden.duplicates": ", ".join(f"step{d}=step{o}" for d, o in sorted(duplicates.items())) or "none",
         "garden.duplicates_policy": str(cfg.series.on_duplicate),
@@ -451,7 +488,8 @@ def evaluate_models(job: DynamicsJob, output_dir: Path, dynamics: dict,
     cfg = job.cfg
     excluded = {int(s) for s in excluded}  # steps the extraction excluded (series.on_bad_step)
     eval_plan = replace(job.eval_plan, steps=tuple(s for s in job.eval_plan.steps if s not in excluded))
-    result = evaluate(job.series, eval_plan, cfg, Path(cfg.paths.data_dir) / "evaluate", bool(cfg.progress))
+    result = evaluate(job.series, eval_plan, cfg, Path(cfg.paths.data_dir) / "evaluate", bool(cfg.progress),
+                      job.handle.family)  # fmt: skip
     table = result.table
     bifurcation_step = dynamics.get("bifurcation_step")
     summary, layers = summarise(result, cfg, bifurcation_step, dynamics.get("unit_bifurcation_step"))

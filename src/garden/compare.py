@@ -30,6 +30,7 @@ import pandas as pd
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from garden import families
 from garden.errors import GardenError
 from garden.figures import save_figures, step_axis
 from garden.metrics import HEADLINE
@@ -51,15 +52,18 @@ ONSETS = (
 
 
 def model_size(params: dict[str, str]) -> float | None:
-    """Parameters of a GPT-NeoX from its logged architecture: 12·L·d² (blocks) + 2·V·d (embedding and
-    unembedding), the count Pythia's names round (70m: 70.4M, 160m: 162M, 1.4b: 1.41B)."""
-    try:
-        layers = int(params["model.architecture.num_hidden_layers"])
-        width = int(params["model.architecture.hidden_size"])
-        vocab = int(params["model.architecture.vocab_size"])
-    except (KeyError, ValueError):
-        return None
-    return float(12 * layers * width**2 + 2 * vocab * width)
+    """Parameters of the run's model from its logged architecture, counted as its family counts them
+    (`model.family`; runs logged before families were GPT-NeoX)."""
+    prefix = "model.architecture."
+    architecture = {}
+    for key, value in params.items():
+        if key.startswith(prefix):
+            try:
+                architecture[key[len(prefix) :]] = int(value)
+            except ValueError:
+                continue
+    family = families.FAMILIES.get(params.get("model.family") or "gpt_neox")
+    return None if family is None else family.parameter_count(architecture)
 
 
 def power_law_fit(sizes: np.ndarray, steps: np.ndarray, prefix: str = "powerlaw") -> dict[str, float] | None:

@@ -1,4 +1,5 @@
-"""A checkpoint series on the Hugging Face Hub (the Pythia suite): one tensor per `step{N}` branch.
+"""A checkpoint series on the Hugging Face Hub: one tensor per checkpoint branch, the branches named as the
+model family names them (Pythia's `step{N}`, OLMo-2's `stage1-step{N}-tokens{M}B`; `garden.families`).
 
 What is fetched per step, and no more:
 - safetensors (single or sharded): the header by a range request, then the selected tensor's bytes;
@@ -53,7 +54,7 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from garden import cache, torchzip
+from garden import cache, families, torchzip
 from garden.errors import GardenError
 from garden.integrity import git_blob_id_of, sha256_of
 from garden.series import (
@@ -78,7 +79,7 @@ SAFETENSORS_DTYPES = {
 }  # fmt: skip
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 HEADER_PROBE = 100_000  # one request usually holds the whole header (Pythia's are ~20-40 kB)
-MANIFEST_FORMAT = 2  # bump when the manifest's records change shape: older ones are relearnt
+MANIFEST_FORMAT = 3  # bump when the manifest's records change shape: older ones are relearnt
 
 
 class TransientError(Exception):
@@ -88,10 +89,6 @@ class TransientError(Exception):
 class RangeIgnored(GardenError):
     """The server answered a range request of a `.bin` with the whole file: reading the zip's tail would
     stream all of it anyway, so the file is downloaded whole (once, verified) instead."""
-
-
-def revision_of(step: int) -> str:
-    return f"step{step}"
 
 
 def default_cache_dir() -> Path:
@@ -134,8 +131,14 @@ class HubSeries(CheckpointSeries):
         backoff_seconds: float = 1.0,
         timeout_seconds: float = 60.0,
         sleep: Callable[[float], None] = time.sleep,
+        family: families.Family | None = None,
+        revision_pattern: str | None = None,
     ):
+        """Branches are parsed by `family`'s revision pattern (or `revision_pattern`); with neither, by
+        any registered family's."""
         self.repo = repo
+        self.family = family
+        self.revision_pattern = revision_pattern
         self.label = label
         self.identity = f"hub:{repo}"
         self.retries = retries
@@ -157,6 +160,7 @@ class HubSeries(CheckpointSeries):
         #: How each step's tensor was obtained: range | download | cache (the most costly way wins).
         self.how: dict[int, str] = {}
         self._warned: set[str] = set()
+        self._revisions: dict[int, families.Revision] | None = None
         #: Set when the server answers a range request with the whole body (HTTP 200).
         self.ignores_range = False
         _note_old_cache(self.hf_cache)
@@ -170,7 +174,7 @@ class HubSeries(CheckpointSeries):
     def _load_manifest(self) -> dict:
         found = cache.read_json(self.manifest_path, "Hub manifest")
         if found is None or found.get("format") != MANIFEST_FORMAT:
-            return {"repo": self.repo, "format": MANIFEST_FORMAT, "steps": None, "revisions": {}}
+            return {"repo": self.repo, "format": MANIFEST_FORMAT, "branches": None, "revisions": {}}
         return found
 
     def _save_manifest(self) -> None:
@@ -181,13 +185,18 @@ class HubSeries(CheckpointSeries):
             if on_disk.get("format") == MANIFEST_FORMAT:
                 for section in ("revisions", "headers", "verified"):
                     self.manifest[section] = {**on_disk.get(section, {}), **self.manifest.get(section, {})}
-                if self.manifest.get("steps") is None:
-                    self.manifest["steps"] = on_disk.get("steps")
+                if self.manifest.get("branches") is None:
+                    self.manifest["branches"] = on_disk.get("branches")
             cache.write_json(self.manifest_path, self.manifest)
 
     def steps(self) -> list[int]:
-        """The `step{N}` branches of the repository (from the manifest when offline or already known)."""
-        if self.manifest.get("steps") is None:
+        return list(self.revisions)
+
+    @property
+    def revisions(self) -> dict[int, families.Revision]:
+        """{step: branch} of the checkpoint branches (the branch list from the manifest when offline or
+        already known; parsed here, so a changed model.revision_pattern needs no new listing)."""
+        if self.manifest.get("branches") is None:
             if self.offline():
                 raise GardenError(
                     f"HF_HUB_OFFLINE is set and {self.repo} has never been listed: nothing of it is cached "
@@ -196,19 +205,35 @@ class HubSeries(CheckpointSeries):
             refs = self._call(
                 lambda: self.api.list_repo_refs(self.repo), f"listing the branches of {self.repo}"
             )
-            steps = sorted(
-                int(b.name[4:]) for b in refs.branches if b.name.startswith("step") and b.name[4:].isdigit()
-            )
-            if not steps:
-                raise GardenError(f"{self.repo} on {self.endpoint} has no step{{N}} branches")
             with self._lock:
-                self.manifest["steps"] = steps
+                self.manifest["branches"] = sorted(b.name for b in refs.branches)
                 self._save_manifest()
-        return list(self.manifest["steps"])
+        if self._revisions is None:
+            where = f"{self.repo} on {self.endpoint}"
+            found = families.parse_revisions(
+                self.manifest["branches"], self.family, self.revision_pattern, where
+            )
+            if not found:
+                pattern = self.revision_pattern or (
+                    self.family.revision_pattern if self.family else "step{N}"
+                )
+                raise GardenError(f"{where} has no checkpoint branches matching {pattern!r}")
+            self._revisions = found
+        return self._revisions
+
+    def revision(self, step: int) -> str:
+        """The branch of a training step."""
+        try:
+            return self.revisions[step].name
+        except KeyError:
+            raise GardenError(
+                f"step {step}: {self.repo} has no such revision on {self.endpoint} (no branch is step "
+                f"{step}; check the steps setting, or model.revision_pattern)"
+            ) from None
 
     def _revision(self, step: int) -> dict:
         """The weight files of a revision with their content ids and sizes (one paths-info call, kept)."""
-        key = revision_of(step)
+        key = self.revision(step)
         known = self.manifest["revisions"].get(key)
         if known is not None:
             return known
@@ -225,7 +250,7 @@ class HubSeries(CheckpointSeries):
     def _records_of(self, step: int, names: tuple[str, ...]) -> dict[str, dict]:
         """The content id and size of each of `names` that the revision holds: one paths-info call, or,
         where the server has no paths-info API (some mirrors and proxies), a HEAD request per file."""
-        revision = revision_of(step)
+        revision = self.revision(step)
 
         def paths_info():
             try:
@@ -259,7 +284,7 @@ class HubSeries(CheckpointSeries):
 
     def _head_record(self, step: int, name: str, required: bool = False) -> dict | None:
         """A file's ETag and size from a HEAD request; None when the revision does not hold it."""
-        url = hf_hub_url(self.repo, name, revision=revision_of(step), endpoint=self.endpoint)
+        url = hf_hub_url(self.repo, name, revision=self.revision(step), endpoint=self.endpoint)
 
         def head():
             try:
@@ -319,7 +344,7 @@ class HubSeries(CheckpointSeries):
         files = self._revision(step)["files"]
         name, fmt = (SAFETENSORS, "safetensors") if SAFETENSORS in files else (BIN, "bin")
         if name not in files:
-            raise GardenError(f"step {step}: {self.repo}@step{step} has an index but no weights")
+            raise GardenError(f"step {step}: {self.repo}@{self.revision(step)} has an index but no weights")
         return _remote(step, name, files[name], fmt)
 
     def _shard_record(self, step: int, shard: str) -> dict:
@@ -383,10 +408,11 @@ class HubSeries(CheckpointSeries):
             whole = self._whole_file_in_cache(remote)
             if whole is None:
                 raise GardenError(
-                    f"step {step}: HF_HUB_OFFLINE is set and {name} of {self.repo}@step{step} is not cached"
+                    f"step {step}: HF_HUB_OFFLINE is set and {name} of {self.repo}@{self.revision(step)} "
+                    "is not cached"
                 )
             return self._tensor_of_file(step, whole, remote.fmt, name)
-        with cache.producing(cached, f"{name} of {self.repo}@step{step}"):
+        with cache.producing(cached, f"{name} of {self.repo}@{self.revision(step)}"):
             if cached.is_file():  # fetched by another job while this one waited
                 return self._from_tensor_cache(step, cached, name)
             tensor, how = self._fetch_tensor(remote, name)
@@ -600,7 +626,7 @@ class HubSeries(CheckpointSeries):
                 f"bytes (the size {self.endpoint} listed): the checkpoint is truncated or damaged"
             )
         url = hf_hub_url(
-            self.repo, remote.filename, revision=revision_of(remote.step), endpoint=self.endpoint
+            self.repo, remote.filename, revision=self.revision(remote.step), endpoint=self.endpoint
         )
         expected = last - first + 1
 
@@ -662,7 +688,7 @@ class HubSeries(CheckpointSeries):
     def _whole_file_in_cache(self, remote: RemoteFile) -> str | None:
         """The whole file, already in the standard Hugging Face cache (an earlier whole download)."""
         found = try_to_load_from_cache(
-            self.repo, remote.filename, revision=revision_of(remote.step), cache_dir=self.hf_cache
+            self.repo, remote.filename, revision=self.revision(remote.step), cache_dir=self.hf_cache
         )
         return found if isinstance(found, str) else None
 
@@ -672,7 +698,7 @@ class HubSeries(CheckpointSeries):
 
     def _download(self, step: int, filename: str, record: dict) -> str:
         """A whole file into the Hugging Face cache, verified against its content id (and size)."""
-        revision = revision_of(step)
+        revision = self.revision(step)
         cached = try_to_load_from_cache(self.repo, filename, revision=revision, cache_dir=self.hf_cache)
         if isinstance(cached, str) and self._verified(cached, record):
             return cached
@@ -781,7 +807,7 @@ class HubSeries(CheckpointSeries):
         stages; files already there are not fetched again."""
         from huggingface_hub import snapshot_download
 
-        revision = revision_of(step)
+        revision = self.revision(step)
         path = self._call(
             lambda: snapshot_download(
                 self.repo, revision=revision, cache_dir=self.hf_cache, endpoint=self.endpoint,
@@ -800,7 +826,8 @@ class HubSeries(CheckpointSeries):
         for step in steps:
             remote = self.locate(step, tensor)
             rows.append({
-                "step": step, "revision": revision_of(step), "file": remote.filename, "format": remote.fmt,
+                "step": step, "revision": self.revision(step), "tokens": self.revisions[step].tokens,
+                "file": remote.filename, "format": remote.fmt,
                 "content_id": remote.content_id, "id_kind": remote.id_kind, "file_size": remote.size,
                 "how": self.how.get(step, "cache"), "bytes_fetched": self.fetched.get(step, 0),
             })  # fmt: skip

@@ -8,6 +8,7 @@ materialises only the requested tensor) and zip-format `.bin` files are memory-m
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import re
 import struct
@@ -23,10 +24,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from garden import families
 from garden.cache import ContentMemo, content_hash, file_content_id
 from garden.errors import GardenError
+from garden.families import Revision, TensorSpec
 
-STEP_DIR = re.compile(r"^step(\d+)$")
 BLOCK_TENSOR = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 SAFETENSORS = "model.safetensors"
@@ -210,6 +212,11 @@ class CheckpointSeries(ABC):
         """A content hash of the whole checkpoint a model-level stage loads (keys its cached records)."""
         raise GardenError(f"{self.label} cannot provide whole checkpoints")
 
+    def same_checkpoint(self, step: int, earlier: int) -> bool:
+        """Whether two steps whose content ids match are one checkpoint served twice (the Hub's ids are
+        those of whole weight files: they are)."""
+        return True
+
     def num_layers(self, step: int) -> int | None:
         """Number of transformer blocks, from config.json or else from the tensor names."""
         config = self.model_config()
@@ -277,31 +284,42 @@ class Prefetcher:
 
 
 class LocalSeries(CheckpointSeries):
-    """A directory of `step{N}/` folders, each a Hugging Face checkpoint (any of the four layouts)."""
+    """A directory of checkpoint folders, each a Hugging Face checkpoint (any of the four layouts), named
+    like its family's revisions: `step{N}/` (GPT-NeoX), `stage1-step{N}-tokens{M}B/` (OLMo-2)."""
 
-    def __init__(self, root: str | Path, label: str = "local", memo_dir: Path | None = None):
+    def __init__(self, root: str | Path, label: str = "local", memo_dir: Path | None = None,
+                 family: families.Family | None = None, revision_pattern: str | None = None):  # fmt: skip
         """`memo_dir` keeps the content hashes of the series' files between runs (hashed once per file
-        version); without it they are hashed once per process."""
+        version); without it they are hashed once per process. Folder names are parsed by `family`'s
+        revision pattern (or `revision_pattern`); with neither, by any registered family's."""
         self.root = Path(root).expanduser()
         if not str(root).strip():
             raise GardenError("model.path is empty: give the directory that holds the step{N}/ folders")
         if not self.root.is_dir():
             raise GardenError(f"model.path {self.root} is not a directory")
         self.label = label
+        self.family = family
+        self.revision_pattern = revision_pattern
         self.identity = f"local:{self.root.resolve()}"
         name = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:16]
         self.memo = ContentMemo(None if memo_dir is None else Path(memo_dir) / f"{name}.json")
 
     @cached_property
+    def revisions(self) -> dict[int, Revision]:
+        """{step: the folder's name parsed}: its step, and its tokens where the name has them."""
+        names = [child.name for child in self.root.iterdir() if child.is_dir()]
+        found = families.parse_revisions(names, self.family, self.revision_pattern, f"model.path {self.root}")
+        if not found:
+            named = self.revision_pattern or (self.family.revision_pattern if self.family else None)
+            raise GardenError(
+                f"model.path {self.root} holds no checkpoint folders (e.g. step0/, step1000/, or "
+                f"stage1-step1000-tokens5B/){f' matching {named!r}' if named else ''}"
+            )
+        return found
+
+    @cached_property
     def _step_folders(self) -> dict[int, Path]:
-        folders = {}
-        for child in self.root.iterdir():
-            match = STEP_DIR.match(child.name)
-            if match and child.is_dir():
-                folders[int(match.group(1))] = child
-        if not folders:
-            raise GardenError(f"model.path {self.root} holds no step{{N}}/ folders (e.g. step0/, step1000/)")
-        return dict(sorted(folders.items()))
+        return {step: self.root / revision.name for step, revision in self.revisions.items()}
 
     def steps(self) -> list[int]:
         return list(self._step_folders)
@@ -352,6 +370,16 @@ class LocalSeries(CheckpointSeries):
         self.memo.save()
         return found
 
+    def content_id(self, step: int, tensor: str) -> str | None:
+        """The tensor's content hash: a step with an earlier step's id may repeat that checkpoint
+        (`same_checkpoint` tells)."""
+        return self.fingerprint(step, tensor)
+
+    def same_checkpoint(self, step: int, earlier: int) -> bool:
+        """Whole step folders compared (hashed only for steps whose tensor matched), so a tensor that
+        stops moving in a run that goes on is not taken for a duplicated checkpoint."""
+        return self.checkpoint_content_id(step) == self.checkpoint_content_id(earlier)
+
     def checkpoint_content_id(self, step: int) -> str:
         """A hash over every file of the step folder (weights, config, tokenizer), by name."""
         folder = self.folder(step)
@@ -375,6 +403,80 @@ class LocalSeries(CheckpointSeries):
         return None
 
 
+class DerivedTensors(CheckpointSeries):
+    """A series that also serves derived tensors (`TensorSpec.derive`: q rows of a fused qkv, separate
+    q/k/v joined): a read reads the stored parts and combines them; fingerprints and content ids combine
+    the parts', so caches and duplicates follow the stored bytes. Everything else is the inner series'."""
+
+    def __init__(self, inner: CheckpointSeries, spec: TensorSpec):
+        self.inner, self.spec = inner, spec
+        self.identity, self.label, self.remote = inner.identity, inner.label, inner.remote
+        try:  # the derivation's code is part of what cached statistics depend on
+            code = inspect.getsource(spec.derive)  # type: ignore[arg-type]
+        except (TypeError, OSError):  # a builtin such as torch.cat
+            code = repr(spec.derive)
+        self._how = f"{spec.how}|{hashlib.sha256(code.encode()).hexdigest()[:12]}"
+
+    def __getattr__(self, name: str):  # series-specific attributes (root, revisions, ...)
+        return getattr(self.inner, name)
+
+    def _combined(self, ids: list[str | None]) -> str | None:
+        if any(i is None for i in ids):
+            return None
+        return hashlib.sha256(f"{self._how}|{'|'.join(ids)}".encode()).hexdigest()  # type: ignore[arg-type]
+
+    def steps(self) -> list[int]:
+        return self.inner.steps()
+
+    def tensor_names(self, step: int) -> list[str]:
+        names = self.inner.tensor_names(step)
+        return [*names, self.spec.name] if all(p in names for p in self.spec.parts) else names
+
+    def read_tensor(self, step: int, name: str) -> torch.Tensor:
+        if name != self.spec.name:
+            return self.inner.read_tensor(step, name)
+        return self.spec.derive([self.inner.read_tensor(step, part) for part in self.spec.parts])
+
+    def fingerprint(self, step: int, tensor: str) -> str:
+        if tensor != self.spec.name:
+            return self.inner.fingerprint(step, tensor)
+        return self._combined([self.inner.fingerprint(step, part) for part in self.spec.parts])  # type: ignore[return-value]
+
+    def content_id(self, step: int, tensor: str) -> str | None:
+        if tensor != self.spec.name:
+            return self.inner.content_id(step, tensor)
+        return self._combined([self.inner.content_id(step, part) for part in self.spec.parts])
+
+    def missing_from_cache(self, steps: list[int], tensor: str) -> list[int]:
+        parts = self.spec.parts if tensor == self.spec.name else (tensor,)
+        return sorted({s for part in parts for s in self.inner.missing_from_cache(steps, part)})
+
+    def fetch_report(self, steps: list[int], tensor: str) -> list[dict] | None:
+        if tensor != self.spec.name:
+            return self.inner.fetch_report(steps, tensor)
+        reports = [self.inner.fetch_report(steps, part) or [] for part in self.spec.parts]
+        rows = {(row["step"], row["file"]): row for report in reports for row in report}  # one per file
+        return list(rows.values()) or None
+
+    def model_config(self) -> dict | None:
+        return self.inner.model_config()
+
+    def checkpoint_folder(self, step: int) -> Path:
+        return self.inner.checkpoint_folder(step)
+
+    def checkpoint_content_id(self, step: int) -> str:
+        return self.inner.checkpoint_content_id(step)
+
+    def same_checkpoint(self, step: int, earlier: int) -> bool:
+        return self.inner.same_checkpoint(step, earlier)
+
+    def bytes_fetched(self) -> int:
+        return self.inner.bytes_fetched()
+
+    def num_layers(self, step: int) -> int | None:
+        return self.inner.num_layers(step)
+
+
 DUPLICATE_POLICIES = ("exclude", "keep", "error")
 
 
@@ -386,9 +488,9 @@ def find_duplicates(series: CheckpointSeries, steps: list[int], tensor: str) -> 
         content = series.content_id(step, tensor)
         if content is None:
             continue
-        if content in first_with:
+        if content in first_with and series.same_checkpoint(step, first_with[content]):
             duplicates[step] = first_with[content]
-        else:
+        elif content not in first_with:
             first_with[content] = step
     return duplicates
 
@@ -407,7 +509,6 @@ def apply_duplicate_policy(steps: list[int], duplicates: dict[int, int], policy:
     listing = ", ".join(f"step{d} = step{o}" for d, o in sorted(duplicates.items()))
     if policy == "error":
         raise GardenError(
-            f"duplicated checkpoints (identical weight files): {listing}; "
-            "set series.on_duplicate=exclude or keep"
+            f"duplicated checkpoints (identical weights): {listing}; set series.on_duplicate=exclude or keep"
         )
     return [s for s in steps if s not in duplicates]

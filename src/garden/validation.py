@@ -155,6 +155,7 @@ def check_settings(cfg: DictConfig) -> None:
         )
     if cfg.model.get("source") == "tiny":
         _check_tiny(cfg.model)
+    _check_family(cfg)
     endpoint = OmegaConf.select(cfg, "series.endpoint", default=None)
     if endpoint is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", str(endpoint)):
         raise GardenError(f"series.endpoint={endpoint!r} is not valid; valid: null (HF_ENDPOINT, else "
@@ -191,6 +192,29 @@ def check_writable(key: str, folder: str | Path) -> None:
     except OSError as err:
         raise GardenError(f"{key}={str(folder)!r} is not writable ({err.strerror or err}); "
                           "valid: a folder garden can create and write to") from None  # fmt: skip
+
+
+def _check_family(cfg: DictConfig) -> None:
+    """model.family (a registered family), model.revision_pattern (a regex with a `step` group) and
+    layer.role (a role every family maps), before any series is listed."""
+    from garden import families
+    from garden.layers import check_role
+
+    if cfg.model.get("family") is not None:
+        families.get(str(cfg.model.family))
+    pattern = cfg.model.get("revision_pattern")
+    if pattern is not None:
+        try:
+            compiled = re.compile(str(pattern))
+        except re.error as err:
+            raise GardenError(f"model.revision_pattern={pattern!r} is not a regex: {err}") from None
+        if "step" not in compiled.groupindex:
+            raise GardenError(
+                f"model.revision_pattern={pattern!r} is not valid; valid: a regex with a (?P<step>\\d+) group"
+                " (and optionally (?P<tokens>\\d+), in billions)"
+            )
+    if cfg.get("layer") is not None:
+        check_role(cfg.layer)
 
 
 def check_paths(cfg: DictConfig) -> None:

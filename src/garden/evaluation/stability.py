@@ -27,24 +27,17 @@ def condition_number(singular_values: torch.Tensor) -> float:
     return float(s.max() / smallest) if smallest > 0 else float("inf")
 
 
-def ov_singular_values(
-    qkv_weight: torch.Tensor, dense_weight: torch.Tensor, n_heads: int
-) -> list[torch.Tensor]:
-    """Singular values of each head's OV circuit W_O[:, h] @ W_V[h] (d x d, rank <= head_dim).
+def ov_singular_values(circuits: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Singular values of each head's OV circuit W_O_h @ W_V_h (d x d, rank <= head_dim), from the
+    (W_O_h, W_V_h) pairs a model family gives (`Family.ov_circuits`, GQA-aware).
 
-    GPT-NeoX interleaves the fused qkv rows per head ([q_h | k_h | v_h] for each h), so V_h is the third
-    block of head h. The d x d product is never formed: with thin QRs W_O_h = Q_o R_o and
-    W_V_h^T = Q_v R_v, its non-zero singular values are those of the head_dim x head_dim R_o R_v^T.
+    The d x d product is never formed: with thin QRs W_O_h = Q_o R_o and W_V_h^T = Q_v R_v, its non-zero
+    singular values are those of the head_dim x head_dim R_o R_v^T.
     """
-    d = dense_weight.shape[0]
-    head_dim = d // n_heads
-    qkv = qkv_weight.double().reshape(n_heads, 3, head_dim, qkv_weight.shape[-1])
     out = []
-    for h in range(n_heads):
-        w_v = qkv[h, 2]  # head_dim x d
-        w_o = dense_weight.double()[:, h * head_dim : (h + 1) * head_dim]  # d x head_dim
-        r_o = torch.linalg.qr(w_o, mode="r").R
-        r_v = torch.linalg.qr(w_v.T, mode="r").R
+    for w_o, w_v in circuits:
+        r_o = torch.linalg.qr(w_o.double(), mode="r").R
+        r_v = torch.linalg.qr(w_v.double().T, mode="r").R
         out.append(torch.linalg.svdvals(r_o @ r_v.T))
     return out
 

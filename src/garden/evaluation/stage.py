@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from garden import cache
+from garden import cache, families
 from garden.errors import GardenError
 from garden.evaluation import data, stability
 from garden.evaluation.perplexity import (
@@ -31,6 +31,7 @@ from garden.evaluation.perplexity import (
     token_perplexity,
     token_windows,
 )
+from garden.families import Family
 from garden.schedule import select_steps
 from garden.series import CheckpointSeries
 
@@ -151,8 +152,10 @@ def load_tokenizer(series: CheckpointSeries, step: int):
         raise GardenError(f"no tokenizer in {folder} (needed to tokenize evaluation text): {err}") from err
 
 
-def evaluate(series: CheckpointSeries, plan: EvaluationPlan, cfg, cache_dir: Path, progress: bool = True):
-    """Run the plan's stages on each of its steps (final step first when CKA needs its activations)."""
+def evaluate(series: CheckpointSeries, plan: EvaluationPlan, cfg, cache_dir: Path, progress: bool = True,
+             family: Family | None = None):  # fmt: skip
+    """Run the plan's stages on each of its steps (final step first when CKA needs its activations);
+    `family` says which modules the stability stage reads."""
     ev = cfg.evaluation
     fraction = float(cfg.model.get("train", {}).get("heldout_fraction", 0.05))
     tokenizer = load_tokenizer(series, plan.steps[-1])
@@ -177,11 +180,10 @@ def evaluate(series: CheckpointSeries, plan: EvaluationPlan, cfg, cache_dir: Pat
         examples = encode_lambada(texts, tokenizer, max_length=int(max_length))
         if not examples:
             raise GardenError("no LAMBADA examples to score (empty source?)")
-    batch = (
-        data.cka_batch(ids, plan.cka_sequences, plan.seq_len, plan.seed)
-        if "stability" in plan.stages
-        else None
-    )
+    batch = None
+    if "stability" in plan.stages:
+        family = families.require(family, "evaluation stage stability")
+        batch = data.cka_batch(ids, plan.cka_sequences, plan.seq_len, plan.seed)
     digest = hashlib.sha256(windows.numpy().tobytes())
     digest.update(json.dumps([(e.context, e.target) for e in examples]).encode())
     if batch is not None:
@@ -192,7 +194,7 @@ def evaluate(series: CheckpointSeries, plan: EvaluationPlan, cfg, cache_dir: Pat
     order = [plan.steps[-1], *plan.steps[:-1]] if batch is not None else list(plan.steps)
     with cache.producing(folder, f"the evaluation of {series.identity}"):
         records = _evaluate_steps(series, plan, folder, order, contents, windows, examples, batch, pad_id,
-                                  progress)  # fmt: skip
+                                  family, progress)  # fmt: skip
     n_layers, n_heads = records[plan.steps[-1]]["n_layers"], records[plan.steps[-1]]["n_heads"]
     table = pd.DataFrame([records[s] for s in plan.steps]).drop(columns=["n_layers", "n_heads", "content"])
     # One column order whether the records were scored now or read back from the cache (sorted there).
@@ -200,7 +202,7 @@ def evaluate(series: CheckpointSeries, plan: EvaluationPlan, cfg, cache_dir: Pat
     return EvaluationResult(table, n_layers, n_heads)
 
 
-def _evaluate_steps(series, plan, folder, order, contents, windows, examples, batch, pad_id,
+def _evaluate_steps(series, plan, folder, order, contents, windows, examples, batch, pad_id, family,
                     progress) -> dict[int, dict]:  # fmt: skip
     """Each step's record: read back when it was made from the same checkpoint content, else scored."""
     reference = None
@@ -220,13 +222,13 @@ def _evaluate_steps(series, plan, folder, order, contents, windows, examples, ba
         if "lambada" in plan.stages:
             record.update(lambada_scores(model, examples, plan.batch_size, pad_id))
         if batch is not None:
-            record.update(weight_ranks(model))
-            acts = activations(model, torch.as_tensor(batch), plan.batch_size)
+            record.update(weight_ranks(model, family))
+            acts = activations(model, torch.as_tensor(batch), plan.batch_size, family)
             if reference is None:
                 reference = _final_activations(folder, acts if step == plan.steps[-1] else None)
             if reference is None:  # saved by an earlier run, now missing or damaged: compute it again
                 final_model = load_model(series, plan.steps[-1], plan)
-                fresh = activations(final_model, torch.as_tensor(batch), plan.batch_size)
+                fresh = activations(final_model, torch.as_tensor(batch), plan.batch_size, family)
                 reference = _final_activations(folder, fresh)
                 del final_model
             for kind, per_layer in acts.items():
@@ -273,19 +275,15 @@ def _final_activations(folder: Path, fresh: dict | None) -> dict[str, list[torch
     return cache.read_or_none(path, load, "evaluation record")
 
 
-def weight_ranks(model) -> dict[str, float]:
-    """PER and condition number of each block's MLP output weight; PER of each head's OV circuit."""
-    n_heads = model.config.num_attention_heads
+def weight_ranks(model, family: Family) -> dict[str, float]:
+    """PER and condition number of each block's MLP output weight; PER of each head's OV circuit (each
+    query head with its key/value group's W_V, as the family gives them)."""
     out: dict[str, float] = {}
-    for i, block in enumerate(model.gpt_neox.layers):
-        s = torch.linalg.svdvals(block.mlp.dense_4h_to_h.weight.detach().double().cpu())
+    for i, block in enumerate(family.blocks(model)):
+        s = torch.linalg.svdvals(family.mlp_output(block).weight.detach().double().cpu())
         out[f"per_mlp.{i}"] = stability.proportional_effective_rank(s)
         out[f"cond_mlp.{i}"] = stability.condition_number(s)
-        heads = stability.ov_singular_values(
-            block.attention.query_key_value.weight.detach().cpu(),
-            block.attention.dense.weight.detach().cpu(),
-            n_heads,
-        )
+        heads = stability.ov_singular_values(family.ov_circuits(block, model.config))
         values = [stability.proportional_effective_rank(s_h) for s_h in heads]
         for h, value in enumerate(values):
             out[f"per_ov.{i}.{h}"] = value
@@ -295,13 +293,13 @@ def weight_ranks(model) -> dict[str, float]:
 
 
 @torch.inference_mode()
-def activations(model, batch: torch.Tensor, batch_size: int) -> dict[str, list[torch.Tensor]]:
-    """Last-token outputs of every block's attention (OV output through attention.dense) and MLP."""
+def activations(model, batch: torch.Tensor, batch_size: int, family: Family) -> dict[str, list[torch.Tensor]]:
+    """Last-token outputs of every block's attention output projection and MLP output projection."""
     device = next(model.parameters()).device
     captured: dict[str, list[list[torch.Tensor]]] = {"attn": [], "mlp": []}
     hooks = []
-    for block in model.gpt_neox.layers:
-        for kind, module in (("attn", block.attention.dense), ("mlp", block.mlp.dense_4h_to_h)):
+    for block in family.blocks(model):
+        for kind, module in (("attn", family.attention_output(block)), ("mlp", family.mlp_output(block))):
             store: list[torch.Tensor] = []
             captured[kind].append(store)
             hooks.append(
