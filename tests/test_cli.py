@@ -148,8 +148,8 @@ def test_bad_input_on_the_command_line_exits_non_zero_before_any_work(tmp_path, 
 )
 def test_bad_input_fails_before_any_work(tmp_path, fork_series, compose_config, overrides, message):
     """In-process (the command line's exit code for these errors is the test above's)."""
-    from garden.app import run
     from garden.errors import GardenError
+    from garden.tasks import run
 
     if "model=local" in overrides:
         overrides.append(f"model.path={fork_series}")
@@ -171,7 +171,7 @@ def in_process(tmp_path) -> list[str]:
 
 def run_in_process(compose_config, tmp_path, *overrides: str, out: str = "out"):
     """`run(cfg)` in the test's process (for tests whose subject is not the command line itself)."""
-    from garden.app import run
+    from garden.tasks import run
 
     return run(compose_config(*overrides, *in_process(tmp_path)), output_dir=tmp_path / out)
 

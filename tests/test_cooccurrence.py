@@ -127,8 +127,8 @@ def test_cli_preset_logs_both_phases_and_analyses_the_snapshots(tmp_path):
     ],
 )
 def test_bad_cooccurrence_settings_fail_before_training(tmp_path, compose_config, overrides, message):
-    from garden.app import run
     from garden.errors import GardenError
+    from garden.tasks import run
 
     cfg = compose_config(*overrides, f"paths.data_dir={tmp_path}/data",
                          f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "progress=false")  # fmt: skip

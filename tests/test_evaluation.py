@@ -196,8 +196,8 @@ SHRUNK = [
     ],
 )
 def test_bad_evaluation_input_fails_before_any_work(tmp_path, compose_config, overrides, message):
-    from garden.app import run
     from garden.errors import GardenError
+    from garden.tasks import run
 
     cfg = compose_config(*SHRUNK, *overrides, f"paths.data_dir={tmp_path}/data",
                          f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "progress=false")  # fmt: skip

@@ -123,7 +123,7 @@ def test_a_bad_step_fails_naming_it_or_is_excluded_and_recorded(tmp_path, compos
     from mlflow.tracking import MlflowClient
 
     from conftest import write_series
-    from garden.app import run
+    from garden.tasks import run
 
     root = write_series(tmp_path / f"series-{bad}", _series_with(bad))
     common = ["model=local", f"model.path={root}", "metrics=minimal", f"paths.data_dir={tmp_path}/data",

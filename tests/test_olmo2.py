@@ -16,11 +16,11 @@ from transformers import Olmo2Config, Olmo2ForCausalLM
 
 from fakehub import FakeHub
 from garden import families
-from garden.app import run
 from garden.errors import GardenError
 from garden.evaluation.stability import ov_singular_values, proportional_effective_rank
 from garden.layers import resolve_layer
 from garden.series import DerivedTensors, LocalSeries
+from garden.tasks import run
 
 REPO = "allenai-test/OLMo-2-tiny"
 STEPS = [0, 1000, 2000, 3000, 4000, 5000, 6000, 7000]

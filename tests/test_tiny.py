@@ -85,7 +85,7 @@ def test_default_cli_on_a_shrunken_tiny_series(tmp_path, small_corpus, compose_c
     job (in-process) reuses the trained series."""
     from mlflow.tracking import MlflowClient
 
-    from garden.app import run
+    from garden.tasks import run
 
     done = run_garden(tmp_path, f"corpus.path={small_corpus}", *SHRUNK_TINY, f"hydra.run.dir={tmp_path}/o1")
     assert done.returncode == 0, done.stderr[-3000:]

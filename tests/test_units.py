@@ -258,7 +258,7 @@ def test_the_pass_on_cuda_gives_the_cpu_numbers(tmp_path):
     ],
 )
 def test_bad_unit_settings_fail_before_training_or_reading(compose_config, tmp_path, overrides, message):
-    from garden.app import plan_dynamics
+    from garden.tasks.dynamics import plan_dynamics
 
     cfg = compose_config(f"paths.data_dir={tmp_path / 'data'}", *overrides)
     with pytest.raises(GardenError, match=message):
@@ -268,7 +268,7 @@ def test_bad_unit_settings_fail_before_training_or_reading(compose_config, tmp_p
 
 def test_an_explicit_axis_is_checked_against_a_local_series_header(compose_config, tmp_path):
     from conftest import write_series
-    from garden.app import plan_dynamics
+    from garden.tasks.dynamics import plan_dynamics
 
     root = write_series(tmp_path / "s", {s: {"embed_out.weight": torch.zeros(100, 3)} for s in (0, 1)})
     cfg = compose_config("model=local", f"model.path={root}", "extract.unit_axis=0")

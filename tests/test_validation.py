@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from garden.app import run
 from garden.errors import GardenError
+from garden.tasks import run
 from garden.validation import SETTINGS, TINY_SETTINGS, check_tracking_store
 
 

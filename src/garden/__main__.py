@@ -1,4 +1,4 @@
-"""`python -m garden` / `garden`: parse the Hydra config and hand it to `garden.app.run`."""
+"""`python -m garden` / `garden`: parse the Hydra config and hand it to `garden.tasks.run`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from garden.errors import GardenError
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def main(cfg: DictConfig) -> None:
-    from garden.app import run  # imported late: `--help` and config errors stay fast
+    from garden.tasks import run  # imported late: `--help` and config errors stay fast
     from garden.tracking import Terminated
 
     try:

@@ -183,6 +183,13 @@ class CheckpointSeries(ABC):
         """The Hugging Face config.json of the series, when it has one."""
         return None
 
+    def prepare(self) -> None:  # noqa: B027  (a hook most series need not override)
+        """Do the expensive part of opening now (the tiny series trains); nothing for most series."""
+
+    def artifacts(self) -> list[Path]:
+        """Files of the series a run keeps beside its results (the tiny series' training log)."""
+        return []
+
     def tensor_shape(self, step: int, name: str) -> tuple[int, ...] | None:
         """The shape of a tensor where it is known without reading its values (None otherwise)."""
         return None
@@ -288,14 +295,15 @@ class LocalSeries(CheckpointSeries):
     like its family's revisions: `step{N}/` (GPT-NeoX), `stage1-step{N}-tokens{M}B/` (OLMo-2)."""
 
     def __init__(self, root: str | Path, label: str = "local", memo_dir: Path | None = None,
-                 family: families.Family | None = None, revision_pattern: str | None = None):  # fmt: skip
+                 family: families.Family | None = None, revision_pattern: str | None = None,
+                 must_exist: bool = True):  # fmt: skip
         """`memo_dir` keeps the content hashes of the series' files between runs (hashed once per file
         version); without it they are hashed once per process. Folder names are parsed by `family`'s
         revision pattern (or `revision_pattern`); with neither, by any registered family's."""
         self.root = Path(root).expanduser()
         if not str(root).strip():
             raise GardenError("model.path is empty: give the directory that holds the step{N}/ folders")
-        if not self.root.is_dir():
+        if must_exist and not self.root.is_dir():
             raise GardenError(f"model.path {self.root} is not a directory")
         self.label = label
         self.family = family
@@ -469,6 +477,12 @@ class DerivedTensors(CheckpointSeries):
 
     def same_checkpoint(self, step: int, earlier: int) -> bool:
         return self.inner.same_checkpoint(step, earlier)
+
+    def prepare(self) -> None:
+        self.inner.prepare()
+
+    def artifacts(self) -> list[Path]:
+        return self.inner.artifacts()
 
     def bytes_fetched(self) -> int:
         return self.inner.bytes_fetched()

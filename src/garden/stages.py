@@ -106,8 +106,9 @@ def series(cfg: DictConfig) -> None:
     """Open the series: the tiny one is trained (resumably) into the stage's output; a Hub or local
     series gets a manifest of its steps, so later stages rerun when it changes. Only the current series
     is kept in the (persistent) output."""
-    from garden.app import check_config, describe_series
     from garden.cache import lock_path
+    from garden.sources import open_series
+    from garden.validation import check_config
 
     check_config(cfg)
     folder = data_dir(cfg) / "series"
@@ -119,7 +120,8 @@ def series(cfg: DictConfig) -> None:
             shutil.rmtree(stale)
         else:
             stale.unlink()
-    opened = describe_series(cfg).open()
+    opened = open_series(cfg)
+    opened.prepare()  # the tiny series trains here
     if keep is None:
         manifest = {"series": opened.identity, "steps": opened.steps()}
         _write_json(folder / f"{cfg.model.name}-{cfg.variant}.json", manifest)
@@ -127,7 +129,7 @@ def series(cfg: DictConfig) -> None:
 
 def extract(cfg: DictConfig) -> None:
     """The streaming pass: the trajectory of the configured tensor, with the job's provenance."""
-    from garden.app import extract_trajectory, job_summary, plan_dynamics
+    from garden.tasks.dynamics import extract_trajectory, job_summary, plan_dynamics
 
     job = plan_dynamics(cfg)
     folder = data_dir(cfg) / "trajectory"
@@ -137,12 +139,12 @@ def extract(cfg: DictConfig) -> None:
     # The run's default name: tracking.run_name is the report's business (its own params).
     default_name = f"{cfg.model.name}/{cfg.variant}/{job.layer.label}"
     _write_json(folder / "job.json", {"run_name": default_name, "tags": job.tags, "summary": summary,
-                                      "artifacts": [str(p) for p in job.handle.artifacts]})  # fmt: skip
+                                      "artifacts": [str(p) for p in job.series.artifacts()]})  # fmt: skip
 
 
 def metrics(cfg: DictConfig) -> None:
     """The metric registry on the trajectory: per-step tables, summary and the dynamics figures."""
-    from garden.app import analyse, write_dynamics, write_summary
+    from garden.tasks.dynamics import analyse, write_dynamics, write_summary
     from garden.trajectory import Trajectory
 
     job = _read_json(data_dir(cfg) / "trajectory" / "job.json")
@@ -157,7 +159,7 @@ def metrics(cfg: DictConfig) -> None:
 def evaluate(cfg: DictConfig) -> None:
     """The model-level evaluation (`evaluation=...`), marked with the bifurcation step; an empty summary
     when the study evaluates nothing."""
-    from garden.app import evaluate_models, plan_dynamics
+    from garden.tasks.dynamics import evaluate_models, plan_dynamics
 
     folder = data_dir(cfg) / "evaluation"
     folder.mkdir(parents=True, exist_ok=True)
@@ -172,8 +174,8 @@ def evaluate(cfg: DictConfig) -> None:
 def report(cfg: DictConfig) -> None:
     """One MLflow run holding the study (params, per-step metrics, summary, tables, figures), the same
     record `python -m garden` makes, logged only once every stage has finished."""
-    from garden.app import log_outcome, log_results, write_summary
     from garden.metrics import HEADLINE
+    from garden.tasks.dynamics import log_outcome, log_results, write_summary
     from garden.tracking import MlflowTracker, flatten
 
     root = data_dir(cfg)
@@ -238,7 +240,7 @@ def sweep_config(cfg: DictConfig, model: str, variant: str) -> DictConfig:
 def sweep(cfg: DictConfig, model: str, variant: str) -> None:
     """One item of the models x variants matrix: the whole CLI job, its results in the item's folder.
     Bad input fails in `run`'s checks, before any training or reading."""
-    from garden.app import run
+    from garden.tasks import run
 
     item = sweep_config(cfg, model, variant)
     folder = data_dir(cfg) / "sweep" / f"{model}-{variant}"

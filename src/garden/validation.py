@@ -266,3 +266,39 @@ def check_environment(cfg: DictConfig) -> None:
     """The places garden writes to: the data folder, the Hugging Face cache and the MLflow store."""
     check_paths(cfg)
     check_tracking_store(str(cfg.tracking.uri))
+
+
+VARIANTS = ("standard", "deduped")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every check of a dynamics job that needs no weights; each error names the valid choices."""
+    from garden.devices import resolve_device
+    from garden.metrics import validate_metric_names
+    from garden.metrics.events import BIFURCATION_CRITERIA
+    from garden.series import DUPLICATE_POLICIES
+
+    variant = cfg.get("variant")
+    if variant not in VARIANTS:
+        raise GardenError(f"variant={variant!r} is not valid; valid: {', '.join(VARIANTS)}")
+    has = list(cfg.model.get("variants") or VARIANTS)
+    if variant not in has:
+        raise GardenError(f"model={cfg.model.name} has no {variant} variant; it has: {', '.join(has)}")
+    validate_metric_names(cfg.metrics.names)
+    if cfg.series.get("on_duplicate") not in DUPLICATE_POLICIES:
+        raise GardenError(
+            f"series.on_duplicate={cfg.series.get('on_duplicate')!r} is not valid; "
+            f"valid: {', '.join(DUPLICATE_POLICIES)}"
+        )
+    criterion = cfg.metrics.get("bifurcation_criterion")
+    if criterion not in BIFURCATION_CRITERIA:
+        raise GardenError(
+            f"metrics.bifurcation_criterion={criterion!r} is not valid; "
+            f"valid: {', '.join(BIFURCATION_CRITERIA)}"
+        )
+    from garden.sources import source_of
+
+    source_of(cfg)
+    check_settings(cfg)
+    resolve_device(str(cfg.device))
+    check_environment(cfg)

@@ -1,65 +1,51 @@
-"""`run(cfg)`: the whole job, config -> series -> trajectory -> metrics -> MLflow run with figures.
+"""Task `dynamics`: checkpoint series -> one tensor per step -> trajectory -> metrics -> MLflow run.
 
-Everything that can be checked without reading weights (variant, metric names, device, layer and its
-index, the tensor name, the step selection, extraction settings) is checked first, so bad input fails in
-seconds with the valid choices, before any training, reading or run creation.
+Stage functions with typed results, called alike by `run` (the CLI, sweeps), the DVC stages
+(`garden.stages`) and the tests:
+
+    plan_dynamics(cfg) -> DynamicsJob       checks, the series opened, the tensor, the steps, duplicates
+    extract_trajectory(job) -> Trajectory   the streaming pass (resumable cache)
+    analyse(cfg, trajectory, counts) -> Analysis    the metric registry
+    evaluate_models(job, ...) -> table, summary     the model-level stages (evaluation=...)
+    write_dynamics / write_summary / log_results    tables, figures and the MLflow record
+
+Everything that can be checked without reading weights is checked first, so bad input fails in seconds
+with the valid choices, before any training, reading or run creation.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from garden import cache, families
 from garden.errors import GardenError
 from garden.evaluation.stage import EvaluationPlan, plan_evaluation
 from garden.extract import ExtractionPlan, extract
 from garden.layers import ResolvedLayer, resolve_layer
-from garden.metrics import MetricResult, compute_metrics, validate_metric_names
-from garden.metrics.events import BIFURCATION_CRITERIA
+from garden.metrics import MetricResult, compute_metrics
 from garden.schedule import select_steps
 from garden.series import (
-    DUPLICATE_POLICIES,
     CheckpointSeries,
     DerivedTensors,
-    LocalSeries,
     apply_duplicate_policy,
     find_duplicates,
     missing_tensor_error,
 )
+from garden.sources import open_series, source_of
+from garden.tasks import register
 from garden.tracking import MlflowTracker, flatten
 from garden.trajectory import Trajectory
-from garden.validation import check_environment, check_settings
+from garden.validation import check_config
 
 log = logging.getLogger("garden")
-
-VARIANTS = ("standard", "deduped")
-#: Under paths.data_dir: the remembered content hashes of local series' files (see garden.cache).
-CONTENT_IDS = "content-ids"
-
-
-@dataclass
-class SeriesHandle:
-    """What is known of a series before any weights are read; `open` may do the expensive part."""
-
-    label: str
-    steps: list[int]
-    num_layers: int | None
-    tensor_names: Callable[[], list[str]]
-    open: Callable[[], CheckpointSeries]
-    family: families.Family | None  # None: not known, and not needed (layer.tensor, no evaluation)
-    #: What derived roles need (head counts): model.architecture, else the series' config.json.
-    architecture: dict = field(default_factory=dict)
-    artifacts: list[Path] = field(default_factory=list)
-    # The shape of a tensor at the first step, where known without reading weights (None otherwise).
-    tensor_shape: Callable[[str], tuple[int, ...] | None] = lambda name: None
 
 
 @dataclass
@@ -79,142 +65,27 @@ def configured_family(cfg: DictConfig) -> families.Family | None:
     return None if name is None else families.get(str(name))
 
 
-def _architecture(cfg: DictConfig, config: dict | None) -> dict:
+def architecture_of(cfg: DictConfig, series: CheckpointSeries) -> dict:
     """model.architecture over the series' config.json: what roles and parameter counts need."""
     known = (
         OmegaConf.to_container(cfg.model.architecture, resolve=True) if cfg.model.get("architecture") else {}
     )
-    return {**(config or {}), **known}  # type: ignore[dict-item]
+    return {**(series.model_config() or {}), **known}  # type: ignore[dict-item]
 
 
-def describe_series(cfg: DictConfig) -> SeriesHandle:
-    source = cfg.model.get("source")
-    data_dir = Path(cfg.paths.data_dir)
-    family = configured_family(cfg)
-    pattern = cfg.model.get("revision_pattern")
-    if source == "tiny":
-        from garden.tiny import (
-            COMPLETE_MARKER,
-            checkpoint_steps,
-            ensure_tiny_series,
-            tensor_names_on_disk,
-            tensor_shapes_on_disk,
-            tiny_series_dir,
-        )
-
-        variant = str(cfg.variant)
-        folder = tiny_series_dir(cfg.model, cfg.corpus, data_dir, variant)
-
-        def open_tiny() -> CheckpointSeries:
-            path = ensure_tiny_series(
-                cfg.model, cfg.corpus, data_dir, str(cfg.device), bool(cfg.progress), variant
-            )
-            return LocalSeries(path, label="tiny", memo_dir=data_dir / CONTENT_IDS)
-
-        return SeriesHandle(
-            label="tiny",
-            steps=checkpoint_steps(cfg.model.train),
-            num_layers=int(cfg.model.architecture.num_hidden_layers),
-            tensor_names=lambda: tensor_names_on_disk(cfg.model),
-            open=open_tiny,
-            family=family or families.get("gpt_neox"),
-            architecture=_architecture(cfg, None),
-            artifacts=[folder / "train_log.csv", folder / COMPLETE_MARKER],
-            tensor_shape=lambda name: tensor_shapes_on_disk(cfg.model).get(name),
-        )
-    if source == "local":
-        if not cfg.model.get("path"):
-            raise GardenError("model=local needs model.path=<directory holding step{N}/ folders>")
-        series = LocalSeries(cfg.model.path, label=str(cfg.model.name), memo_dir=data_dir / CONTENT_IDS,
-                             family=family, revision_pattern=pattern)  # fmt: skip
-        steps = series.steps()
-        config = series.model_config()
-        return SeriesHandle(
-            label=series.label,
-            steps=steps,
-            num_layers=series.num_layers(steps[0]),
-            tensor_names=lambda: series.tensor_names(steps[0]),
-            open=lambda: series,
-            family=family or families.detect(config, lambda: series.tensor_names(steps[0])),
-            architecture=_architecture(cfg, config),
-            tensor_shape=lambda name: series.tensor_shape(steps[0], name),
-        )
-    if source == "hub":
-        return describe_hub_series(cfg)
-    raise GardenError(f"model.source={source!r} is not a known source; valid: tiny, local, hub")
-
-
-def hub_repo(cfg: DictConfig) -> str:
-    """The repository of the chosen variant (`-deduped` repos hold the deduplicated-Pile runs)."""
-    repo = cfg.model.get("deduped_repo") if cfg.variant == "deduped" else cfg.model.get("repo")
-    if not repo:
-        raise GardenError(f"model={cfg.model.name} names no repository for variant={cfg.variant}")
-    return str(repo)
-
-
-def describe_hub_series(cfg: DictConfig) -> SeriesHandle:
-    from garden.hub import HubSeries
-
-    family = configured_family(cfg)
-    series = HubSeries(
-        hub_repo(cfg),
-        label=str(cfg.model.name),
-        cache_dir=cfg.paths.cache_dir,
-        hf_cache=cfg.paths.get("hf_cache"),
-        endpoint=cfg.series.get("endpoint"),
-        retries=int(cfg.series.retries),
-        backoff_seconds=float(cfg.series.backoff_seconds),
-        timeout_seconds=float(cfg.series.timeout_seconds),
-        family=family,
-        revision_pattern=cfg.model.get("revision_pattern"),
-    )
+def resolve_tensor(cfg: DictConfig, series: CheckpointSeries,
+                   family: families.Family | None) -> ResolvedLayer:  # fmt: skip
+    """The configured layer in this series: a role in its family, or an exact name; every stored part
+    must be in the first step's tensors."""
     steps = series.steps()
-    layers = cfg.model.get("architecture", {}).get("num_hidden_layers")
-    return SeriesHandle(
-        label=series.label,
-        steps=steps,
-        num_layers=int(layers) if layers is not None else series.num_layers(steps[0]),
-        tensor_names=lambda: series.tensor_names(steps[0]),
-        open=lambda: series,
-        family=family or families.detect(series.model_config(), lambda: series.tensor_names(steps[0])),
-        architecture=_architecture(cfg, None),
-        tensor_shape=lambda name: series.tensor_shape(steps[0], name),
-    )
-
-
-def check_config(cfg: DictConfig) -> None:
-    """Checks that need no weights: each error names the valid choices."""
-    variant = cfg.get("variant")
-    if variant not in VARIANTS:
-        raise GardenError(f"variant={variant!r} is not valid; valid: {', '.join(VARIANTS)}")
-    has = list(cfg.model.get("variants") or VARIANTS)
-    if variant not in has:
-        raise GardenError(f"model={cfg.model.name} has no {variant} variant; it has: {', '.join(has)}")
-    validate_metric_names(cfg.metrics.names)
-    if cfg.series.get("on_duplicate") not in DUPLICATE_POLICIES:
-        raise GardenError(
-            f"series.on_duplicate={cfg.series.get('on_duplicate')!r} is not valid; "
-            f"valid: {', '.join(DUPLICATE_POLICIES)}"
-        )
-    criterion = cfg.metrics.get("bifurcation_criterion")
-    if criterion not in BIFURCATION_CRITERIA:
-        raise GardenError(
-            f"metrics.bifurcation_criterion={criterion!r} is not valid; "
-            f"valid: {', '.join(BIFURCATION_CRITERIA)}"
-        )
-    check_settings(cfg)
-    from garden.devices import resolve_device
-
-    resolve_device(str(cfg.device))
-    check_environment(cfg)
-
-
-def resolve_tensor(cfg: DictConfig, handle: SeriesHandle) -> ResolvedLayer:
-    layer = resolve_layer(cfg.layer, handle.family, handle.num_layers, handle.architecture)
-    names = handle.tensor_names()
+    architecture = architecture_of(cfg, series)
+    layers = architecture.get("num_hidden_layers")
+    num_layers = layers if isinstance(layers, int) else series.num_layers(steps[0])
+    layer = resolve_layer(cfg.layer, family, num_layers, architecture)
+    names = series.tensor_names(steps[0])
     for part in layer.spec.parts:
         if part not in names:
-            raise missing_tensor_error(handle.steps[0], part, names)
+            raise missing_tensor_error(steps[0], part, names)
     return layer
 
 
@@ -259,74 +130,14 @@ def output_folder(cfg: DictConfig) -> Path:
     return Path("outputs") / str(cfg.model.name) / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
 
 
-TASKS = ("dynamics", "cooccurrence")
-
-
-def run(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome | None:
-    """The job `cfg.task` names: `dynamics` (a checkpoint series) or `cooccurrence` (paper 003)."""
-    task = cfg.get("task", "dynamics")
-    if task == "cooccurrence":
-        return run_cooccurrence(cfg, output_dir)
-    if task != "dynamics":
-        raise GardenError(f"task={task!r} is not valid; valid: {', '.join(TASKS)}")
-    return run_dynamics(cfg, output_dir)
-
-
-def run_cooccurrence(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome | None:
-    """Train paper 003's model (logged as its own run), then analyse its snapshots like any series."""
-    from garden import cooccurrence
-
-    co = cfg.cooccurrence
-    cooccurrence.validate(co)
-    check_environment(cfg)
-    series_dir = Path(cfg.paths.data_dir) / "series" / f"cooccurrence-{cooccurrence.run_config_hash(co)}"
-    tensor = co.get("analyse_tensor")
-    analysis = None
-    if tensor:  # the follow-up analysis is checked before training, like any bad input
-        if tensor not in cooccurrence.PARAMETERS:
-            raise GardenError(
-                f"cooccurrence.analyse_tensor={tensor!r} is not a snapshot tensor; "
-                f"valid: {', '.join(cooccurrence.PARAMETERS)} (or null)"
-            )
-        analysis = cfg.copy()
-        with open_dict(analysis):
-            analysis.task = "dynamics"
-            analysis.model = {"name": "cooccurrence", "source": "local", "variants": ["standard"],
-                              "path": str(series_dir)}  # fmt: skip
-            analysis.layer.tensor = str(tensor)
-            analysis.evaluation.stages = []
-        check_config(analysis)
-    output_dir = Path(output_dir) if output_dir is not None else output_folder(cfg)
-    tracker = MlflowTracker(str(cfg.tracking.uri), str(cfg.tracking.experiment))
-    tags = {
-        "garden.model": "cooccurrence",
-        "garden.task": "cooccurrence",
-        "garden.snapshots": str(series_dir),
-        **cache.version_tags("cooccurrence"),
-    }
-    with tracker.start("cooccurrence/standard/train", tags):
-        tracker.log_params(flatten(cfg))
-        record = cooccurrence.train(co, series_dir, progress=bool(cfg.progress))
-        table = record.table
-        tracker.log_table(table, "epoch")
-        tracker.log_summary(record.summary)
-        (output_dir / "tables").mkdir(parents=True, exist_ok=True)
-        table.to_csv(output_dir / "tables" / "cooccurrence.csv", index=False)
-        cooccurrence.draw(table, record.summary, output_dir / "figures")
-        tracker.log_artifacts(output_dir / "tables", "tables")
-        tracker.log_artifacts(output_dir / "figures", "figures")
-    log.info("cooccurrence: %s; snapshots in %s", record.summary, series_dir)
-    return None if analysis is None else run_dynamics(analysis, output_dir / "dynamics")
-
-
 @dataclass
 class DynamicsJob:
     """A dynamics job checked, planned and with its series open: everything before the first weight is
     analysed. The CLI runs it in one process; the DVC stages (`garden.stages`) run it piece by piece."""
 
     cfg: DictConfig
-    handle: SeriesHandle
     series: CheckpointSeries
+    family: families.Family | None  # None: not known, and not needed (layer.tensor, no stability stage)
     layer: ResolvedLayer
     plan: ExtractionPlan
     selected: list[int]
@@ -348,24 +159,28 @@ class Analysis:
 
 
 def plan_dynamics(cfg: DictConfig) -> DynamicsJob:
-    """Check and plan the job, then open the series (training the tiny one if needed). Every check that
-    needs no weights runs before the series is opened."""
+    """Check and plan the job with its series open (nothing trained or fetched yet, except the listing
+    of a Hub repository); the search for duplicated steps then reads content ids (and trains the tiny
+    series if it is not trained yet). Every check that needs no weights runs before that."""
     check_config(cfg)
-    handle = describe_series(cfg)
-    layer = resolve_tensor(cfg, handle)
-    steps = select_steps(handle.steps, OmegaConf.to_container(cfg.steps, resolve=True))
+    series = open_series(cfg)
+    available = series.steps()
+    family = configured_family(cfg) or families.detect(
+        series.model_config(), lambda: series.tensor_names(available[0])
+    )
+    layer = resolve_tensor(cfg, series, family)
+    steps = select_steps(available, OmegaConf.to_container(cfg.steps, resolve=True))
     plan = ExtractionPlan.from_config(cfg.extract, layer.tensor, steps, str(cfg.series.on_bad_step))
-    if plan.reference_step not in handle.steps:
+    if plan.reference_step not in available:
         raise GardenError(f"extract.reference_step={plan.reference_step} is not a step of the series")
-    shape = None if layer.spec.derived else handle.tensor_shape(layer.tensor)
+    shape = None if layer.spec.derived else series.tensor_shape(available[0], layer.tensor)
     if shape is not None:  # else checked on the first read, still before any statistics
         plan.resolve_unit_axis(shape)
-    eval_plan = plan_evaluation(cfg, handle.steps)
+    eval_plan = plan_evaluation(cfg, available)
     if eval_plan is not None and "stability" in eval_plan.stages:
-        families.require(handle.family, "evaluation stage stability")
+        families.require(family, "evaluation stage stability")
     run_name = cfg.tracking.get("run_name") or f"{cfg.model.name}/{cfg.variant}/{layer.label}"
 
-    series = handle.open()
     if layer.spec.derived:
         series = DerivedTensors(series, layer.spec)
     missing = series.missing_from_cache(list(plan.steps), plan.tensor)
@@ -378,24 +193,19 @@ def plan_dynamics(cfg: DictConfig) -> DynamicsJob:
     plan, duplicates = _drop_duplicates(series, plan, str(cfg.series.on_duplicate))
     if eval_plan is not None:
         eval_plan = replace(eval_plan, steps=tuple(s for s in eval_plan.steps if s not in duplicates))
+    caches = [*source_of(cfg).caches, "extract", *(["evaluate"] if eval_plan is not None else [])]
     tags = {
         "garden.model": str(cfg.model.name),
         "garden.variant": str(cfg.variant),
         "garden.layer": layer.label,
         "garden.tensor": layer.tensor,
-        "garden.family": handle.family.name if handle.family else "unknown",
+        "garden.family": family.name if family else "unknown",
         "garden.series": series.identity,
         "garden.duplicates": ", ".join(f"step{d}=step{o}" for d, o in sorted(duplicates.items())) or "none",
         "garden.duplicates_policy": str(cfg.series.on_duplicate),
-        **cache.version_tags(*_caches_used(cfg, eval_plan)),
+        **cache.version_tags(*caches),
     }
-    return DynamicsJob(cfg, handle, series, layer, plan, selected, duplicates, eval_plan, run_name, tags)
-
-
-def _caches_used(cfg: DictConfig, eval_plan: EvaluationPlan | None) -> list[str]:
-    """The caches a dynamics job reads or fills (their code versions are logged as tags)."""
-    used = {"tiny": ["tiny"], "hub": ["hub_tensor"]}.get(str(cfg.model.get("source")), [])
-    return [*used, "extract", *(["evaluate"] if eval_plan is not None else [])]
+    return DynamicsJob(cfg, series, family, layer, plan, selected, duplicates, eval_plan, run_name, tags)
 
 
 def extract_trajectory(job: DynamicsJob) -> Trajectory:
@@ -438,7 +248,9 @@ def job_summary(job: DynamicsJob, output_dir: Path) -> dict[str, float]:
     }
 
 
+@register("dynamics")
 def run_dynamics(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
+    """The whole job in one process: plan, extract, analyse, evaluate, record in one MLflow run."""
     job = plan_dynamics(cfg)
     output_dir = Path(output_dir) if output_dir is not None else output_folder(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -456,7 +268,7 @@ def run_dynamics(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
         tags = {**job.tags, **analysis.tags}
         write_summary(output_dir, job.run_name, analysis.summary, tags)
         log_results(tracker, output_dir, analysis.trajectory.steps, analysis.per_step, evaluation,
-                    analysis.summary, tags, job.handle.artifacts)  # fmt: skip
+                    analysis.summary, tags, job.series.artifacts())  # fmt: skip
         run_id = tracker.run_id
     log_outcome(job.run_name, analysis.summary, tags, output_dir, run_id)
     return RunOutcome(run_id, job.run_name, output_dir, trajectory, analysis.results, analysis.summary, tags)
@@ -489,7 +301,7 @@ def evaluate_models(job: DynamicsJob, output_dir: Path, dynamics: dict,
     excluded = {int(s) for s in excluded}  # steps the extraction excluded (series.on_bad_step)
     eval_plan = replace(job.eval_plan, steps=tuple(s for s in job.eval_plan.steps if s not in excluded))
     result = evaluate(job.series, eval_plan, cfg, Path(cfg.paths.data_dir) / "evaluate", bool(cfg.progress),
-                      job.handle.family)  # fmt: skip
+                      job.family)  # fmt: skip
     table = result.table
     bifurcation_step = dynamics.get("bifurcation_step")
     summary, layers = summarise(result, cfg, bifurcation_step, dynamics.get("unit_bifurcation_step"))
