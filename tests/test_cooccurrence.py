@@ -1,4 +1,5 @@
-"""Paper 003: the synthetic task, the model, the two phases, determinism, and the CLI preset."""
+"""Paper 003: the synthetic task, the model, the two phases, determinism, bad settings (its preset's
+run is in test_presets.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import run_garden
 from garden import cooccurrence as co
 from garden.config import config_dir
 from garden.errors import GardenError
@@ -82,39 +82,6 @@ def test_one_seed_gives_identical_numbers(tmp_path):
     pd.testing.assert_frame_equal(a.table, b.table)
     c = co.train(settings(epochs=200, log_points=40, seed=1), tmp_path / "c", progress=False)
     assert not np.allclose(a.table["loss"], c.table["loss"])
-
-
-@pytest.mark.slow
-def test_cli_preset_logs_both_phases_and_analyses_the_snapshots(tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    done = run_garden(tmp_path, "experiment=cooccurrence", "cooccurrence.epochs=600")
-    assert done.returncode == 0, done.stderr[-3000:]
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = {
-        r.info.run_name: r
-        for r in client.search_runs([client.get_experiment_by_name("garden").experiment_id])
-    }
-    train, dynamics = runs["cooccurrence/standard/train"], runs["cooccurrence/standard/W_V"]
-    assert train.info.status == dynamics.info.status == "FINISHED"
-    for key in (
-        "loss",
-        "loss_both",
-        "loss_only_1",
-        "score_12",
-        "score_32",
-        "G_mu3",
-        "gradient_balance",
-        "rel_change_W_V",
-    ):
-        assert len(client.get_metric_history(train.info.run_id, key)) > 20, key
-    assert {"phase1_end_epoch", "attention_move_epoch", "final_loss"} <= set(train.data.metrics)
-    figures = {a.path for a in client.list_artifacts(train.info.run_id, "figures")}
-    assert {"figures/attention_scores.png", "figures/class_losses.png"} <= figures
-    assert dynamics.data.tags["garden.tensor"] == "W_V"
-    assert sorted(
-        m.step for m in client.get_metric_history(dynamics.info.run_id, "msd")
-    ) == co.snapshot_steps(600, 500)
 
 
 @pytest.mark.parametrize(

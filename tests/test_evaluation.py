@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-import subprocess
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from conftest import SHRUNK_TINY, run_garden
+from conftest import SHRUNK_TINY
 from garden import families
 from garden.evaluation.data import lambada_from_text
 from garden.evaluation.perplexity import (
@@ -158,10 +157,6 @@ def test_lambada_format_helpers():
 # ------------------------------------------------------------------------------------- the CLI stage
 
 
-def garden(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
-    return run_garden(tmp_path, *overrides)
-
-
 SHRUNK = [
     *SHRUNK_TINY,
     "evaluation.seq_len=16",
@@ -204,47 +199,6 @@ def test_bad_evaluation_input_fails_before_any_work(tmp_path, compose_config, ov
     with pytest.raises(GardenError, match=re.escape(message)):
         run(cfg, output_dir=tmp_path / "out")
     assert not (tmp_path / "data" / "series").exists()
-
-
-@pytest.mark.slow
-def test_presets_run_offline_on_the_tiny_series(tmp_path, small_corpus):
-    from mlflow.tracking import MlflowClient
-
-    corpus = [f"corpus.path={small_corpus}"]
-    stability_run = garden(tmp_path, *SHRUNK, *corpus, "experiment=tending_stability")
-    assert stability_run.returncode == 0, stability_run.stderr[-3000:]
-    forking = garden(
-        tmp_path, *SHRUNK, *corpus, "experiment=forking_perplexity", f"hydra.run.dir={tmp_path}/o2"
-    )
-    assert forking.returncode == 0, forking.stderr[-3000:]
-
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = {
-        r.data.tags["garden.variant"]: r
-        for r in client.search_runs([client.get_experiment_by_name("garden").experiment_id])
-    }
-    tending, paper1 = runs["deduped"], runs["standard"]
-    assert tending.info.run_name == "tiny/deduped/unembedding"
-    eval_steps = [0, 1, 2, 4, 8, 24, 40]  # the eval subset of 0, 1, 2, 4, 8, 16, ..., 40
-    for key in ("per_mlp.0", "per_ov.1", "per_ov.1.0", "cond_mlp.1", "cka_attn.0", "cka_mlp.1", "perplexity"):
-        history = client.get_metric_history(tending.info.run_id, key)
-        assert sorted(m.step for m in history) == eval_steps, key
-    cka_final = {m.step: m.value for m in client.get_metric_history(tending.info.run_id, "cka_mlp.1")}
-    assert cka_final[40] == pytest.approx(1.0)
-    assert "cka_mlp_converged_fraction" in tending.data.metrics
-    figures = {a.path for a in client.list_artifacts(tending.info.run_id, "figures")}
-    assert {
-        "figures/cka_percentiles.png",
-        "figures/per_by_layer.png",
-        "figures/convergence_vs_per.png",
-    } <= figures
-
-    for key in ("perplexity", "lambada_perplexity", "lambada_accuracy"):
-        assert len(client.get_metric_history(paper1.info.run_id, key)) == len(eval_steps), key
-    assert "steepest_perplexity_drop_step" in paper1.data.metrics
-    ppl = {m.step: m.value for m in client.get_metric_history(paper1.info.run_id, "perplexity")}
-    assert ppl[40] < ppl[0]
-    assert "figures/perplexity.png" in {a.path for a in client.list_artifacts(paper1.info.run_id, "figures")}
 
 
 # ------------------------------------------------------------------- LAMBADA against lm-eval-harness

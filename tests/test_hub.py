@@ -8,8 +8,6 @@ import logging
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -266,6 +264,7 @@ def hub_overrides(hub: FakeHub, tmp_path: Path) -> list[str]:
         "model=pythia-14m", f"model.repo={REPO}", "model.architecture.num_hidden_layers=2",
         f"paths.hf_cache={tmp_path}/hf", f"paths.cache_dir={tmp_path}/garden-cache",
         f"series.endpoint={hub.url}", "series.backoff_seconds=0.01",
+        "figures=false",  # the reads and the numbers are the subject here
     ]  # fmt: skip
 
 
@@ -276,7 +275,9 @@ def compared_with_local(compose_config, tmp_path: Path):
 
     local = tmp_path / "local"
     write_series(local, {s: v for s, v in branch_states().items() if s != 1}, "safetensors")
-    run_in_process(compose_config, tmp_path, "model=local", f"model.path={local}", out="local-run")
+    run_in_process(
+        compose_config, tmp_path, "model=local", f"model.path={local}", "figures=false", out="local-run"
+    )
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("garden").experiment_id])
     by_model = {r.data.tags["garden.model"]: r for r in runs}
@@ -311,9 +312,10 @@ def test_a_hub_run_matches_the_same_series_on_disk(hub, tmp_path, compose_config
     assert set(manifest["id_kind"]) == {{"lfs": "sha256", "blob": "git-blob", "etag": "etag"}[hub.ids]}
 
     # A second run, and an offline one, fetch nothing more.
-    run_in_process(compose_config, tmp_path, *hub_overrides(hub, tmp_path), out="o3")
+    again = [*hub_overrides(hub, tmp_path), "metrics=minimal"]  # the reads are the subject, not metrics
+    run_in_process(compose_config, tmp_path, *again, out="o3")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    run_in_process(compose_config, tmp_path, *hub_overrides(hub, tmp_path), out="o4")
+    run_in_process(compose_config, tmp_path, *again, out="o4")
     assert hub.bytes_sent == fetched_once
 
 
@@ -361,31 +363,22 @@ def test_hub_policies_and_offline_gaps(lfs_hub, tmp_path, compose_config, monkey
         run_in_process(compose_config, other, *hub, out="o2")
 
 
-@pytest.mark.slow
-def test_a_missing_repository_fails_the_command_at_once(lfs_hub, tmp_path):
+def test_a_missing_repository_fails_at_once(lfs_hub, tmp_path, compose_config):
+    """In seconds, with no retry: the repository is named, and what to check."""
+    from test_cli import run_in_process
+
     started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "garden", "model=pythia-14m", "model.repo=garden-test/nope",
-         f"paths.data_dir={tmp_path}/data", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-         f"hydra.run.dir={tmp_path}/out"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "HF_ENDPOINT": lfs_hub.url, "HF_HUB_CACHE": str(tmp_path / "hf")},
-    )  # fmt: skip
-    assert done.returncode != 0
-    assert "repository garden-test/nope was not found" in done.stderr and "retry" not in done.stderr
-    assert time.perf_counter() - started < 60  # interpreter start-up included; no retry loop
-
-
-@pytest.mark.slow
-def test_deduped_variant_of_models_without_one_fails_at_once(tmp_path):
-    for model in ("pythia-14m", "pythia-31m"):
-        done = subprocess.run(
-            [sys.executable, "-m", "garden", f"model={model}", "variant=deduped"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    with pytest.raises(GardenError, match=r"repository garden-test/nope was not found") as failed:
+        run_in_process(
+            compose_config, tmp_path, *hub_overrides(lfs_hub, tmp_path), "model.repo=garden-test/nope"
         )
-        assert done.returncode != 0
-        assert f"model={model} has no deduped variant" in done.stderr
+    assert "retry" not in str(failed.value)
+    assert time.perf_counter() - started < 10
+
+
+@pytest.mark.parametrize("model", ["pythia-14m", "pythia-31m"])
+def test_deduped_variant_of_models_without_one_fails_at_once(tmp_path, compose_config, model):
+    from test_cli import run_in_process
+
+    with pytest.raises(GardenError, match=f"model={model} has no deduped variant"):
+        run_in_process(compose_config, tmp_path, f"model={model}", "variant=deduped")

@@ -199,7 +199,7 @@ def test_olmo2_from_the_fake_hub_with_every_role(tmp_path, olmo2_hub_root, compo
         for role in families.ROLES:
             cfg = compose_config(*shrunk(tmp_path, "model=olmo2-1b", f"model.repo={REPO}", *arch,
                                          f"series.endpoint={hub.url}", f"paths.hf_cache={tmp_path}/hf",
-                                         "metrics=minimal", f"layer={role}",
+                                         "metrics=minimal", f"layer={role}", "figures=false",
                                          "extract.unit_axis=null"))  # fmt: skip
             outcome = run(cfg, output_dir=tmp_path / role)
             assert outcome.tags["garden.family"] == "olmo2", role
@@ -208,6 +208,7 @@ def test_olmo2_from_the_fake_hub_with_every_role(tmp_path, olmo2_hub_root, compo
             manifest = pd.read_csv(tmp_path / role / "tables" / "hub_manifest.csv")
             assert set(manifest["revision"]) == {branch(s) for s in STEPS}, role
             assert manifest.loc[manifest["step"] == 7000, "tokens"].item() == 28 * 10**9
+            assert not (tmp_path / role / "figures").exists()  # figures=false: the tables only
     on_disk = LocalSeries(olmo2_hub_root / REPO)
     from_hub = outcome.trajectory  # the last role's run (mlp_out.0), against the same tensor on disk
     final = on_disk.read_tensor(7000, "model.layers.0.mlp.down_proj.weight").double()

@@ -1,10 +1,12 @@
 """The DVC pipeline's stages (`dvc.yaml`): the CLI's job cut at the points where DVC should cache.
 
-    python -m garden.stages corpus|series|extract|metrics|evaluate|report
+    python -m garden.stages corpus|series|extract|metrics|evaluate|report [--series DIR ...] [--out DIR]
     python -m garden.stages sweep --model tiny --variant deduped
 
-Each stage reads `params.yaml` (the composed `conf/study.yaml`, rewritten by `dvc exp run -S ...`) and
-calls the same functions as `python -m garden`; its outputs live under `paths.data_dir` (`study/`):
+Each stage reads `params.yaml` (the composed `conf/study.yaml`, rewritten by `dvc exp run -S ...`), takes
+its input and output folders as arguments (dvc.yaml names them; the defaults are the study's layout) and
+calls the same stage functions as `python -m garden` (`garden.tasks.dynamics`, `garden.analysis`,
+`garden.record`); by default its outputs live under `paths.data_dir` (`study/`):
 
     corpus/       the verified corpus archive          series/       the series (tiny: trained here)
     trajectory/   the extracted trajectory + job       metrics/      tables, figures, summary.json
@@ -93,16 +95,27 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def corpus(cfg: DictConfig) -> None:
+def corpus(cfg: DictConfig, out: Path) -> None:
     """Fetch and verify the training text (a no-op listing for a user's own `corpus.path`)."""
     from garden.corpus import load_corpus
 
     texts = load_corpus(cfg.corpus, data_dir(cfg))
     listing = {"name": str(cfg.corpus.name), "documents": len(texts), "characters": sum(map(len, texts))}
-    _write_json(data_dir(cfg) / "corpus" / "corpus.json", listing)
+    _write_json(out / "corpus.json", listing)
 
 
-def series(cfg: DictConfig) -> None:
+def with_series_in(cfg: DictConfig, folder: Path) -> DictConfig:
+    """The config whose tiny series lives in `folder` (the `series` stage's output), under the keyed
+    name it has anywhere (`tiny[-variant]-<fingerprint>`); other sources are not moved."""
+    if cfg.model.get("source") != "tiny" or cfg.model.get("path"):
+        return cfg
+    placed = cfg.copy()
+    with open_dict(placed):
+        placed.model.path = str(Path(folder) / tiny_series_path(cfg).name)
+    return placed
+
+
+def series(cfg: DictConfig, out: Path) -> None:
     """Open the series: the tiny one is trained (resumably) into the stage's output; a Hub or local
     series gets a manifest of its steps, so later stages rerun when it changes. Only the current series
     is kept in the (persistent) output."""
@@ -111,7 +124,8 @@ def series(cfg: DictConfig) -> None:
     from garden.validation import check_config
 
     check_config(cfg)
-    folder = data_dir(cfg) / "series"
+    folder = out
+    cfg = with_series_in(cfg, folder)
     keep = tiny_series_path(cfg) if cfg.model.get("source") == "tiny" else None
     for stale in folder.glob("*") if folder.is_dir() else []:
         if keep is not None and stale in (keep, lock_path(keep)):
@@ -127,12 +141,12 @@ def series(cfg: DictConfig) -> None:
         _write_json(folder / f"{cfg.model.name}-{cfg.variant}.json", manifest)
 
 
-def extract(cfg: DictConfig) -> None:
+def extract(cfg: DictConfig, series_dir: Path, out: Path) -> None:
     """The streaming pass: the trajectory of the configured tensor, with the job's provenance."""
     from garden.tasks.dynamics import extract_trajectory, job_summary, plan_dynamics
 
-    job = plan_dynamics(cfg)
-    folder = data_dir(cfg) / "trajectory"
+    job = plan_dynamics(with_series_in(cfg, series_dir))
+    folder = out
     trajectory = extract_trajectory(job)
     summary = job_summary(job, folder)
     trajectory.save(folder / "trajectory.npz")
@@ -142,50 +156,52 @@ def extract(cfg: DictConfig) -> None:
                                       "artifacts": [str(p) for p in job.series.artifacts()]})  # fmt: skip
 
 
-def metrics(cfg: DictConfig) -> None:
+def metrics(cfg: DictConfig, trajectory_dir: Path, out: Path) -> None:
     """The metric registry on the trajectory: per-step tables, summary and the dynamics figures."""
-    from garden.tasks.dynamics import analyse, write_dynamics, write_summary
+    from garden.analysis import analyse, write_dynamics, write_summary
     from garden.trajectory import Trajectory
 
-    job = _read_json(data_dir(cfg) / "trajectory" / "job.json")
-    trajectory = Trajectory.load(data_dir(cfg) / "trajectory" / "trajectory.npz")
+    job = _read_json(trajectory_dir / "job.json")
+    trajectory = Trajectory.load(trajectory_dir / "trajectory.npz")
     analysis = analyse(cfg, trajectory, job["summary"])
-    folder = data_dir(cfg) / "metrics"
+    folder = out
     write_dynamics(folder, analysis, job["run_name"], cfg)
     write_summary(folder, job["run_name"], analysis.summary, analysis.tags)
     _write_json(folder / "per_step.json", {"columns": sorted(analysis.per_step)})
 
 
-def evaluate(cfg: DictConfig) -> None:
+def evaluate(cfg: DictConfig, series_dir: Path, metrics_dir: Path, out: Path) -> None:
     """The model-level evaluation (`evaluation=...`), marked with the bifurcation step; an empty summary
     when the study evaluates nothing."""
     from garden.tasks.dynamics import evaluate_models, plan_dynamics
 
-    folder = data_dir(cfg) / "evaluation"
+    folder = out
     folder.mkdir(parents=True, exist_ok=True)
     summary: dict = {}
     if cfg.evaluation.get("stages"):
-        recorded = _read_json(data_dir(cfg) / "metrics" / "summary.json")
+        recorded = _read_json(metrics_dir / "summary.json")
         excluded = re.findall(r"step(\d+):", recorded["tags"].get("garden.excluded_steps", ""))
-        _, summary = evaluate_models(plan_dynamics(cfg), folder, recorded["summary"], excluded)
+        job = plan_dynamics(with_series_in(cfg, series_dir))
+        _, summary = evaluate_models(job, folder, recorded["summary"], excluded)
     _write_json(folder / "summary.json", {"summary": summary})
 
 
-def report(cfg: DictConfig) -> None:
+def report(cfg: DictConfig, trajectory_dir: Path, metrics_dir: Path, evaluation_dir: Path, out: Path,
+           headline: Path) -> None:  # fmt: skip
     """One MLflow run holding the study (params, per-step metrics, summary, tables, figures), the same
     record `python -m garden` makes, logged only once every stage has finished."""
+    from garden.analysis import write_summary
     from garden.metrics import HEADLINE
-    from garden.tasks.dynamics import log_outcome, log_results, write_summary
+    from garden.record import log_outcome, log_results
     from garden.tracking import MlflowTracker, flatten
 
-    root = data_dir(cfg)
-    job = _read_json(root / "trajectory" / "job.json")
-    dynamics = _read_json(root / "metrics" / "summary.json")
-    evaluation = _read_json(root / "evaluation" / "summary.json")["summary"]
-    folder = root / "report"
+    job = _read_json(trajectory_dir / "job.json")
+    dynamics = _read_json(metrics_dir / "summary.json")
+    evaluation = _read_json(evaluation_dir / "summary.json")["summary"]
+    folder = out
     if folder.exists():
         shutil.rmtree(folder)
-    for source in (root / "metrics", root / "evaluation", root / "trajectory"):
+    for source in (metrics_dir, evaluation_dir, trajectory_dir):
         for kind in ("tables", "figures"):
             if (source / kind).is_dir():
                 shutil.copytree(source / kind, folder / kind, dirs_exist_ok=True)
@@ -198,7 +214,7 @@ def report(cfg: DictConfig) -> None:
 
     steps_table = pd.read_csv(folder / "tables" / "steps.csv")
     per_step = {c: steps_table[c].to_numpy(dtype=float)
-                for c in _read_json(root / "metrics" / "per_step.json")["columns"]}  # fmt: skip
+                for c in _read_json(metrics_dir / "per_step.json")["columns"]}  # fmt: skip
     eval_path = folder / "tables" / "evaluation.csv"
     eval_table = pd.read_csv(eval_path) if eval_path.is_file() else None
     tracker = MlflowTracker(str(cfg.tracking.uri), str(cfg.tracking.experiment))
@@ -209,7 +225,7 @@ def report(cfg: DictConfig) -> None:
     _write_json(folder / "run.json", {"run_id": tracker.run_id, "tracking_uri": str(cfg.tracking.uri),
                                       "experiment": str(cfg.tracking.experiment)})  # fmt: skip
     # An absent value (no bifurcation detected, no evaluation) is null, which `dvc metrics` skips.
-    _write_json(root / "metrics.json", {k: _finite_or_none(summary.get(k)) for k in HEADLINE})
+    _write_json(headline, {k: _finite_or_none(summary.get(k)) for k in HEADLINE})
     log_outcome(run_name, summary, tags, folder, tracker.run_id)
 
 
@@ -252,14 +268,21 @@ def sweep(cfg: DictConfig, model: str, variant: str) -> None:
                                       "tracking_uri": str(item.tracking.uri)})  # fmt: skip
 
 
+#: stage -> (function, its folder arguments in order: inputs, then outputs); each folder argument is a
+#: command-line option whose default is the study's layout under paths.data_dir.
 STAGES = {
-    "corpus": corpus,
-    "series": series,
-    "extract": extract,
-    "metrics": metrics,
-    "evaluate": evaluate,
-    "report": report,
+    "corpus": (corpus, ("out",)),
+    "series": (series, ("out",)),
+    "extract": (extract, ("series", "out")),
+    "metrics": (metrics, ("trajectory", "out")),
+    "evaluate": (evaluate, ("series", "metrics", "out")),
+    "report": (report, ("trajectory", "metrics", "evaluation", "out", "headline")),
 }
+#: Where each folder argument points by default, under paths.data_dir (`out`: the stage's own folder).
+LAYOUT = {"series": "series", "trajectory": "trajectory", "metrics": "metrics", "evaluation": "evaluation",
+          "headline": "metrics.json"}  # fmt: skip
+OUT = {"corpus": "corpus", "series": "series", "extract": "trajectory", "metrics": "metrics",
+       "evaluate": "evaluation", "report": "report"}  # fmt: skip
 
 
 def write_params(path: str | Path = PARAMS_FILE, overrides: list[str] | None = None) -> None:
@@ -273,6 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", help="sweep: a model of conf/model/")
     parser.add_argument("--variant", help="sweep: standard | deduped")
     parser.add_argument("--params", default=PARAMS_FILE, help="the parameters file (default params.yaml)")
+    for name in ("series", "trajectory", "metrics", "evaluation", "out", "headline"):
+        parser.add_argument(f"--{name}", type=Path, help=f"a stage's {name} folder (default: the study's)")
     parser.add_argument("overrides", nargs="*", help="params: Hydra overrides composed into params.yaml")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
@@ -291,7 +316,10 @@ def main(argv: list[str] | None = None) -> None:
                 parser.error("sweep needs --model and --variant")
             sweep(cfg, args.model, args.variant)
         else:
-            STAGES[args.stage](cfg)
+            function, folders = STAGES[args.stage]
+            root = data_dir(cfg)
+            defaults = {**LAYOUT, "out": OUT[args.stage]}
+            function(cfg, *(getattr(args, name) or root / defaults[name] for name in folders))
     except GardenError as error:
         sys.exit(f"garden: error: {error}")
 

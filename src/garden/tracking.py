@@ -108,7 +108,9 @@ class MlflowTracker:
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
     def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
-        mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+        """Everything under `folder` (nothing when there is no such folder: figures=false)."""
+        if Path(folder).is_dir():
+            mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
 
 
 @contextmanager

@@ -75,6 +75,7 @@ NONNEGATIVE = number(0.0)
 SETTINGS: dict[str, Rule] = {
     "seed": integer(0),
     "progress": BOOLEAN,
+    "figures": BOOLEAN,
     "steps.count": integer(2),
     "series.on_bad_step": choice(*BAD_STEP_POLICIES),
     "series.prefetch": integer(0, 64),

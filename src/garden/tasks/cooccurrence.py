@@ -59,7 +59,8 @@ def run_cooccurrence(cfg: DictConfig, output_dir: Path | None = None) -> RunOutc
         tracker.log_summary(record.summary)
         (output_dir / "tables").mkdir(parents=True, exist_ok=True)
         table.to_csv(output_dir / "tables" / "cooccurrence.csv", index=False)
-        cooccurrence.draw(table, record.summary, output_dir / "figures")
+        if cfg.get("figures", True):
+            cooccurrence.draw(table, record.summary, output_dir / "figures")
         tracker.log_artifacts(output_dir / "tables", "tables")
         tracker.log_artifacts(output_dir / "figures", "figures")
     log.info("cooccurrence: %s; snapshots in %s", record.summary, series_dir)

@@ -15,7 +15,6 @@ with the valid choices, before any training, reading or run creation.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -26,11 +25,13 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from garden import cache, families
+from garden.analysis import analyse, write_dynamics, write_summary
 from garden.errors import GardenError
 from garden.evaluation.stage import EvaluationPlan, plan_evaluation
 from garden.extract import ExtractionPlan, extract
 from garden.layers import ResolvedLayer, resolve_layer
-from garden.metrics import MetricResult, compute_metrics
+from garden.metrics import MetricResult
+from garden.record import log_outcome, log_results
 from garden.schedule import select_steps
 from garden.series import (
     CheckpointSeries,
@@ -147,17 +148,6 @@ class DynamicsJob:
     tags: dict[str, str]
 
 
-@dataclass
-class Analysis:
-    """What the metric registry made of a trajectory: per-step series, summary values and tags."""
-
-    trajectory: Trajectory
-    results: dict[str, MetricResult]
-    per_step: dict
-    summary: dict[str, float]
-    tags: dict[str, str]
-
-
 def plan_dynamics(cfg: DictConfig) -> DynamicsJob:
     """Check and plan the job with its series open (nothing trained or fetched yet, except the listing
     of a Hub repository); the search for duplicated steps then reads content ids (and trains the tiny
@@ -217,29 +207,6 @@ def extract_trajectory(job: DynamicsJob) -> Trajectory:
                    device=resolve_device(str(cfg.device)), prefetch=int(cfg.series.prefetch))  # fmt: skip
 
 
-def analyse(cfg: DictConfig, trajectory: Trajectory, job_summary: dict[str, float]) -> Analysis:
-    """Run the configured metrics on a trajectory; `job_summary` holds the job's own counts."""
-    metric_params = OmegaConf.to_container(cfg.metrics, resolve=True)
-    metric_params["seed"] = int(cfg.seed)
-    results = compute_metrics(trajectory, cfg.metrics.names, metric_params)
-    per_step: dict = {}
-    summary = {
-        "n_steps": float(len(trajectory.steps)),
-        "n_parameters": float(trajectory.n),
-        **job_summary,
-    }
-    excluded = trajectory.meta.get("excluded_steps") or {}
-    summary["n_excluded_steps"] = float(len(excluded))
-    tags: dict[str, str] = {
-        "garden.excluded_steps": "; ".join(f"step{s}: {why}" for s, why in excluded.items()) or "none"
-    }
-    for result in results.values():
-        per_step.update(result.per_step)
-        summary.update(result.summary)
-        tags.update(result.tags)
-    return Analysis(trajectory, results, per_step, summary, tags)
-
-
 def job_summary(job: DynamicsJob, output_dir: Path) -> dict[str, float]:
     """The job's counts (duplicates, Hub bytes), writing the Hub fetch manifest beside the tables."""
     return {
@@ -274,22 +241,6 @@ def run_dynamics(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
     return RunOutcome(run_id, job.run_name, output_dir, trajectory, analysis.results, analysis.summary, tags)
 
 
-def log_results(tracker: MlflowTracker, folder: Path, steps, per_step: dict, evaluation: pd.DataFrame | None,
-                summary: dict[str, float], tags: dict[str, str], extra_artifacts=()) -> None:  # fmt: skip
-    """Everything a dynamics run records in its (already started) MLflow run."""
-    tracker.log_step_metrics(steps, per_step)
-    if evaluation is not None:
-        tracker.log_table(evaluation, "step")
-    tracker.log_summary(summary)
-    tracker.set_tags(tags)
-    tracker.log_artifacts(folder / "tables", "tables")
-    tracker.log_artifacts(folder / "figures", "figures")
-    tracker.log_artifact(folder / "summary.json")
-    for extra in extra_artifacts:
-        if Path(extra).is_file():
-            tracker.log_artifact(Path(extra), "series")
-
-
 def evaluate_models(job: DynamicsJob, output_dir: Path, dynamics: dict,
                     excluded: Iterable[int] = ()) -> tuple[pd.DataFrame, dict]:  # fmt: skip
     """The model-level stages: per-step metrics at their training steps, tables and figures, marked with
@@ -310,61 +261,8 @@ def evaluate_models(job: DynamicsJob, output_dir: Path, dynamics: dict,
     table.to_csv(tables / "evaluation.csv", index=False)
     if layers is not None:
         layers.to_csv(tables / "cka_convergence.csv", index=False)
-    draw_evaluation(table, layers, result.n_layers, float(cfg.evaluation.cka.threshold), bifurcation_step,
-                    str(cfg.model.name), output_dir / "figures",
-                    unit_bifurcation_step=dynamics.get("unit_bifurcation_step"))  # fmt: skip
+    if cfg.get("figures", True):
+        draw_evaluation(table, layers, result.n_layers, float(cfg.evaluation.cka.threshold), bifurcation_step,
+                        str(cfg.model.name), output_dir / "figures",
+                        unit_bifurcation_step=dynamics.get("unit_bifurcation_step"))  # fmt: skip
     return table, summary
-
-
-def write_dynamics(folder: Path, analysis: Analysis, run_name: str, cfg: DictConfig) -> None:
-    """Per-step tables, the metrics' extra tables and the dynamics figures."""
-    from garden.figures import draw_all
-
-    trajectory = analysis.trajectory
-    tables = folder / "tables"
-    tables.mkdir(parents=True, exist_ok=True)
-    table = trajectory.table.copy()
-    for name, values in analysis.per_step.items():
-        table[name] = values
-    table.to_csv(tables / "steps.csv", index=False)
-    for result in analysis.results.values():
-        for name, extra in result.tables.items():
-            extra.to_csv(tables / f"{name}.csv", index=False)
-    pd.DataFrame({"index": trajectory.trajectory_indices}).to_csv(
-        tables / "trajectory_indices.csv", index=False
-    )
-    draw_all(trajectory, analysis.results, run_name, float(cfg.metrics.bimodality_threshold),
-             folder / "figures", unit_threshold=float(cfg.metrics.unit_fraction_threshold),
-             unit_fdr=float(cfg.metrics.unit_fdr))  # fmt: skip
-
-
-def write_summary(folder: Path, run_name: str, summary: dict, tags: dict) -> None:
-    (folder / "summary.json").write_text(
-        json.dumps({"run_name": run_name, "summary": summary, "tags": tags}, indent=1)
-    )
-
-
-def log_outcome(run_name: str, summary: dict, tags: dict, output_dir: Path, run_id: str | None) -> None:
-    """The one line a finished job prints: its headline numbers and where the results are."""
-    bifurcation = summary.get("bifurcation_step")
-    unit_onset = summary.get("unit_bifurcation_step")
-    stationary = summary.get("stationary_step")
-    if "final_bimodal_unit_fraction" in summary:
-        fraction, count = summary["final_bimodal_unit_fraction"], summary["n_units"]
-        share = f"{fraction:.0%} of {count:g} units bimodal at the end"
-        units = f"at step {unit_onset:g} ({share})" if unit_onset is not None else f"none ({share})"
-    else:
-        units = tags.get("garden.unit_bifurcation", "not computed")
-    log.info(
-        "%s: pooled bifurcation %s, unit bifurcation %s, stationary step %s, alpha %s; results in %s "
-        "(MLflow run %s)",
-        run_name,
-        f"at step {bifurcation:g}"
-        if bifurcation is not None
-        else tags.get("garden.bifurcation", "not computed"),
-        units,
-        f"{stationary:g}" if stationary is not None else "none",
-        f"{summary['alpha']:.3f}" if "alpha" in summary else "n/a",
-        output_dir,
-        run_id,
-    )

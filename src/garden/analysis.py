@@ -1,0 +1,77 @@
+"""The analysis stage of a dynamics job: the metric registry on a trajectory, then its tables, figures
+and summary.json (what the CLI and the DVC `metrics` stage both write)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from garden.metrics import MetricResult, compute_metrics
+from garden.trajectory import Trajectory
+
+
+@dataclass
+class Analysis:
+    """What the metric registry made of a trajectory: per-step series, summary values and tags."""
+
+    trajectory: Trajectory
+    results: dict[str, MetricResult]
+    per_step: dict
+    summary: dict[str, float]
+    tags: dict[str, str]
+
+
+def analyse(cfg: DictConfig, trajectory: Trajectory, job_summary: dict[str, float]) -> Analysis:
+    """Run the configured metrics on a trajectory; `job_summary` holds the job's own counts."""
+    metric_params = OmegaConf.to_container(cfg.metrics, resolve=True)
+    metric_params["seed"] = int(cfg.seed)
+    results = compute_metrics(trajectory, cfg.metrics.names, metric_params)
+    per_step: dict = {}
+    summary = {
+        "n_steps": float(len(trajectory.steps)),
+        "n_parameters": float(trajectory.n),
+        **job_summary,
+    }
+    excluded = trajectory.meta.get("excluded_steps") or {}
+    summary["n_excluded_steps"] = float(len(excluded))
+    tags: dict[str, str] = {
+        "garden.excluded_steps": "; ".join(f"step{s}: {why}" for s, why in excluded.items()) or "none"
+    }
+    for result in results.values():
+        per_step.update(result.per_step)
+        summary.update(result.summary)
+        tags.update(result.tags)
+    return Analysis(trajectory, results, per_step, summary, tags)
+
+
+def write_dynamics(folder: Path, analysis: Analysis, run_name: str, cfg: DictConfig) -> None:
+    """Per-step tables, the metrics' extra tables and the dynamics figures."""
+    from garden.figures import draw_all
+
+    trajectory = analysis.trajectory
+    tables = folder / "tables"
+    tables.mkdir(parents=True, exist_ok=True)
+    table = trajectory.table.copy()
+    for name, values in analysis.per_step.items():
+        table[name] = values
+    table.to_csv(tables / "steps.csv", index=False)
+    for result in analysis.results.values():
+        for name, extra in result.tables.items():
+            extra.to_csv(tables / f"{name}.csv", index=False)
+    pd.DataFrame({"index": trajectory.trajectory_indices}).to_csv(
+        tables / "trajectory_indices.csv", index=False
+    )
+    if cfg.get("figures", True):
+        draw_all(trajectory, analysis.results, run_name, float(cfg.metrics.bimodality_threshold),
+                 folder / "figures", unit_threshold=float(cfg.metrics.unit_fraction_threshold),
+                 unit_fdr=float(cfg.metrics.unit_fdr))  # fmt: skip
+
+
+def write_summary(folder: Path, run_name: str, summary: dict, tags: dict) -> None:
+    (folder / "summary.json").write_text(
+        json.dumps({"run_name": run_name, "summary": summary, "tags": tags}, indent=1)
+    )
