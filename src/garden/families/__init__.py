@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import ClassVar
 
 import torch
@@ -82,20 +83,43 @@ class Family:
     def derived_role(self, role: str, index: int | None, config: dict) -> TensorSpec:
         raise GardenError(f"family {self.name} has no tensor for role {role!r}")
 
-    # Model-level hooks (the evaluation stages), on a loaded `transformers` model.
+    # Model-level hooks (the evaluation stages), on a loaded `transformers` model: module paths, so a
+    # family names its modules and the base class does the rest.
+    #: The list of transformer blocks, from the model.
+    blocks_path: ClassVar[str]
+    #: From a block: the module whose output CKA compares as the attention output (the output projection).
+    attention_output_path: ClassVar[str]
+    #: From a block: the MLP's output projection (CKA's MLP output; PER of its weight).
+    mlp_output_path: ClassVar[str]
+    #: From a block: the attention output projection's weight (d x heads*head_dim).
+    attention_output_weight_path: ClassVar[str]
+
     def blocks(self, model) -> list:
-        raise NotImplementedError
+        return list(attrgetter(self.blocks_path)(model))
 
     def attention_output(self, block) -> torch.nn.Module:
-        """The module whose output CKA compares as the block's attention output."""
-        raise NotImplementedError
+        return attrgetter(self.attention_output_path)(block)
 
     def mlp_output(self, block) -> torch.nn.Module:
+        return attrgetter(self.mlp_output_path)(block)
+
+    def value_weight(self, block, config) -> torch.Tensor:
+        """W_V of every key/value head, stacked: (kv_heads * head_dim) x d."""
         raise NotImplementedError
 
     def ov_circuits(self, block, config) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(W_O[:, h], W_V of head h's key/value group) for every query head h."""
-        raise NotImplementedError
+        """(W_O[:, h], W_V of head h's key/value group) for every query head h; with grouped-query
+        attention query head h reads group h // (heads / kv_heads)."""
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        w_o = attrgetter(self.attention_output_weight_path)(block).detach().cpu()
+        w_v = self.value_weight(block, config).detach().cpu()
+        head_dim, group = w_o.shape[1] // heads, heads // kv_heads
+
+        def rows(i: int) -> slice:
+            return slice(i * head_dim, (i + 1) * head_dim)
+
+        return [(w_o[:, rows(h)], w_v[rows(h // group)]) for h in range(heads)]
 
     def parameter_count(self, architecture: dict) -> float | None:
         raise NotImplementedError

@@ -41,6 +41,11 @@ class GPTNeoX(Family):
         "mlp_out": "gpt_neox.layers.{index}.mlp.dense_4h_to_h.weight",
     }
 
+    blocks_path = "gpt_neox.layers"
+    attention_output_path = "attention.dense"
+    attention_output_weight_path = "attention.dense.weight"
+    mlp_output_path = "mlp.dense_4h_to_h"
+
     def derived_role(self, role: str, index: int | None, config: dict) -> TensorSpec:
         if role not in WHICH:
             return super().derived_role(role, index, config)
@@ -48,22 +53,8 @@ class GPTNeoX(Family):
         return TensorSpec(f"{fused}[{role[-1]}]", (fused,), lambda parts: qkv_rows(parts[0], heads, which),
                           how=f"rows {role[-1]} of {heads} interleaved heads")  # fmt: skip
 
-    def blocks(self, model) -> list:
-        return list(model.gpt_neox.layers)
-
-    def attention_output(self, block) -> torch.nn.Module:
-        return block.attention.dense
-
-    def mlp_output(self, block) -> torch.nn.Module:
-        return block.mlp.dense_4h_to_h
-
-    def ov_circuits(self, block, config) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        heads = config.num_attention_heads
-        w_v = qkv_rows(block.attention.query_key_value.weight.detach().cpu(), heads, 2)
-        w_o = block.attention.dense.weight.detach().cpu()
-        head_dim = w_o.shape[1] // heads
-        cuts = [slice(h * head_dim, (h + 1) * head_dim) for h in range(heads)]
-        return [(w_o[:, cut], w_v[cut]) for cut in cuts]
+    def value_weight(self, block, config) -> torch.Tensor:
+        return qkv_rows(block.attention.query_key_value.weight, config.num_attention_heads, 2)
 
     def parameter_count(self, architecture: dict) -> float | None:
         """12·L·d² (blocks) + 2·V·d (embedding and unembedding): the count Pythia's names round

@@ -29,6 +29,11 @@ class Olmo2(Family):
         "mlp_out": "model.layers.{index}.mlp.down_proj.weight",
     }
 
+    blocks_path = "model.layers"
+    attention_output_path = "self_attn.o_proj"
+    attention_output_weight_path = "self_attn.o_proj.weight"
+    mlp_output_path = "mlp.down_proj"
+
     def derived_role(self, role: str, index: int | None, config: dict) -> TensorSpec:
         if role != "attn_qkv":
             return super().derived_role(role, index, config)
@@ -36,28 +41,8 @@ class Olmo2(Family):
         return TensorSpec(f"model.layers.{index}.self_attn.qkv_proj.weight", parts, torch.cat,
                           how="q, k, v rows joined")  # fmt: skip
 
-    def blocks(self, model) -> list:
-        return list(model.model.layers)
-
-    def attention_output(self, block) -> torch.nn.Module:
-        return block.self_attn.o_proj
-
-    def mlp_output(self, block) -> torch.nn.Module:
-        return block.mlp.down_proj
-
-    def ov_circuits(self, block, config) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Query head h reads the values of its key/value group h // (heads / kv_heads)."""
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        w_o = block.self_attn.o_proj.weight.detach().cpu()
-        w_v = block.self_attn.v_proj.weight.detach().cpu()
-        head_dim = w_o.shape[1] // heads
-        group = heads // kv_heads
-
-        def rows(i: int) -> slice:
-            return slice(i * head_dim, (i + 1) * head_dim)
-
-        return [(w_o[:, rows(h)], w_v[rows(h // group)]) for h in range(heads)]
+    def value_weight(self, block, config) -> torch.Tensor:
+        return block.self_attn.v_proj.weight
 
     def parameter_count(self, architecture: dict) -> float | None:
         """Per block q and o (d·d each), k and v (d·d·kv/heads each), the SwiGLU MLP (3·d·I), plus the
