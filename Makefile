@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast bench lint params repro compare clean
+.PHONY: install run test test-fast bench lint params repro compare ui clean
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ params: install
 
 repro: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro $(ARGS)
+
+# The MLflow UI on garden's store (the default tracking.uri): http://127.0.0.1:5000, experiment garden.
+ui: install
+	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --workers 1
 
 # The latest sweep's runs side by side, logged to its MLflow parent run.
 compare: install

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -81,10 +82,9 @@ def test_cli_logs_the_forking_paths_run(tmp_path, fork_series, compose_config):
     assert run.data.tags["garden.unit_bifurcation"] == "detected"
     fraction = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "bimodal_unit_fraction")}
     assert fraction[4] == 0 and fraction[24] == 1
-    assert (
-        "pooled bifurcation at step 8, unit bifurcation at step 8 (100% of 16 units"
-        in done.stdout + done.stderr
-    )
+    printed = done.stdout + done.stderr
+    assert "pooled bifurcation at step 8, unit bifurcation at step 8 (100% of 16 units" in printed
+    assert f"open it: mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db --workers 1" in printed
     assert "alpha" in run.data.metrics and run.data.tags["garden.stationary"] in ("detected", "none")
     paths = artifact_paths(client, run.info.run_id)
     assert paths >= FIGURES
@@ -96,6 +96,19 @@ def test_cli_logs_the_forking_paths_run(tmp_path, fork_series, compose_config):
     assert len(both) == 2
     assert both[0].data.metrics["bifurcation_step"] == both[1].data.metrics["bifurcation_step"] == 8
     assert both[0].data.metrics["alpha"] == both[1].data.metrics["alpha"]
+
+
+def test_help_says_what_garden_does_and_lists_the_choices(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "garden", "--help"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("garden: reproducible studies of language-model training dynamics")
+    assert "powered by Hydra" not in done.stdout and "README.md" in done.stdout
+    assert (
+        "layer: attn_k, attn_out, attn_q, attn_qkv, attn_v, embedding, mlp_in, mlp_out, unembedding"
+        in done.stdout
+    )
+    assert "olmo2-1b" in done.stdout and "mlflow ui --backend-store-uri sqlite:///mlflow.db" in done.stdout
 
 
 def test_block_layer_and_step_selection(tmp_path, fork_series, compose_config):

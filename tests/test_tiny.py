@@ -89,6 +89,9 @@ def test_default_cli_on_a_shrunken_tiny_series(tmp_path, small_corpus, compose_c
 
     done = run_garden(tmp_path, f"corpus.path={small_corpus}", *SHRUNK_TINY, f"hydra.run.dir={tmp_path}/o1")
     assert done.returncode == 0, done.stderr[-3000:]
+    said = done.stdout + done.stderr  # what is trained, and where, before the training starts
+    assert "not trained yet: a GPT-NeoX of 2 blocks, d_model 32, 2 heads, vocab 300" in said
+    assert f"into {tmp_path}/data/series/tiny-" in said
     again = compose_config(f"corpus.path={small_corpus}", *SHRUNK_TINY, f"paths.data_dir={tmp_path}/data",
                            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "progress=false")  # fmt: skip
     run(again, output_dir=tmp_path / "o2")

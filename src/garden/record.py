@@ -29,8 +29,10 @@ def log_results(tracker: MlflowTracker, folder: Path, steps, per_step: dict, eva
             tracker.log_artifact(Path(extra), "series")
 
 
-def log_outcome(run_name: str, summary: dict, tags: dict, output_dir: Path, run_id: str | None) -> None:
-    """The one line a finished job prints: its headline numbers and where the results are."""
+def log_outcome(run_name: str, summary: dict, tags: dict, output_dir: Path, run_id: str | None,
+                tracking_uri: str | None = None, experiment: str | None = None) -> None:  # fmt: skip
+    """What a finished job prints: one line with its headline numbers and where the results are, then
+    how to open them in the MLflow UI."""
     bifurcation = summary.get("bifurcation_step")
     unit_onset = summary.get("unit_bifurcation_step")
     stationary = summary.get("stationary_step")
@@ -53,3 +55,10 @@ def log_outcome(run_name: str, summary: dict, tags: dict, output_dir: Path, run_
         output_dir,
         run_id,
     )
+    if tracking_uri:
+        log.info(
+            "open it: mlflow ui --backend-store-uri %s --workers 1  (or make ui), then "
+            "http://127.0.0.1:5000, experiment %s (MLflow 3 opens on its GenAI view: switch to Model "
+            "training); tables, figures and summary.json are also in %s",
+            tracking_uri, experiment or "garden", output_dir,
+        )  # fmt: skip

@@ -226,7 +226,9 @@ def report(cfg: DictConfig, trajectory_dir: Path, metrics_dir: Path, evaluation_
                                       "experiment": str(cfg.tracking.experiment)})  # fmt: skip
     # An absent value (no bifurcation detected, no evaluation) is null, which `dvc metrics` skips.
     _write_json(headline, {k: _finite_or_none(summary.get(k)) for k in HEADLINE})
-    log_outcome(run_name, summary, tags, folder, tracker.run_id)
+    log_outcome(
+        run_name, summary, tags, folder, tracker.run_id, str(cfg.tracking.uri), str(cfg.tracking.experiment)
+    )
 
 
 def sweep_config(cfg: DictConfig, model: str, variant: str) -> DictConfig:

@@ -3,6 +3,7 @@ its steps, tensor names, shapes and config are known from the config, and it tra
 
 from __future__ import annotations
 
+import logging
 import threading
 from functools import cached_property
 from pathlib import Path
@@ -12,6 +13,8 @@ from omegaconf import DictConfig
 from garden.families import Revision
 from garden.series import LocalSeries
 from garden.sources import CONTENT_IDS, register
+
+log = logging.getLogger("garden")
 
 
 class TinySeries(LocalSeries):
@@ -28,9 +31,19 @@ class TinySeries(LocalSeries):
         self._training = threading.Lock()
 
     def prepare(self) -> None:
-        from garden.tiny import ensure_tiny_series
+        from garden.devices import resolve_device
+        from garden.tiny import COMPLETE_MARKER, checkpoint_steps, ensure_tiny_series
 
         cfg = self.cfg
+        if not (self.root / COMPLETE_MARKER).is_file():  # say what is trained, and where, before the bar
+            arch, corpus = cfg.model.architecture, cfg.corpus
+            log.info(
+                "the tiny series is not trained yet: a GPT-NeoX of %d blocks, d_model %d, %d heads, vocab "
+                "%d, %d steps on %s (%s), %d checkpoints, on %s, into %s",
+                arch.num_hidden_layers, arch.hidden_size, arch.num_attention_heads, arch.vocab_size,
+                cfg.model.train.steps, corpus.get("path") or corpus.get("name"), cfg.variant,
+                len(checkpoint_steps(cfg.model.train)), resolve_device(str(cfg.device)), self.root,
+            )  # fmt: skip
         with self._training:
             ensure_tiny_series(cfg.model, cfg.corpus, self.data_dir, str(cfg.device), bool(cfg.progress),
                                str(cfg.variant))  # fmt: skip

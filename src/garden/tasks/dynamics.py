@@ -237,7 +237,15 @@ def run_dynamics(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
         log_results(tracker, output_dir, analysis.trajectory.steps, analysis.per_step, evaluation,
                     analysis.summary, tags, job.series.artifacts())  # fmt: skip
         run_id = tracker.run_id
-    log_outcome(job.run_name, analysis.summary, tags, output_dir, run_id)
+    log_outcome(
+        job.run_name,
+        analysis.summary,
+        tags,
+        output_dir,
+        run_id,
+        str(cfg.tracking.uri),
+        str(cfg.tracking.experiment),
+    )
     return RunOutcome(run_id, job.run_name, output_dir, trajectory, analysis.results, analysis.summary, tags)
 
 
