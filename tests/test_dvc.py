@@ -184,3 +184,27 @@ def test_series_stage_keeps_only_the_current_series(study):
     sh(work, sys.executable, "-m", "garden.stages", "series")
     assert visible(work / "study" / "series") == [current]
     assert (current / "series.json").stat().st_mtime_ns == finished_at
+
+
+def test_the_series_stage_links_the_tiny_series_the_cli_already_trained(tmp_path, monkeypatch):
+    """`make run` then `dvc repro`: the same keyed series under data/ is linked into study/series, not
+    trained a second time."""
+    from garden import stages, tiny
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GARDEN_DATA_DIR", raising=False)
+    cfg = stages.compose_study([*SHRUNK_TINY, "progress=false"])
+    name = tiny_series_dir(cfg.model, cfg.corpus, Path("study")).name
+    trained = tmp_path / "data" / "series" / name
+    (trained / "step0").mkdir(parents=True)
+    (trained / "step0" / "model.safetensors").write_bytes(b"weights")
+    (trained / tiny.COMPLETE_MARKER).write_text("{}")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the tiny series was trained again")
+
+    monkeypatch.setattr(tiny, "train_series", no_training)
+    stages.series(cfg, Path("study") / "series")
+    linked = tmp_path / "study" / "series" / name / "step0" / "model.safetensors"
+    assert linked.read_bytes() == b"weights"
+    assert os.path.samefile(linked, trained / "step0" / "model.safetensors")  # a hard link, not a copy

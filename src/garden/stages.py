@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import sys
@@ -134,11 +135,44 @@ def series(cfg: DictConfig, out: Path) -> None:
             shutil.rmtree(stale)
         else:
             stale.unlink()
+    if keep is not None:
+        reuse_trained(keep)
     opened = open_series(cfg)
-    opened.prepare()  # the tiny series trains here
+    opened.prepare()  # the tiny series trains here (unless it was reused)
     if keep is None:
         manifest = {"series": opened.identity, "steps": opened.steps()}
         _write_json(folder / f"{cfg.model.name}-{cfg.variant}.json", manifest)
+
+
+def reuse_trained(target: Path) -> None:
+    """The same tiny series (the same keyed name: config, corpus content and trainer code) already
+    trained by `python -m garden` under its data folder (GARDEN_DATA_DIR, else data/) is linked into the
+    stage's output instead of trained again (hard links where the filesystem allows, else copies)."""
+    from garden import cache
+    from garden.tiny import COMPLETE_MARKER
+
+    source = Path(os.environ.get("GARDEN_DATA_DIR") or "data") / "series" / target.name
+    if (target / COMPLETE_MARKER).is_file() or not (source / COMPLETE_MARKER).is_file():
+        return
+    if source.resolve() == target.resolve():
+        return
+    with cache.producing(target, "the tiny series"):  # the lock a training job would hold
+        if (target / COMPLETE_MARKER).is_file():
+            return
+        staged = cache.temporary_folder(target)
+        shutil.copytree(source, staged, copy_function=_link_or_copy, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(".*"))  # fmt: skip
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staged, target)
+    log.info("the tiny series is the one already trained in %s: linked into %s, not trained again", source,
+             target)  # fmt: skip
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(source, destination)
 
 
 def extract(cfg: DictConfig, series_dir: Path, out: Path) -> None:
