@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast bench lint params repro compare ui clean
+.PHONY: install run test test-fast bench lint params repro compare ui plots-template clean
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ params: install
 
 repro: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro $(ARGS)
+
+# `dvc plots show`'s page template with Vega, Vega-Lite and Vega-Embed inlined (pinned, sha256-checked
+# npm tarballs), so the page renders offline; needs npm. The result is committed: .dvc/plots/offline.html.
+plots-template: install
+	$(PY) .dvc/plots/vendor.py
 
 # The MLflow UI on garden's store (the default tracking.uri): http://127.0.0.1:5000, experiment garden.
 ui: install

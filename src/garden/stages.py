@@ -86,8 +86,19 @@ def _write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=1, default=float))
 
 
-def _finite_or_none(value) -> float | None:
-    return float(value) if value is not None and math.isfinite(float(value)) else None
+#: Headline events and the tag their metric sets: "none" there means looked for and not found.
+EVENT_TAGS = {"bifurcation_step": "garden.bifurcation", "unit_bifurcation_step": "garden.unit_bifurcation",
+              "stationary_step": "garden.stationary"}  # fmt: skip
+
+
+def headline_value(key: str, summary: dict, tags: dict) -> float | str:
+    """A headline number for `dvc metrics`, or what its absence means: "none" (an event looked for and
+    not found) or "not computed" (its metric or stage was not run). DVC drops nulls from `dvc metrics
+    show`; it shows these strings."""
+    value = summary.get(key)
+    if value is not None and math.isfinite(float(value)):
+        return float(value)
+    return "none" if tags.get(EVENT_TAGS.get(key, "")) == "none" else "not computed"
 
 
 def _read_json(path: Path) -> dict:
@@ -258,8 +269,7 @@ def report(cfg: DictConfig, trajectory_dir: Path, metrics_dir: Path, evaluation_
                     job["artifacts"])  # fmt: skip
     _write_json(folder / "run.json", {"run_id": tracker.run_id, "tracking_uri": str(cfg.tracking.uri),
                                       "experiment": str(cfg.tracking.experiment)})  # fmt: skip
-    # An absent value (no bifurcation detected, no evaluation) is null, which `dvc metrics` skips.
-    _write_json(headline, {k: _finite_or_none(summary.get(k)) for k in HEADLINE})
+    _write_json(headline, {k: headline_value(k, summary, tags) for k in HEADLINE})
     log_outcome(
         run_name, summary, tags, folder, tracker.run_id, str(cfg.tracking.uri), str(cfg.tracking.experiment)
     )
