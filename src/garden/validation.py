@@ -201,8 +201,7 @@ def _check_family(cfg: DictConfig) -> None:
     from garden import families
     from garden.layers import check_role
 
-    if cfg.model.get("family") is not None:
-        families.get(str(cfg.model.family))
+    families.configured(cfg.model)
     pattern = cfg.model.get("revision_pattern")
     if pattern is not None:
         try:

@@ -149,6 +149,12 @@ def get(name: str) -> Family:
         ) from None
 
 
+def configured(model_cfg) -> Family | None:
+    """The family `model.family` names; None where it names none (the series then tells, `detect`)."""
+    name = model_cfg.get("family")
+    return None if name is None else get(str(name))
+
+
 def detect(config: dict | None, tensor_names: Callable[[], Iterable[str]]) -> Family | None:
     """The family of a series on disk: config.json's `model_type`, else the one family whose role tensors
     it holds; None when neither tells (fine for `layer.tensor=<exact name>`; see `require`)."""

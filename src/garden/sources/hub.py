@@ -21,7 +21,6 @@ def open_hub(cfg: DictConfig):
     from garden import families
     from garden.hub import HubSeries
 
-    family = cfg.model.get("family")
     return HubSeries(
         hub_repo(cfg),
         label=str(cfg.model.name),
@@ -31,6 +30,6 @@ def open_hub(cfg: DictConfig):
         retries=int(cfg.series.retries),
         backoff_seconds=float(cfg.series.backoff_seconds),
         timeout_seconds=float(cfg.series.timeout_seconds),
-        family=None if family is None else families.get(str(family)),
+        family=families.configured(cfg.model),
         revision_pattern=cfg.model.get("revision_pattern"),
     )

@@ -16,8 +16,7 @@ from garden.sources import CONTENT_IDS, register
 def open_local(cfg: DictConfig) -> LocalSeries:
     if not cfg.model.get("path"):
         raise GardenError("model=local needs model.path=<directory holding step{N}/ folders>")
-    family = cfg.model.get("family")
     return LocalSeries(cfg.model.path, label=str(cfg.model.name),
                        memo_dir=Path(cfg.paths.data_dir) / CONTENT_IDS,
-                       family=None if family is None else families.get(str(family)),
+                       family=families.configured(cfg.model),
                        revision_pattern=cfg.model.get("revision_pattern"))  # fmt: skip

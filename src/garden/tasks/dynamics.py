@@ -60,33 +60,25 @@ class RunOutcome:
     tags: dict[str, str]
 
 
-def configured_family(cfg: DictConfig) -> families.Family | None:
-    """The family model.family names (None: detect it from the series)."""
-    name = cfg.model.get("family")
-    return None if name is None else families.get(str(name))
-
-
-def architecture_of(cfg: DictConfig, series: CheckpointSeries) -> dict:
+def architecture_of(cfg: DictConfig, config: dict | None) -> dict:
     """model.architecture over the series' config.json: what roles and parameter counts need."""
     known = (
         OmegaConf.to_container(cfg.model.architecture, resolve=True) if cfg.model.get("architecture") else {}
     )
-    return {**(series.model_config() or {}), **known}  # type: ignore[dict-item]
+    return {**(config or {}), **known}  # type: ignore[dict-item]
 
 
-def resolve_tensor(cfg: DictConfig, series: CheckpointSeries,
-                   family: families.Family | None) -> ResolvedLayer:  # fmt: skip
+def resolve_tensor(cfg: DictConfig, series: CheckpointSeries, first_step: int, family: families.Family | None,
+                   architecture: dict) -> ResolvedLayer:  # fmt: skip
     """The configured layer in this series: a role in its family, or an exact name; every stored part
     must be in the first step's tensors."""
-    steps = series.steps()
-    architecture = architecture_of(cfg, series)
     layers = architecture.get("num_hidden_layers")
-    num_layers = layers if isinstance(layers, int) else series.num_layers(steps[0])
+    num_layers = layers if isinstance(layers, int) else series.num_layers(first_step)
     layer = resolve_layer(cfg.layer, family, num_layers, architecture)
-    names = series.tensor_names(steps[0])
+    names = series.tensor_names(first_step)
     for part in layer.spec.parts:
         if part not in names:
-            raise missing_tensor_error(steps[0], part, names)
+            raise missing_tensor_error(first_step, part, names)
     return layer
 
 
@@ -155,10 +147,10 @@ def plan_dynamics(cfg: DictConfig) -> DynamicsJob:
     check_config(cfg)
     series = open_series(cfg)
     available = series.steps()
-    family = configured_family(cfg) or families.detect(
-        series.model_config(), lambda: series.tensor_names(available[0])
-    )
-    layer = resolve_tensor(cfg, series, family)
+    config = series.model_config()  # config.json, read once
+    names = lambda: series.tensor_names(available[0])  # noqa: E731  (read only when config.json says nothing)
+    family = families.configured(cfg.model) or families.detect(config, names)
+    layer = resolve_tensor(cfg, series, available[0], family, architecture_of(cfg, config))
     steps = select_steps(available, OmegaConf.to_container(cfg.steps, resolve=True))
     plan = ExtractionPlan.from_config(cfg.extract, layer.tensor, steps, str(cfg.series.on_bad_step))
     if plan.reference_step not in available:
