@@ -20,6 +20,8 @@ FIGURES = {
     "figures/density.png",
     "figures/forking_trajectories.png",
     "figures/msd_loglog.png",
+    "figures/msd_loglog.svg",
+    "figures/displacement.png",
     "figures/bimodality.png",
     "figures/unit_forks.png",
     "figures/bimodal_fraction.png",
@@ -68,34 +70,51 @@ def test_cli_logs_the_forking_paths_run(tmp_path, fork_series, compose_config):
     assert run.data.tags["garden.family"] == "gpt_neox"  # detected from the tensor names
     assert run.data.params["model.path"] == str(fork_series)
     assert run.data.params["metrics.bifurcation_criterion"] == "bimodality_coefficient"
-    for key in ("msd", "displacement", "bimodality_coefficient", "std"):
+    for key in ("diffusion/msd", "diffusion/displacement", "bimodality/bimodality_coefficient", "dist/std"):
         history = client.get_metric_history(run.info.run_id, key)
-        expected = FORK_STEPS if key != "displacement" else FORK_STEPS[1:]
+        expected = FORK_STEPS if key != "diffusion/displacement" else FORK_STEPS[1:]
         assert sorted(m.step for m in history) == expected, key
-    msd = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "msd")}
+    msd = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "diffusion/msd")}
     assert msd[0] == 0 and msd[24] > msd[12] > 0
-    assert run.data.metrics["bifurcation_step"] == 8
+    assert run.data.metrics["summary/bifurcation_step"] == 8
     assert run.data.tags["garden.bifurcation"] == "detected"
     # Every entry forks, so every one of the 16 units (columns) does too, from the same step.
-    assert run.data.metrics["unit_bifurcation_step"] == 8
-    assert run.data.metrics["final_bimodal_unit_fraction"] == 1.0
+    assert run.data.metrics["summary/unit_bifurcation_step"] == 8
+    assert run.data.metrics["summary/final_bimodal_unit_fraction"] == 1.0
     assert run.data.tags["garden.unit_bifurcation"] == "detected"
-    fraction = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "bimodal_unit_fraction")}
+    fraction = {
+        m.step: m.value for m in client.get_metric_history(run.info.run_id, "units/bimodal_unit_fraction")
+    }
     assert fraction[4] == 0 and fraction[24] == 1
     printed = done.stdout + done.stderr
-    assert "pooled bifurcation at step 8, unit bifurcation at step 8 (100% of 16 units" in printed
-    assert f"open it: mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db --workers 1" in printed
-    assert "alpha" in run.data.metrics and run.data.tags["garden.stationary"] in ("detected", "none")
+    block = printed[printed.index("local/standard/unembedding finished:") :]
+    assert re.search(r"pooled bifurcation +at step 8\n +unit bifurcation +at step 8 \(100% of 16", block)
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    assert re.search(rf"open it +mlflow ui --backend-store-uri {store} --workers 1", block)
+    assert "summary/alpha" in run.data.metrics and run.data.tags["garden.stationary"] in ("detected", "none")
     paths = artifact_paths(client, run.info.run_id)
     assert paths >= FIGURES
-    assert {"tables/steps.csv", "tables/lag_msd.csv", "tables/units.csv", "summary.json"} <= paths
+    assert {
+        "tables/steps.csv",
+        "tables/lag_msd.csv",
+        "tables/units.csv",
+        "summary.json",
+        "tables/density.csv",
+        "tables/trajectories.csv",
+        "tables/trajectory_branches.csv",
+        "tables/msd_regimes.csv",
+    } <= paths
 
     # A second run (in-process) reuses the extraction cache and reports the same numbers.
     run_in_process(compose_config, tmp_path, "model=local", f"model.path={fork_series}", out="o2")
     _, both = runs(tmp_path)
     assert len(both) == 2
-    assert both[0].data.metrics["bifurcation_step"] == both[1].data.metrics["bifurcation_step"] == 8
-    assert both[0].data.metrics["alpha"] == both[1].data.metrics["alpha"]
+    assert (
+        both[0].data.metrics["summary/bifurcation_step"]
+        == both[1].data.metrics["summary/bifurcation_step"]
+        == 8
+    )
+    assert both[0].data.metrics["summary/alpha"] == both[1].data.metrics["summary/alpha"]
 
 
 def test_help_says_what_garden_does_and_lists_the_choices(tmp_path):
@@ -126,7 +145,7 @@ def test_block_layer_and_step_selection(tmp_path, fork_series, compose_config):
     client, (run,) = runs(tmp_path)
     assert run.info.run_name == "local/standard/mlp_out.1"
     assert run.data.tags["garden.tensor"] == "gpt_neox.layers.1.mlp.dense_4h_to_h.weight"
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "msd")) == [0, 4, 24]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "diffusion/msd")) == [0, 4, 24]
     # The block tensor never moves in this series: no fork, no motion.
     assert run.data.tags["garden.bifurcation"] == "none"
 
@@ -143,6 +162,7 @@ def test_bad_input_on_the_command_line_exits_non_zero_before_any_work(tmp_path, 
     assert done.returncode != 0
     assert message in done.stderr, done.stderr[-3000:]
     assert runs(tmp_path)[1] == []  # no MLflow run was started
+    assert not (tmp_path / "out").exists()  # and no empty output folder is left behind
 
 
 @pytest.mark.parametrize(
@@ -224,6 +244,7 @@ def test_bin_series_gives_the_same_numbers_as_safetensors(tmp_path, fork_series,
     )
     _, (r1, r2) = runs(tmp_path)
     for key in ("alpha", "final_msd", "final_bimodality_coefficient", "bifurcation_step"):
+        key = f"summary/{key}"
         assert r1.data.metrics[key] == pytest.approx(r2.data.metrics[key], rel=1e-12), key
 
 

@@ -56,15 +56,15 @@ def _logged_sweep(uri: str, with_parent: bool = True) -> tuple[str | None, list[
         size = model_size(params)
         expected[name] = size
         steps = [0, 1, 2, 4, 8, 16]
-        history = [Metric("msd", 1e-4 * s * width, 0, s) for s in steps]
-        history += [Metric("bimodality_coefficient", 0.3 + 0.01 * s, 0, s) for s in steps]
-        history += [Metric("perplexity", 1000.0 / (1 + s), 0, s) for s in steps]
-        history += [Metric("bimodal_unit_fraction", min(1.0, 0.05 * s), 0, s) for s in steps]
+        history = [Metric("diffusion/msd", 1e-4 * s * width, 0, s) for s in steps]
+        history += [Metric("bimodality/bimodality_coefficient", 0.3 + 0.01 * s, 0, s) for s in steps]
+        history += [Metric("eval/perplexity", 1000.0 / (1 + s), 0, s) for s in steps]
+        history += [Metric("units/bimodal_unit_fraction", min(1.0, 0.05 * s), 0, s) for s in steps]
         client.log_batch(run.info.run_id, metrics=history, params=[Param(k, v) for k, v in params.items()])
         for key, value in {"bifurcation_step": 0.02 * size**0.5, "unit_bifurcation_step": 0.5 * size**0.3,
                            "final_bimodal_unit_fraction": 0.4, "stationary_step": 16.0, "alpha": 1.2,
                            "final_perplexity": 60.0}.items():  # fmt: skip
-            client.log_metric(run.info.run_id, key, value)
+            client.log_metric(run.info.run_id, f"summary/{key}", value)
         client.set_terminated(run.info.run_id, "FINISHED")
         children.append(run.info.run_id)
     # A failed job stays in the table and out of the fit.
@@ -90,7 +90,7 @@ def test_compare_latest_sweep_writes_table_figures_and_logs_to_parent(tmp_path):
         {name: 0.5 * size**0.3 for name, size in expected.items()}
     )
     assert (finished["final_bimodal_unit_fraction"] == 0.4).all()
-    assert sorted(p.name for p in (folder / "figures").iterdir()) == [
+    assert sorted(p.name for p in (folder / "figures").glob("*.png")) == [
         "bifurcation_vs_size.png", "bimodal_unit_fraction_overlay.png", "bimodality_coefficient_overlay.png",
         "msd_overlay.png", "perplexity_overlay.png", "unit_bifurcation_vs_size.png",
     ]  # fmt: skip
@@ -134,3 +134,36 @@ def test_compare_bad_selection_is_a_clear_error(tmp_path, monkeypatch, args, mes
         main(["--tracking-uri", uri, *args])
     assert message in str(exit_info.value)
     assert not (tmp_path / "outputs").exists()
+
+
+def test_runs_of_one_name_stay_apart_with_a_column_per_swept_key(tmp_path):
+    """Two jobs of a sweep over a key their run name does not hold (as runs logged before the names
+    carried the overrides): the table tells them apart by run id and a `seed` column, the overlay draws
+    both, and no empty onset-vs-size frame is made for runs of one size."""
+    from garden.compare import comparison_table, curve_labels, curves, draw
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("garden")
+    for seed, onset in (("0", 40.0), ("1", -1.0)):  # -1: the bifurcation was looked for, not reached
+        run = client.create_run(experiment, run_name="tiny/standard/unembedding")
+        params = {"model.name": "tiny", "variant": "standard", "layer.name": "unembedding", "seed": seed,
+                  "hydra.overrides": f"seed={seed} metrics=minimal", "hydra.choices.metrics": "minimal",
+                  "resolved.output_dir": f"outputs/{seed}", **architecture(4, 128)}  # fmt: skip
+        history = [Metric("diffusion/msd", (1 + int(seed)) * 1e-4 * s, 0, s) for s in (0, 1, 2, 4, 8)]
+        client.log_batch(run.info.run_id, metrics=history, params=[Param(k, v) for k, v in params.items()])
+        client.log_metric(run.info.run_id, "summary/bifurcation_step", onset)
+        client.set_terminated(run.info.run_id, "FINISHED")
+    runs = client.search_runs([experiment], order_by=["attributes.start_time ASC"])
+    table = comparison_table(runs)
+    assert table["run_id"].is_unique and list(table["seed"]) == ["0", "1"]
+    assert "metrics" not in table and "resolved.output_dir" not in table  # the same in both / not a setting
+    assert table["bifurcation_step"].iloc[0] == 40 and np.isnan(table["bifurcation_step"].iloc[1])
+    histories = curves(client, runs)
+    assert set(histories["diffusion/msd"]) == set(table["run_id"])
+    labels = curve_labels(table)
+    assert len(set(labels.values())) == 2
+    figures = draw(table, histories, {}, "two seeds")
+    assert sorted(figures) == ["msd_overlay.png"]
+    line_steps = [line.get_xdata() for line in figures["msd_overlay.png"].axes[0].get_lines()]
+    assert len(line_steps) == 2 and all(min(steps) > 0 for steps in line_steps)  # no step 0 on log axes

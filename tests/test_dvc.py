@@ -101,10 +101,10 @@ def test_repro_runs_every_stage_and_records_the_study(study):
     client, found = runs(work)
     (report,) = [r for r in found if r.data.tags.get("garden.pipeline") == "dvc"]
     assert report.info.status == "FINISHED" and report.info.run_name == "tiny/standard/unembedding"
-    assert report.data.metrics["final_perplexity"] == pytest.approx(headline["final_perplexity"])
+    assert report.data.metrics["summary/final_perplexity"] == pytest.approx(headline["final_perplexity"])
     assert report.data.tags["garden.unit_bifurcation"] in ("detected", "none")
-    assert len(client.get_metric_history(report.info.run_id, "bimodal_unit_fraction")) == len(steps)
-    assert len(client.get_metric_history(report.info.run_id, "msd")) == len(steps)
+    assert len(client.get_metric_history(report.info.run_id, "units/bimodal_unit_fraction")) == len(steps)
+    assert len(client.get_metric_history(report.info.run_id, "diffusion/msd")) == len(steps)
     artifacts = {a.path for a in client.list_artifacts(report.info.run_id)}
     assert {"tables", "figures", "summary.json"} <= artifacts
 

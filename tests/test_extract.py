@@ -137,7 +137,7 @@ def test_a_bad_step_fails_naming_it_or_is_excluded_and_recorded(tmp_path, compos
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     statuses = {r.info.run_id: r.info.status for r in client.search_runs(["0", "1"])}
     assert statuses[outcome.run_id] == "FINISHED" and sorted(statuses.values()) == ["FAILED", "FINISHED"]
-    msd = [m.step for m in client.get_metric_history(outcome.run_id, "msd")]
+    msd = [m.step for m in client.get_metric_history(outcome.run_id, "diffusion/msd")]
     assert msd == [0, 1, 2, 8, 16]
     steps_table = pd.read_csv(tmp_path / "kept" / "tables" / "steps.csv")
     assert np.isfinite(steps_table[["min", "max", "mean", "std"]].to_numpy()).all()

@@ -284,6 +284,7 @@ def compared_with_local(compose_config, tmp_path: Path):
     hub_run, local_run = by_model["pythia-14m"], by_model["local"]
     assert hub_run.data.tags["garden.duplicates"] == "step1=step0"
     for key in ("bifurcation_step", "alpha", "final_msd", "final_bimodality_coefficient"):
+        key = f"summary/{key}"
         assert hub_run.data.metrics[key] == pytest.approx(local_run.data.metrics[key], rel=1e-12), key
     return client, hub_run, local_run
 
@@ -296,10 +297,14 @@ def test_a_hub_run_matches_the_same_series_on_disk(hub, tmp_path, compose_config
     fetched_once = hub.bytes_sent
     client, hub_run, local_run = compared_with_local(compose_config, tmp_path)
     assert hub_run.info.run_name == "pythia-14m/standard/unembedding"
-    assert hub_run.data.metrics["n_duplicate_steps"] == 1
-    assert 0 < hub_run.data.metrics["hub_bytes_fetched"] <= hub_run.data.metrics["hub_file_bytes"] * 2
-    hub_msd = [(m.step, m.value) for m in client.get_metric_history(hub_run.info.run_id, "msd")]
-    local_msd = [(m.step, m.value) for m in client.get_metric_history(local_run.info.run_id, "msd")]
+    assert hub_run.data.metrics["summary/n_duplicate_steps"] == 1
+    assert (
+        0
+        < hub_run.data.metrics["summary/hub_bytes_fetched"]
+        <= hub_run.data.metrics["summary/hub_file_bytes"] * 2
+    )
+    hub_msd = [(m.step, m.value) for m in client.get_metric_history(hub_run.info.run_id, "diffusion/msd")]
+    local_msd = [(m.step, m.value) for m in client.get_metric_history(local_run.info.run_id, "diffusion/msd")]
     assert [s for s, _ in sorted(hub_msd)] == [s for s, _ in sorted(local_msd)] and 1 not in dict(hub_msd)
     assert [v for _, v in sorted(hub_msd)] == pytest.approx([v for _, v in sorted(local_msd)], rel=1e-12)
     manifest_path = client.download_artifacts(hub_run.info.run_id, "tables/hub_manifest.csv", str(tmp_path))

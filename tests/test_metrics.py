@@ -157,4 +157,4 @@ def test_ashman_d_and_the_gmm_on_separated_components(tmp_path):
     traj = trajectory_of(planted_fork(list(range(0, 16)), onset=5, n=4000), tmp_path)  # a small sample
     gmm = compute_metrics(traj, ["gmm"], {"seed": 0})["gmm"].per_step
     assert gmm["ashman_d"][-1] > 2 and gmm["ashman_d"][0] < 2
-    assert gmm["gmm_min_weight"][-1] == pytest.approx(0.5, abs=0.05)
+    assert gmm["gmm_minor_weight"][-1] == pytest.approx(0.5, abs=0.05)

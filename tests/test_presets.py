@@ -58,11 +58,11 @@ def test_tending_stability_records_per_and_cka_on_the_evaluation_steps(preset_ru
     runs = preset_runs("tending_stability")
     client, tending = runs["_client"], runs["tiny/deduped/unembedding"]
     for key in ("per_mlp.0", "per_ov.1", "per_ov.1.0", "cond_mlp.1", "cka_attn.0", "cka_mlp.1", "perplexity"):
-        history = client.get_metric_history(tending.info.run_id, key)
+        history = client.get_metric_history(tending.info.run_id, f"eval/{key}")
         assert sorted(m.step for m in history) == EVAL_STEPS, key
-    cka_final = {m.step: m.value for m in client.get_metric_history(tending.info.run_id, "cka_mlp.1")}
+    cka_final = {m.step: m.value for m in client.get_metric_history(tending.info.run_id, "eval/cka_mlp.1")}
     assert cka_final[40] == pytest.approx(1.0)
-    assert "cka_mlp_converged_fraction" in tending.data.metrics
+    assert "summary/cka_mlp_converged_fraction" in tending.data.metrics
     figures = {a.path for a in client.list_artifacts(tending.info.run_id, "figures")}
     assert {
         "figures/cka_percentiles.png",
@@ -75,9 +75,9 @@ def test_forking_perplexity_records_perplexity_and_lambada_beside_the_fork(prese
     runs = preset_runs("forking_perplexity")
     client, paper1 = runs["_client"], runs["tiny/standard/unembedding"]
     for key in ("perplexity", "lambada_perplexity", "lambada_accuracy"):
-        assert len(client.get_metric_history(paper1.info.run_id, key)) == len(EVAL_STEPS), key
-    assert "steepest_perplexity_drop_step" in paper1.data.metrics
-    ppl = {m.step: m.value for m in client.get_metric_history(paper1.info.run_id, "perplexity")}
+        assert len(client.get_metric_history(paper1.info.run_id, f"eval/{key}")) == len(EVAL_STEPS), key
+    assert "summary/steepest_perplexity_drop_step" in paper1.data.metrics
+    ppl = {m.step: m.value for m in client.get_metric_history(paper1.info.run_id, "eval/perplexity")}
     assert ppl[40] < ppl[0]
     assert "figures/perplexity.png" in {a.path for a in client.list_artifacts(paper1.info.run_id, "figures")}
 
@@ -88,11 +88,14 @@ def test_cooccurrence_logs_both_phases_and_analyses_the_snapshots(preset_runs):
     train, dynamics = runs["cooccurrence/standard/train"], runs["cooccurrence/standard/W_V"]
     for key in ("loss", "loss_both", "loss_only_1", "score_12", "score_32", "G_mu3", "gradient_balance",
                 "rel_change_W_V"):  # fmt: skip
-        assert len(client.get_metric_history(train.info.run_id, key)) > 20, key
-    assert {"phase1_end_epoch", "attention_move_epoch", "final_loss"} <= set(train.data.metrics)
+        assert len(client.get_metric_history(train.info.run_id, f"train/{key}")) > 20, key
+    summaries = {"summary/phase1_end_epoch", "summary/attention_move_epoch", "summary/final_loss"}
+    assert summaries <= set(train.data.metrics)
+    # The analysis of its snapshots is the training run's child.
+    assert dynamics.data.tags["mlflow.parentRunId"] == train.info.run_id
     figures = {a.path for a in client.list_artifacts(train.info.run_id, "figures")}
     assert {"figures/attention_scores.png", "figures/class_losses.png"} <= figures
     assert dynamics.data.tags["garden.tensor"] == "W_V"
     assert sorted(
-        m.step for m in client.get_metric_history(dynamics.info.run_id, "msd")
+        m.step for m in client.get_metric_history(dynamics.info.run_id, "diffusion/msd")
     ) == co.snapshot_steps(600, 500)

@@ -48,7 +48,9 @@ def test_sweep_makes_a_parent_run_with_a_child_per_job(tmp_path, series, launche
         "local/standard/unembedding",
     ]
     assert all(r.info.status == "FINISHED" for r in children)
-    assert all("bifurcation_step" in r.data.metrics for r in children if "unembedding" in r.info.run_name)
+    assert all(
+        "summary/bifurcation_step" in r.data.metrics for r in children if "unembedding" in r.info.run_name
+    )
 
 
 def job_logs(sweep_dir) -> list[str]:
@@ -86,9 +88,9 @@ def test_parallel_jobs_share_one_extraction_and_one_sqlite_store(tmp_path, serie
     for run in children:
         assert run.info.status == "FINISHED"
         assert len(run.data.params) > 50
-        for key in ("msd", "bimodality_coefficient"):
-            assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == steps
-        assert {"n_steps", "alpha", "bifurcation_step"} <= set(run.data.metrics)
+        for group, key in (("diffusion", "msd"), ("bimodality", "bimodality_coefficient")):
+            assert [m.step for m in client.get_metric_history(run.info.run_id, f"{group}/{key}")] == steps
+        assert {"summary/n_steps", "summary/alpha", "summary/bifurcation_step"} <= set(run.data.metrics)
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"tables", "summary.json"} <= artifacts and "figures" not in artifacts  # figures=false
 
@@ -99,9 +101,17 @@ def test_parallel_jobs_share_one_extraction_and_one_sqlite_store(tmp_path, serie
              "--output", f"{tmp_path}/compare"])  # fmt: skip
     table = pd.read_csv(tmp_path / "compare" / "comparison.csv")
     assert sorted(table["run_id"]) == sorted(r.info.run_id for r in children)
-    assert {"msd_overlay.png", "bimodality_coefficient_overlay.png", "bifurcation_vs_size.png"} <= {
+    logged = {
         a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(parent.info.run_id, "comparison/figures")
     }
+    assert {"msd_overlay.png", "bimodality_coefficient_overlay.png"} <= logged
+    assert "bifurcation_vs_size.png" not in logged  # one model size: no empty onset-vs-size frame
+    # The jobs differ in a key their names do not hold: each name says its value, the table has a column.
+    names = sorted(r.info.run_name for r in children)
+    assert names == [
+        f"local/standard/unembedding metrics.stationary_threshold={t}" for t in sorted(THRESHOLDS.split(","))
+    ]
+    assert sorted(table["metrics.stationary_threshold"].astype(str)) == sorted(THRESHOLDS.split(","))
 
 
 def test_parallel_jobs_on_an_untrained_tiny_series_train_it_once(tmp_path, small_corpus):

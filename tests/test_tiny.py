@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -101,8 +103,44 @@ def test_default_cli_on_a_shrunken_tiny_series(tmp_path, small_corpus, compose_c
     found = client.search_runs([client.get_experiment_by_name("garden").experiment_id])
     assert [r.info.run_name for r in found] == ["tiny/standard/unembedding"] * 2
     assert all(r.info.status == "FINISHED" for r in found)
-    steps = sorted(m.step for m in client.get_metric_history(found[0].info.run_id, "msd"))
+    steps = sorted(m.step for m in client.get_metric_history(found[0].info.run_id, "diffusion/msd"))
     assert steps == [0, 1, 2, 4, 8, 16, 24, 32, 40]
+
+    # What the MLflow store holds of the CLI's run (the first one: runs are listed newest first).
+    cli_run = found[1]
+    assert cli_run.info.run_id != found[0].info.run_id and cli_run.info.start_time < found[0].info.start_time
+    metrics, params = cli_run.data.metrics, cli_run.data.params
+    groups = {key.split("/", 1)[0] for key in metrics}
+    assert groups == {"dist", "diffusion", "bimodality", "units", "summary", "train", "extract"}, groups
+    renamed = {"dist/excess_kurtosis", "bimodality/gmm_minor_weight"}  # not `kurtosis`, not a param's name
+    assert renamed | {"units/bimodal_unit_fraction"} <= set(metrics)
+    # Every headline event is a metric, found or not (-1: looked for, not reached, as its tag says).
+    for event, tag in (("bifurcation_step", "garden.bifurcation"), ("stationary_step", "garden.stationary")):
+        found_it = cli_run.data.tags[tag] == "detected"
+        assert (metrics[f"summary/{event}"] > 0) if found_it else metrics[f"summary/{event}"] == -1, event
+    # The training loss and learning rate, per step, logged live: while the run was open.
+    loss = client.get_metric_history(cli_run.info.run_id, "train/loss")
+    assert sorted(m.step for m in loss) == list(range(1, 41))
+    assert all(cli_run.info.start_time <= m.timestamp <= cli_run.info.end_time for m in loss)
+    assert len(client.get_metric_history(cli_run.info.run_id, "train/lr")) == 40
+    progress = client.get_metric_history(cli_run.info.run_id, "extract/checkpoints_done")
+    assert [m.value for m in sorted(progress, key=lambda m: m.step)] == list(range(1, 10))
+    # The second run found the series trained: the same history, read from its training log.
+    reused = client.get_metric_history(found[0].info.run_id, "train/loss")
+    live = {m.step: m.value for m in loss}
+    assert {m.step: m.value for m in reused} == pytest.approx(live, abs=1e-6)  # train_log.csv: 6 decimals
+    # The description, the overrides and the group choices; no param of a group the run does not use.
+    description = cli_run.data.tags["mlflow.note.content"]
+    assert "**tiny/standard/unembedding**" in description and "| pooled bifurcation |" in description
+    assert "Command: `python -m garden " in description and f"corpus.path={small_corpus}" in description
+    assert "model.train.steps=40" in params["hydra.overrides"].split()
+    assert params["hydra.choices.model"] == "tiny" and params["hydra.choices.evaluation"] == "none"
+    assert params["resolved.device"] == "cpu" and params["resolved.output_dir"] == f"{tmp_path}/o1"
+    unused = [key for key in params if key.startswith(("evaluation.", "cooccurrence.", "study."))]
+    assert not unused, unused
+    assert "corpus.path" in params and "model.train.steps" in params
+    assert re.search(r"open it +mlflow ui --backend-store-uri sqlite:///\S+ --workers 1", said)
+    assert "click Model training" in said
 
 
 def test_the_series_key_follows_the_corpus_content_not_its_place(tmp_path, compose_config):

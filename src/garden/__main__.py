@@ -7,7 +7,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from garden.config import config_dir
+from garden.config import config_dir, discard_unused_output_dir
 from garden.errors import GardenError
 
 
@@ -19,6 +19,7 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except GardenError as err:
+        discard_unused_output_dir()
         raise SystemExit(f"garden: error: {err}") from None
     except KeyboardInterrupt as err:
         # 128 + the signal's number, as shells report it; a rerun resumes from the caches.

@@ -50,7 +50,7 @@ def analyse(cfg: DictConfig, trajectory: Trajectory, job_summary: dict[str, floa
 
 def write_dynamics(folder: Path, analysis: Analysis, run_name: str, cfg: DictConfig) -> None:
     """Per-step tables, the metrics' extra tables and the dynamics figures."""
-    from garden.figures import draw_all
+    from garden.figures import density_table, draw_all, trajectory_branches
 
     trajectory = analysis.trajectory
     tables = folder / "tables"
@@ -62,13 +62,16 @@ def write_dynamics(folder: Path, analysis: Analysis, run_name: str, cfg: DictCon
     for result in analysis.results.values():
         for name, extra in result.tables.items():
             extra.to_csv(tables / f"{name}.csv", index=False)
-    pd.DataFrame({"index": trajectory.trajectory_indices}).to_csv(
-        tables / "trajectory_indices.csv", index=False
-    )
+    # The figures' data: the sampled parameters' paths (a column per flat index) and final branches, and
+    # the density matrix.
+    paths = pd.DataFrame(trajectory.trajectories, columns=[str(i) for i in trajectory.trajectory_indices])
+    paths.insert(0, "step", trajectory.steps)
+    paths.to_csv(tables / "trajectories.csv", index=False)
+    trajectory_branches(trajectory).to_csv(tables / "trajectory_branches.csv", index=False)
+    density_table(trajectory).to_csv(tables / "density.csv", index=False)
     if cfg.get("figures", True):
-        draw_all(trajectory, analysis.results, run_name, float(cfg.metrics.bimodality_threshold),
-                 folder / "figures", unit_threshold=float(cfg.metrics.unit_fraction_threshold),
-                 unit_fdr=float(cfg.metrics.unit_fdr))  # fmt: skip
+        draw_all(trajectory, analysis.results, run_name, OmegaConf.to_container(cfg.metrics, resolve=True),
+                 folder / "figures")  # fmt: skip
 
 
 def write_summary(folder: Path, run_name: str, summary: dict, tags: dict) -> None:

@@ -34,16 +34,21 @@ from garden import families
 from garden.errors import GardenError
 from garden.figures import save_figures, step_axis
 from garden.metrics import HEADLINE
+from garden.record import logged_value
 from garden.tracking import PARENT_RUN_FILE
 
 log = logging.getLogger("garden")
 
+#: The overlaid per-step curves: logged key -> what it is (runs logged before the namespaces had the bare
+#: key, which is read when the namespaced one is absent).
 CURVES = {
-    "msd": "mean square displacement",
-    "bimodality_coefficient": "bimodality coefficient",
-    "bimodal_unit_fraction": "fraction of bimodal units",
-    "perplexity": "held-out perplexity",
+    "diffusion/msd": "mean square displacement",
+    "bimodality/bimodality_coefficient": "bimodality coefficient",
+    "units/bimodal_unit_fraction": "fraction of bimodal units",
+    "eval/perplexity": "held-out perplexity",
 }
+#: Params that differ between runs without being a setting of the study (never a swept-key column).
+NOT_SETTINGS = ("resolved.", "paths.", "tracking.", "hydra.", "model.path", "progress", "figures")
 # The onsets fitted against model size: (summary key, prefix of the fit's keys, what it is).
 ONSETS = (
     ("bifurcation_step", "powerlaw", "pooled bifurcation step"),
@@ -138,7 +143,32 @@ def _get_run(client: MlflowClient, run_id: str) -> Run:
         raise GardenError(f"MLflow run {run_id!r} not found at {client.tracking_uri}") from error
 
 
+def _override_keys(params: dict[str, str]) -> list[str]:
+    """The keys a run's command line set (its `hydra.overrides` param), in order."""
+    text = params.get("hydra.overrides", "")
+    return [item.split("=", 1)[0].lstrip("+~") for item in text.split() if "=" in item]
+
+
+def _setting(params: dict[str, str], key: str) -> str | None:
+    """A run's value of a setting: a param, or the option chosen for a config group (`model=...`)."""
+    return params.get(key, params.get(f"hydra.choices.{key}"))
+
+
+def swept_keys(runs: list[Run]) -> list[str]:
+    """The settings the runs differ in: keys their command lines set with different values (a sweep's
+    `-m` keys); for runs without Hydra's record (the DVC matrix), the params that differ."""
+    all_params = [run.data.params for run in runs]
+    candidates = list(dict.fromkeys(k for p in all_params for k in _override_keys(p)))
+    if not candidates:
+        candidates = sorted({k for p in all_params for k in p if not k.startswith("model.architecture.")})
+    return [key for key in candidates if not key.startswith(NOT_SETTINGS)
+            and len({_setting(p, key) for p in all_params}) > 1]  # fmt: skip
+
+
 def comparison_table(runs: list[Run]) -> pd.DataFrame:
+    """One row per run, keyed by its run id: identity, a column per swept key, the headline numbers
+    (an event looked for and not reached reads NaN here; its tag says which)."""
+    swept = swept_keys(runs)
     rows = []
     for run in runs:
         params, metrics = run.data.params, run.data.metrics
@@ -149,28 +179,39 @@ def comparison_table(runs: list[Run]) -> pd.DataFrame:
             "model": params.get("model.name"),
             "variant": params.get("variant"),
             "layer": params.get("layer.name"),
+            **{key: _setting(params, key) for key in swept if key not in ("model", "variant", "layer")},
             "model_size": model_size(params),
-            **{key: metrics.get(key, np.nan) for key in HEADLINE},
+            **{key: logged_value(metrics, key) for key in HEADLINE},
         })  # fmt: skip
     return pd.DataFrame(rows)
 
 
+def curve_labels(table: pd.DataFrame) -> dict[str, str]:
+    """A legend label per run id: its name, plus its short id where two runs share a name."""
+    counts = table["run_name"].value_counts()
+    return {row.run_id: row.run_name if counts[row.run_name] == 1 else f"{row.run_name} ({row.run_id[:7]})"
+            for row in table.itertuples()}  # fmt: skip
+
+
 def curves(client: MlflowClient, runs: list[Run]) -> dict[str, dict[str, pd.DataFrame]]:
-    """{metric: {run name: (step, value) table}} for the overlaid curves, from the runs' histories."""
+    """{metric: {run id: (step, value) table}} for the overlaid curves, from the runs' histories."""
     out: dict[str, dict[str, pd.DataFrame]] = {name: {} for name in CURVES}
     for run in runs:
         for name in CURVES:
-            if name not in run.data.metrics:
+            logged = name if name in run.data.metrics else name.split("/", 1)[1]
+            if logged not in run.data.metrics:
                 continue
-            history = client.get_metric_history(run.info.run_id, name)
+            history = client.get_metric_history(run.info.run_id, logged)
             table = pd.DataFrame({"step": [m.step for m in history], "value": [m.value for m in history]})
-            out[name][run.info.run_name] = table.sort_values("step")
+            out[name][run.info.run_id] = table.sort_values("step")
     return out
 
 
 def draw(table: pd.DataFrame, histories: dict, fits: dict, label: str) -> dict:
+    """The onsets against model size (only when the runs span two sizes or more), and the overlays."""
     figures = {}
-    for key, prefix, what in ONSETS:
+    sizes = table["model_size"].dropna().unique()
+    for key, prefix, what in ONSETS if len(sizes) >= 2 else ():
         fit = fits.get(prefix)
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         found = table.dropna(subset=["model_size", key])
@@ -193,23 +234,30 @@ def draw(table: pd.DataFrame, histories: dict, fits: dict, label: str) -> dict:
         if len(found) or fit is not None:
             ax.legend()
         figures[f"{key.removesuffix('_step')}_vs_size.png"] = fig
+    labels = curve_labels(table)
     for name, by_run in histories.items():
         if not by_run:
             continue
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        for run_name, curve in by_run.items():
-            ax.plot(curve["step"], curve["value"], marker=".", label=run_name)
-        step_axis(ax)
-        if name in ("msd", "perplexity"):
+        for run_id, curve in by_run.items():
+            if name == "diffusion/msd":  # log-log: step 0 (and its zero MSD) has no place on it
+                curve = curve[(curve["step"] > 0) & (curve["value"] > 0)]
+            ax.plot(curve["step"], curve["value"], marker=".", label=labels.get(run_id, run_id))
+        if name == "diffusion/msd":
+            ax.set_xscale("log")
+            ax.set_xlabel("training step (log; step 0 is the reference)")
+        else:
+            step_axis(ax)
+        if name in ("diffusion/msd", "eval/perplexity"):
             ax.set_yscale("log")
-        if name == "bimodality_coefficient":
+        if name == "bimodality/bimodality_coefficient":
             ax.axhline(5 / 9, color="grey", linestyle=":", label="5/9 (uniform)")
-        if name == "bimodal_unit_fraction":
+        if name == "units/bimodal_unit_fraction":
             ax.set_ylim(-0.02, 1.02)
         ax.set_ylabel(CURVES[name])
         ax.set_title(f"{CURVES[name].capitalize()} over training\n{label}")
         ax.legend(fontsize=7)
-        figures[f"{name}_overlay.png"] = fig
+        figures[f"{name.split('/', 1)[1]}_overlay.png"] = fig
     return figures
 
 
@@ -226,7 +274,7 @@ def compare(tracking_uri: str, experiment: str, output: Path | None = None, **se
     fits = {}
     for key, prefix, what in ONSETS:
         fits[prefix] = power_law_fit(sizes, finished[key].to_numpy(float), prefix)
-        if fits[prefix] is None:
+        if fits[prefix] is None and len(np.unique(sizes[np.isfinite(sizes)])) >= 2:
             log.warning("no power-law fit of the %s: it needs one at two or more model sizes", what)
     fit = {k: v for found in fits.values() if found for k, v in found.items()}
     folder = Path(output) if output else Path("outputs") / "compare" / (chosen.parent_id or "runs")

@@ -239,33 +239,3 @@ def phase_summary(table: pd.DataFrame, initial_scores: np.ndarray, move_fraction
     if start is not None:
         summary["attention_move_epoch"] = float(epochs[start])
     return summary
-
-
-def draw(table: pd.DataFrame, summary: dict, folder: Path) -> None:
-    """The paper's two panels: attention scores and per-class losses over epochs, phases shaded."""
-    from garden.figures import plt, save_figures
-
-    epochs = table["epoch"].to_numpy(dtype=float)
-    phase1_end = summary.get("phase1_end_epoch")
-    figures = {}
-    for name, columns, ylabel in (
-        ("attention_scores.png", [f"score_{i}{j}" for i, j in SCORE_PAIRS], "mu_i^T W_K^T W_Q mu_j"),
-        ("class_losses.png", ["loss", *(f"loss_{c}" for c in CLASSES)], "logistic loss"),
-        ("readout.png", ["G_mu1", "G_mu2", "G_mu3"], "G(mu)"),
-    ):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for column in columns:
-            ax.plot(epochs, table[column], label=column)
-        ax.set_xscale("symlog", linthresh=1.0)
-        ax.set_xlim(left=0)
-        if phase1_end is not None:
-            ax.axvspan(0, phase1_end, color="tab:green", alpha=0.08, label="phase 1")
-            ax.axvspan(phase1_end, epochs[-1], color="tab:purple", alpha=0.06, label="phase 2")
-        if "loss" in name:
-            ax.set_yscale("log")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"Word co-occurrence: {ylabel}")
-        ax.legend(fontsize=8)
-        figures[name] = fig
-    save_figures(figures, folder)

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from garden import cache
 from garden.dip import dip_pvalues
 from garden.errors import GardenError
+from garden.progress import report as progress_report
 from garden.series import CheckpointSeries, Prefetcher
 from garden.trajectory import Trajectory, UnitTrajectory
 
@@ -652,6 +653,8 @@ def _extract(series: CheckpointSeries, plan: ExtractionPlan, folder: Path, progr
                 records.append(record)
                 prev = None  # read again only if a later step needs recomputing
             prev_step, prev_fp = step, fingerprint
+            progress_report("extract", step, {"checkpoints_done": float(len(records) + (pending is not None)),
+                                              "seconds": time.perf_counter() - started})  # fmt: skip
             if series.remote:
                 bar.set_postfix_str(_fetch_rate(series.bytes_fetched() - fetched_before, started))
         if pending is not None:

@@ -33,9 +33,10 @@ def _density_image(ax, steps: np.ndarray, hist: np.ndarray, edges: np.ndarray):
     density = hist / np.maximum(hist.sum(axis=1, keepdims=True), 1)
     with np.errstate(divide="ignore"):
         log_density = np.ma.masked_invalid(np.log10(density.T))
-    cmap = plt.get_cmap("magma").copy()
-    cmap.set_bad(cmap(0.0))  # empty bins read as the lowest density, not as holes
-    image = ax.pcolormesh(_step_edges(steps), edges, log_density, shading="flat", cmap=cmap)
+    magma = plt.get_cmap("magma")
+    cmap = magma.with_extremes(bad=magma(0.0))  # empty bins read as the lowest density, not as holes
+    # Rasterized: in the SVG/PDF copy the mesh is one image, not a path per cell.
+    image = ax.pcolormesh(_step_edges(steps), edges, log_density, shading="flat", cmap=cmap, rasterized=True)
     step_axis(ax)
     return image
 
@@ -62,81 +63,167 @@ def density_heatmap(traj: Trajectory, title: str, bifurcation_step: float | None
     return fig
 
 
+def two_group_cut(values: np.ndarray) -> float:
+    """The cut that splits 1-D values into the two groups of least within-group variance (exact
+    two-means: every split of the sorted values is tried via prefix sums)."""
+    ordered = np.sort(np.asarray(values, dtype=float))
+    n = len(ordered)
+    if n < 2 or ordered[0] == ordered[-1]:
+        return float(ordered[-1]) if n else 0.0
+    total, squares = np.cumsum(ordered), np.cumsum(ordered**2)
+    left = np.arange(1, n)
+    sse_left = squares[:-1] - total[:-1] ** 2 / left
+    sse_right = (squares[-1] - squares[:-1]) - (total[-1] - total[:-1]) ** 2 / (n - left)
+    k = int(np.argmin(sse_left + sse_right))
+    return float((ordered[k] + ordered[k + 1]) / 2)
+
+
+def trajectory_branches(traj: Trajectory) -> pd.DataFrame:
+    """Each sampled parameter's final value and the branch it ends in (lower/upper of `two_group_cut`
+    of the final values): what the forking-paths figure colours by, exported beside it."""
+    final = traj.trajectories[-1].astype(float)
+    cut = two_group_cut(final)
+    return pd.DataFrame({"index": traj.trajectory_indices, "final_value": final,
+                         "branch": np.where(final <= cut, "lower", "upper"), "cut": cut})  # fmt: skip
+
+
 def forking_trajectories(traj: Trajectory, title: str, bifurcation_step: float | None):
+    """The sampled parameters' paths, each coloured by the branch it ends in: the fork reads as two
+    colours leaving one bundle."""
+    branches = trajectory_branches(traj)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(traj.steps, traj.trajectories, linewidth=0.5, alpha=0.5)
+    for branch, color in (("lower", "tab:blue"), ("upper", "tab:orange")):
+        chosen = (branches["branch"] == branch).to_numpy()
+        if chosen.any():
+            lines = ax.plot(traj.steps, traj.trajectories[:, chosen], color=color, linewidth=0.5, alpha=0.45)
+            mean = branches.loc[chosen, "final_value"].mean()
+            lines[0].set_label(f"{branch} branch at the end: {chosen.sum()} (mean {mean:.3g})")
     step_axis(ax)
     ax.set_ylabel("parameter value")
-    _mark(ax, bifurcation_step, "bifurcation")
-    ax.set_title(f"Trajectories of {traj.trajectories.shape[1]} sampled parameters\n{title}")
-    if bifurcation_step is not None:
-        ax.legend(loc="upper left")
+    _mark(ax, bifurcation_step, "pooled bifurcation")
+    ax.set_title(f"Trajectories of {traj.trajectories.shape[1]} sampled parameters, coloured by final branch"
+                 f"\n{title}")  # fmt: skip
+    _solid_legend(ax.legend(loc="upper left", fontsize=8))
     return fig
 
 
-def msd_loglog(traj: Trajectory, title: str, alpha: MetricResult | None):
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+def _solid_legend(legend) -> None:
+    """Legend lines drawn thick and opaque, whatever the (thin, faint) bundle of lines they stand for."""
+    for handle in legend.legend_handles:
+        handle.set_linewidth(2.0)
+        handle.set_alpha(1.0)
+
+
+def msd_loglog(traj: Trajectory, title: str, results: dict[str, MetricResult]):
+    """MSD on log-log axes with the one-power-law fit and the segmented fit (a colour per regime, the
+    breakpoints dotted), and below it the local slope d log MSD / d log t against each regime's alpha."""
+    alpha, regimes = results.get("alpha"), results.get("msd_regimes")
+    stationary = results.get("stationary")
+    stationary_step = stationary.summary.get("stationary_step") if stationary else None
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 6.5), sharex=True, height_ratios=(2, 1))
     steps, msd = traj.steps.astype(float), traj.column("msd")
     keep = (steps > 0) & (msd > 0)
-    ax.loglog(steps[keep], msd[keep], "o-", markersize=3, label="MSD from reference")
+    top.loglog(steps[keep], msd[keep], "o", markersize=3, color="black", label="MSD from the reference")
     if alpha is not None and "alpha" in alpha.summary:
         slope, intercept = alpha.summary["alpha"], alpha.summary["alpha_log_intercept"]
-        fit_x = steps[keep]
-        ax.loglog(
-            fit_x,
-            np.exp(intercept) * fit_x**slope,
-            "--",
-            color="crimson",
-            label=f"fit: alpha = {slope:.3f} (r² = {alpha.summary['alpha_r2']:.3f})",
-        )
-    ax.set_xlabel("training step")
-    ax.set_ylabel("mean square displacement")
-    ax.set_title(f"MSD of {traj.tensor}\n{title}")
-    ax.legend()
+        top.loglog(steps[keep], np.exp(intercept) * steps[keep] ** slope, "--", color="grey", linewidth=1,
+                   label=f"one power law: α = {slope:.2f} (r² {alpha.summary['alpha_r2']:.2f})")  # fmt: skip
+    table = regimes.tables.get("msd_regimes") if regimes is not None else None
+    colors = plt.get_cmap("tab10")
+    if table is not None:
+        r2 = regimes.summary["msd_regimes_r2"]
+        for row in table.itertuples():
+            x = steps[keep][(steps[keep] >= row.first_step) & (steps[keep] <= row.last_step)]
+            color = colors(row.regime % 10)
+            span = f"steps {row.first_step:g}–{row.last_step:g}"
+            top.loglog(x, np.exp(row.log_intercept) * x**row.alpha, "-", color=color, linewidth=2.2,
+                       alpha=0.8, label=f"regime {row.regime}: α = {row.alpha:.2f} ({span})")  # fmt: skip
+            bottom.hlines(row.alpha, row.first_step, row.last_step, color=color, linewidth=2.2, alpha=0.8)
+            if row.regime > 1:
+                for ax in (top, bottom):
+                    ax.axvline(row.first_step, color=color, linestyle=":", linewidth=1)
+        top.plot([], [], " ", label=f"segmented fit: r² {r2:.4f} in log space")
+    if alpha is not None:
+        local = alpha.per_step["msd_local_slope"]
+        bottom.semilogx(steps[keep], local[keep], "o-", markersize=2.5, color="black", linewidth=0.8,
+                        label="local slope d log MSD / d log t")  # fmt: skip
+    for ax in (top, bottom):
+        _mark(ax, stationary_step, "stationary", color="tab:green")
+    bottom.axhline(1.0, color="grey", linestyle=":", linewidth=0.8)
+    bottom.set_xlabel("training step (log; step 0 is the reference)")
+    bottom.set_ylabel("α (local slope)")
+    bottom.legend(fontsize=7, loc="upper right")
+    top.set_ylabel("mean square displacement")
+    top.set_title(f"MSD of {traj.tensor} and its regimes\n{title}")
+    top.legend(fontsize=7, loc="lower right")
     return fig
 
 
-def bimodality_vs_step(
-    traj: Trajectory,
-    title: str,
-    results: dict[str, MetricResult],
-    threshold: float,
-    bifurcation_step: float | None,
-):
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    if "bimodality_coefficient" in results:
-        ax.plot(
-            traj.steps,
-            results["bimodality_coefficient"].per_step["bimodality_coefficient"],
-            "o-",
-            markersize=3,
-            label="Sarle's bimodality coefficient",
-        )
-        ax.axhline(threshold, color="grey", linestyle=":", label=f"threshold {threshold:.3f}")
-    if "dip" in results:
-        ax.plot(
-            traj.steps,
-            results["dip"].per_step["dip"] * 10,
-            "s-",
-            markersize=2,
-            alpha=0.7,
-            label="Hartigan's dip x 10",
-        )
-    if "gmm" in results:
-        ax.plot(
-            traj.steps,
-            results["gmm"].per_step["ashman_d"] / 4,
-            "^-",
-            markersize=2,
-            alpha=0.7,
-            label="Ashman's D / 4",
-        )
+def displacement_rate(traj: Trajectory, title: str, results: dict[str, MetricResult], threshold: float):
+    """Step-to-step displacement rate D(t_k) = MSD(t_k, t_k-1) / (t_k - t_k-1), with the stationary step:
+    the first from which D stays below `threshold` of its peak."""
+    rate = traj.column("displacement")
+    stationary = results.get("stationary")
+    step = stationary.summary.get("stationary_step") if stationary else None
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    defined = np.isfinite(rate) & (rate > 0)
+    ax.plot(traj.steps[defined], rate[defined], "o-", markersize=3, label="displacement rate D(t)")
+    if defined.any():
+        peak = float(np.nanmax(rate[defined]))
+        ax.axhline(threshold * peak, color="grey", linestyle=":",
+                   label=f"stationary threshold: {threshold:g} × peak")  # fmt: skip
+    ax.set_yscale("log")
     step_axis(ax)
-    _mark(ax, bifurcation_step, "bifurcation onset")
-    ax.set_ylabel("bimodality")
-    ax.set_title(f"Bimodality of {traj.tensor}\n{title}")
+    _mark(ax, step, "stationary", color="tab:green")
+    ax.set_ylabel("mean squared step / training steps")
+    ax.set_title(f"Displacement rate of {traj.tensor}\n{title}")
     ax.legend(fontsize=8)
     return fig
+
+
+def bimodality_vs_step(traj: Trajectory, title: str, results: dict[str, MetricResult], thresholds: dict,
+                       bifurcation_step: float | None, criterion: str):  # fmt: skip
+    """One panel per bimodality criterion, each with its own threshold; the onset (by `criterion`) on
+    all of them."""
+    panels = []
+    if "bimodality_coefficient" in results:
+        bc = results["bimodality_coefficient"].per_step["bimodality_coefficient"]
+        panels.append(("bimodality_coefficient", bc, "Sarle's BC", thresholds["bimodality_threshold"],
+                       "bimodal above", "linear"))  # fmt: skip
+    if "dip" in results:
+        panels.append(("dip", results["dip"].per_step["dip_pvalue"], "dip test p-value",
+                       thresholds["dip_pvalue"], "bimodal below", "log"))  # fmt: skip
+    if "gmm" in results:
+        panels.append(("ashman_d", results["gmm"].per_step["ashman_d"], "Ashman's D",
+                       thresholds["ashman_d_threshold"], "bimodal above", "linear"))  # fmt: skip
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(7.5, 1.2 + 2.0 * len(panels)), sharex=True, squeeze=False
+    )
+    for ax, (name, values, label, threshold, side, scale) in zip(axes[:, 0], panels, strict=True):
+        shown = np.clip(values, 1e-4, None) if scale == "log" else values
+        ax.plot(traj.steps, shown, "o-", markersize=2.5, label=label)
+        ax.axhline(threshold, color="grey", linestyle=":", label=f"{side} {threshold:.3g}")
+        ax.set_yscale(scale)
+        ax.set_ylabel(label + (" (used)" if name == criterion else ""))
+        _mark(ax, bifurcation_step, "bifurcation")
+        ax.legend(fontsize=7, loc="best")
+        step_axis(ax)
+    for ax in axes[:-1, 0]:
+        ax.set_xlabel("")
+    onset = "none (never bimodal to the end)" if bifurcation_step is None else f"step {bifurcation_step:g}"
+    axes[0, 0].set_title(f"Bimodality of {traj.tensor}: onset by {criterion}, {onset}\n{title}")
+    return fig
+
+
+def density_table(traj: Trajectory) -> pd.DataFrame:
+    """The density figure's matrix in long form: the fraction of parameters per (step, bin)."""
+    hist = traj.hist.astype(float)
+    fraction = hist / np.maximum(hist.sum(axis=1, keepdims=True), 1)
+    edges = traj.hist_edges
+    bins = len(edges) - 1
+    steps = len(traj.steps)
+    return pd.DataFrame({"step": np.repeat(traj.steps, bins), "bin_low": np.tile(edges[:-1], steps),
+                         "bin_high": np.tile(edges[1:], steps), "fraction": fraction.ravel()})  # fmt: skip
 
 
 def _unit_name(units) -> str:
@@ -153,7 +240,7 @@ def unit_forks(traj: Trajectory, table, title: str, onset: float | None):
     values = units.stats["dip"][:, order["unit"].to_numpy()].T
     fig, ax = plt.subplots(figsize=(8, 5))
     image = ax.pcolormesh(_step_edges(traj.steps), np.arange(units.n_units + 1), values, shading="flat",
-                          cmap="viridis")  # fmt: skip
+                          cmap="viridis", rasterized=True)  # fmt: skip
     fig.colorbar(image, ax=ax, label=f"Hartigan's dip ({units.sample_size} entries per unit)")
     step_axis(ax)
     ax.set_ylim(units.n_units, 0)
@@ -209,7 +296,7 @@ def unit_trajectories(traj: Trajectory, table, title: str):
     ax.set_ylabel("parameter value")
     ax.set_title(f"{_unit_name(units).capitalize()} {units.featured} of {traj.tensor} (largest final dip): "
                  f"{units.featured_values.shape[1]} sampled weights\n{title}")  # fmt: skip
-    ax.legend(loc="upper left", fontsize=8)
+    _solid_legend(ax.legend(loc="upper left", fontsize=8))
     return fig
 
 
@@ -227,25 +314,25 @@ def unit_density(traj: Trajectory, title: str):
     return fig
 
 
-def draw_all(
-    traj: Trajectory,
-    results: dict[str, MetricResult],
-    title: str,
-    threshold: float,
-    folder: Path,
-    unit_threshold: float = 0.1,
-    unit_fdr: float = 0.05,
-) -> list[Path]:
-    """Draw every figure the results allow into `folder`; returns the written paths."""
+def draw_all(traj: Trajectory, results: dict[str, MetricResult], title: str, settings: dict,
+             folder: Path) -> list[Path]:  # fmt: skip
+    """Draw every figure the results allow into `folder` (`settings`: the metrics config, for the
+    thresholds drawn); returns the written paths."""
     folder.mkdir(parents=True, exist_ok=True)
     bifurcation = results.get("bifurcation")
     onset = bifurcation.summary.get("bifurcation_step") if bifurcation else None
+    criterion = str(settings.get("bifurcation_criterion", "bimodality_coefficient"))
     figures = {
         "density.png": density_heatmap(traj, title, onset),
         "forking_trajectories.png": forking_trajectories(traj, title, onset),
-        "msd_loglog.png": msd_loglog(traj, title, results.get("alpha")),
-        "bimodality.png": bimodality_vs_step(traj, title, results, threshold, onset),
+        "msd_loglog.png": msd_loglog(traj, title, results),
+        "bimodality.png": bimodality_vs_step(traj, title, results, settings, onset, criterion),
     }
+    if "displacement" in results:
+        threshold = float(settings.get("stationary_threshold", 0.05))
+        figures["displacement.png"] = displacement_rate(traj, title, results, threshold)
+    unit_threshold = float(settings.get("unit_fraction_threshold", 0.1))
+    unit_fdr = float(settings.get("unit_fdr", 0.05))
     per_unit = results.get("unit_bimodality")
     if traj.units is not None and per_unit is not None:
         table = per_unit.tables["units"]
@@ -320,12 +407,63 @@ def draw_evaluation(
     return save_figures(figures, folder)
 
 
+def draw_cooccurrence(table: pd.DataFrame, summary: dict, folder: Path) -> list[Path]:
+    """Paper 003's panels over epochs (log axis keeping epoch 0): attention scores, per-class losses and
+    the readout, in the paper's notation, with phase 1 shaded and its end and the attention-move epoch
+    marked."""
+    from garden.cooccurrence import CLASSES, SCORE_PAIRS
+
+    epochs = table["epoch"].to_numpy(dtype=float)
+    phase1_end = summary.get("phase1_end_epoch")
+    moved = summary.get("attention_move_epoch")
+    class_names = {"both": r"$\mu_1$ and $\mu_2$ (y = +1)", "only_1": r"only $\mu_1$ (y = −1)",
+                   "only_2": r"only $\mu_2$ (y = −1)", "neither": "neither (y = +1)"}  # fmt: skip
+    panels = (
+        ("attention_scores.png", "attention scores", r"$\mu_i^\top W_K^\top W_Q\, \mu_j$",
+         {f"score_{i}{j}": rf"$\mu_{i}^\top W_K^\top W_Q\, \mu_{j}$" for i, j in SCORE_PAIRS}, "linear"),
+        ("class_losses.png", "logistic loss per class", r"loss $\ell(y\, f(X))$",
+         {"loss": "all samples", **{f"loss_{c}": class_names[c] for c in CLASSES}}, "log"),
+        ("readout.png", "readout per token", r"$G(\mu_k)$", {f"G_mu{k}": rf"$G(\mu_{k})$" for k in (1, 2, 3)},
+         "linear"),
+    )  # fmt: skip
+    figures = {}
+    for name, what, ylabel, columns, scale in panels:
+        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        for column, label in columns.items():
+            ax.plot(epochs, table[column], label=label)
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlim(left=0)
+        if phase1_end is not None:
+            ax.axvspan(0, phase1_end, color="tab:green", alpha=0.08)
+            ax.axvline(phase1_end, color="tab:green", linestyle="--", linewidth=1.2,
+                       label=f"phase 1 ends (all correct): epoch {phase1_end:g}")  # fmt: skip
+        if moved is not None:
+            ax.axvline(moved, color="tab:purple", linestyle="--", linewidth=1.2,
+                       label=f"attention starts to move: epoch {moved:g}")  # fmt: skip
+        ax.set_yscale(scale)
+        ax.set_xlabel("epoch (full-batch gradient step; log axis from 0)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"Word co-occurrence (arXiv 2410.09605): {what}")
+        ax.legend(fontsize=7)
+        figures[name] = fig
+    return save_figures(figures, folder)
+
+
+#: Every figure is written as PNG (what MLflow previews) and as SVG (vector, for a paper).
+FORMATS = ("png", "svg")
+
+
 def save_figures(figures: dict, folder: Path) -> list[Path]:
+    """Write each `<name>.png` figure as PNG at 150 dpi and as `<name>.svg`; returns the PNG paths."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, fig in figures.items():
         fig.tight_layout()
-        fig.savefig(folder / name, dpi=110)
+        stem = Path(name).stem
+        for kind in FORMATS:
+            fig.savefig(
+                folder / f"{stem}.{kind}", dpi=150, metadata={"Date": None} if kind == "svg" else None
+            )
         plt.close(fig)
-        paths.append(folder / name)
+        paths.append(folder / f"{stem}.png")
     return paths

@@ -1,25 +1,116 @@
-"""The record of a dynamics job: everything it logs to its (already started) MLflow run, and the one line
-a finished job prints (the CLI and the DVC `report` stage both use them)."""
+"""The record of a dynamics job: what it logs to its (already started) MLflow run, under which names, and
+the block a finished job prints (the CLI and the DVC `report` stage both use them).
+
+Logged names (MLflow groups its charts by the part before the first `/`):
+
+- `dist/…`, `diffusion/…`, `bimodality/…`, `units/…`: per-step series at `step=<training step>`, the
+  namespace each metric registers with (`garden.metrics`);
+- `eval/…`: the model-level evaluation (perplexity, LAMBADA, PER, CKA) at its steps;
+- `train/loss`, `train/lr`: the tiny series' training, live while it trains; `extract/…`: the pass's
+  progress;
+- `summary/…`: one value per run. Every summary a metric produced is logged, and the event steps
+  (`summary/bifurcation_step`, `summary/unit_bifurcation_step`, `summary/stationary_step`) are logged
+  whenever their metric ran: -1 (`NOT_FOUND`) when looked for and not reached (the tag `garden.<event>`
+  says "none"), NaN when not defined (e.g. units off, or a distance to an event that is -1).
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from omegaconf import DictConfig, OmegaConf
 
-from garden.tracking import MlflowTracker
+from garden.metrics import EVENT_TAGS, MetricResult, namespace_of
+from garden.tracking import MlflowTracker, flatten
 
 log = logging.getLogger("garden")
 
+#: The logged value of an event step looked for and not reached (sortable and filterable, unlike null).
+NOT_FOUND = -1.0
+SUMMARY = "summary/"
+EVALUATION = "eval/"
 
-def log_results(tracker: MlflowTracker, folder: Path, steps, per_step: dict, evaluation: pd.DataFrame | None,
-                summary: dict[str, float], tags: dict[str, str], extra_artifacts=()) -> None:  # fmt: skip
-    """Everything a dynamics run records in its (already started) MLflow run."""
-    tracker.log_step_metrics(steps, per_step)
+
+def step_metrics(results: Mapping[str, MetricResult]) -> dict[str, np.ndarray]:
+    """Each reported metric's per-step series under its namespace: `diffusion/msd`, `units/...`."""
+    return {
+        f"{namespace_of(name)}/{key}": values
+        for name, result in results.items()
+        for key, values in result.per_step.items()
+    }
+
+
+def summary_metrics(summary: Mapping[str, float | None], tags: Mapping[str, str]) -> dict[str, float]:
+    """`summary/<key>` for every summary value, and for every event whose metric ran (see the module's
+    docstring for -1 and NaN)."""
+    logged = {
+        f"{SUMMARY}{key}": float(value) if value is not None else math.nan for key, value in summary.items()
+    }
+    for key, tag in EVENT_TAGS.items():
+        state = tags.get(tag)
+        if state == "none":
+            logged[f"{SUMMARY}{key}"] = NOT_FOUND
+        elif state is not None:
+            logged.setdefault(f"{SUMMARY}{key}", math.nan)
+    return logged
+
+
+def logged_value(metrics: Mapping[str, float], key: str) -> float:
+    """A run's summary value read back from MLflow (runs logged before the namespaces had bare keys);
+    NaN for NOT_FOUND, absent or undefined."""
+    value = metrics.get(f"{SUMMARY}{key}", metrics.get(key, math.nan))
+    return math.nan if value == NOT_FOUND and key in EVENT_TAGS else float(value)
+
+
+def run_params(cfg: DictConfig, groups: list[str], resolved: Mapping[str, str]) -> dict[str, str]:
+    """The params of a run: the config groups the task uses (`groups`), what garden resolved (device,
+    output folder), and, under Hydra, the group choices and the command line's overrides."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    params = flatten({group: config[group] for group in groups if group in config})
+    params.update({f"resolved.{key}": str(value) for key, value in resolved.items()})
+    params.update(hydra_params())
+    return params
+
+
+def hydra_params() -> dict[str, str]:
+    """`hydra.choices.<group>` for each config group and `hydra.overrides` (the command line's key=value
+    list); nothing outside a Hydra job (a test, a DVC stage)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    hydra_cfg = HydraConfig.get()
+    choices = {
+        f"hydra.choices.{group}": str(choice)
+        for group, choice in hydra_cfg.runtime.choices.items()
+        if not group.startswith("hydra/")
+    }
+    return {**choices, "hydra.overrides": " ".join(hydra_cfg.overrides.task) or "(none)"}
+
+
+def command_line() -> str | None:
+    """The job's command, as the user would retype it (None outside a Hydra job)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return " ".join(["python -m garden", *HydraConfig.get().overrides.task])
+
+
+def log_results(tracker: MlflowTracker, folder: Path, steps, step_series: Mapping[str, np.ndarray],
+                evaluation: pd.DataFrame | None, summary: dict[str, float], tags: dict[str, str],
+                extra_artifacts=()) -> None:  # fmt: skip
+    """Everything a dynamics run records in its (already started) MLflow run, once analysed;
+    `step_series` is keyed by logged name (`step_metrics`)."""
+    tracker.log_step_metrics(steps, step_series)
     if evaluation is not None:
-        tracker.log_table(evaluation, "step")
-    tracker.log_summary(summary)
+        tracker.log_table(evaluation, "step", prefix=EVALUATION)
+    tracker.log_summary(summary_metrics(summary, tags))
     tracker.set_tags(tags)
     tracker.log_artifacts(folder / "tables", "tables")
     tracker.log_artifacts(folder / "figures", "figures")
@@ -29,36 +120,64 @@ def log_results(tracker: MlflowTracker, folder: Path, steps, per_step: dict, eva
             tracker.log_artifact(Path(extra), "series")
 
 
-def log_outcome(run_name: str, summary: dict, tags: dict, output_dir: Path, run_id: str | None,
-                tracking_uri: str | None = None, experiment: str | None = None) -> None:  # fmt: skip
-    """What a finished job prints: one line with its headline numbers and where the results are, then
-    how to open them in the MLflow UI."""
-    bifurcation = summary.get("bifurcation_step")
-    unit_onset = summary.get("unit_bifurcation_step")
-    stationary = summary.get("stationary_step")
+def log_training_history(tracker: MlflowTracker, history: pd.DataFrame | None) -> None:
+    """A training log (step, loss, lr) as `train/...` metrics: for a series trained before this run."""
+    if history is not None and len(history):
+        tracker.log_table(history, "step", prefix="train/")
+
+
+def _step(value: float | None) -> str:
+    return f"step {value:g}"
+
+
+def headline(summary: Mapping[str, float | None], tags: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The run's headline results as (what, value) rows: the terminal's block and the run description."""
+
+    def event(key: str, why: str = " (looked for, not reached)") -> str:
+        value = summary.get(key)
+        if value is not None and math.isfinite(value):
+            return f"at {_step(value)}"
+        state = tags.get(EVENT_TAGS[key])
+        return f"none{why}" if state == "none" else (state or "not computed")
+
+    rows = [("pooled bifurcation", event("bifurcation_step"))]
     if "final_bimodal_unit_fraction" in summary:
         fraction, count = summary["final_bimodal_unit_fraction"], summary["n_units"]
         share = f"{fraction:.0%} of {count:g} units bimodal at the end"
-        units = f"at step {unit_onset:g} ({share})" if unit_onset is not None else f"none ({share})"
+        rows.append(("unit bifurcation", f"{event('unit_bifurcation_step', '')} ({share})"))
     else:
-        units = tags.get("garden.unit_bifurcation", "not computed")
-    log.info(
-        "%s: pooled bifurcation %s, unit bifurcation %s, stationary step %s, alpha %s; results in %s "
-        "(MLflow run %s)",
-        run_name,
-        f"at step {bifurcation:g}"
-        if bifurcation is not None
-        else tags.get("garden.bifurcation", "not computed"),
-        units,
-        f"{stationary:g}" if stationary is not None else "none",
-        f"{summary['alpha']:.3f}" if "alpha" in summary else "n/a",
-        output_dir,
-        run_id,
-    )
+        rows.append(("unit bifurcation", tags.get("garden.units", "not computed")))
+    rows.append(("stationary", event("stationary_step")))
+    regimes = summary.get("msd_regimes")
+    if regimes:
+        slopes = " → ".join(f"t^{summary[f'msd_regime{i}_alpha']:.2f}" for i in range(1, int(regimes) + 1))
+        breaks = ", ".join(_step(summary[f"msd_break{i}_step"]) for i in range(1, int(regimes)))
+        rows.append(("MSD regimes", slopes + (f" (breaks at {breaks})" if breaks else "")))
+    if summary.get("alpha") is not None:
+        rows.append(("MSD one power law", f"alpha {summary['alpha']:.3f} (r² {summary['alpha_r2']:.2f})"))
+    if summary.get("final_perplexity") is not None:
+        rows.append(("final perplexity", f"{summary['final_perplexity']:.2f}"))
+    return rows
+
+
+def describe(run_name: str, what: str, summary: Mapping, tags: Mapping, output_dir: Path) -> str:
+    """The run's description (Markdown): what it is, its headline results, the command, its folder."""
+    lines = [f"**{run_name}**: {what}", "", "| result | value |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in headline(summary, tags)]
+    command = command_line()
+    lines += ["", f"Command: `{command}`" if command else "", f"Tables and figures: `{output_dir}`"]
+    return "\n".join(line for line in lines if line is not None)
+
+
+def log_outcome(run_name: str, summary: dict, tags: dict, output_dir: Path, run_id: str | None,
+                tracking_uri: str | None = None, experiment: str | None = None) -> None:  # fmt: skip
+    """What a finished job prints: its headline results, where they are, and how to open them."""
+    rows = [*headline(summary, tags), ("results", f"{output_dir} (tables/, figures/, summary.json)")]
     if tracking_uri:
-        log.info(
-            "open it: mlflow ui --backend-store-uri %s --workers 1  (or make ui), then "
-            "http://127.0.0.1:5000, experiment %s (MLflow 3 opens on its GenAI view: switch to Model "
-            "training); tables, figures and summary.json are also in %s",
-            tracking_uri, experiment or "garden", output_dir,
-        )  # fmt: skip
+        rows += [
+            ("MLflow run", f"{run_id} in experiment {experiment or 'garden'}"),
+            ("open it", f"mlflow ui --backend-store-uri {tracking_uri} --workers 1   (or: make ui)"),
+            ("", "then http://127.0.0.1:5000; MLflow 3 opens on its GenAI view: click Model training"),
+        ]
+    width = max(len(name) for name, _ in rows)
+    log.info("%s finished:\n%s", run_name, "\n".join(f"  {name:<{width}}  {value}" for name, value in rows))

@@ -190,6 +190,17 @@ class CheckpointSeries(ABC):
         """Files of the series a run keeps beside its results (the tiny series' training log)."""
         return []
 
+    def training_history(self):
+        """The training log of the series (a table of step, loss, lr), where it has one: garden's tiny
+        series writes `train_log.csv` beside its checkpoints."""
+        import pandas as pd
+
+        log = getattr(self, "root", None)
+        log = Path(log) / "train_log.csv" if log is not None else None
+        if log is None or not log.is_file():
+            return None
+        return pd.read_csv(log)
+
     def tensor_shape(self, step: int, name: str) -> tuple[int, ...] | None:
         """The shape of a tensor where it is known without reading its values (None otherwise)."""
         return None
@@ -483,6 +494,9 @@ class DerivedTensors(CheckpointSeries):
 
     def artifacts(self) -> list[Path]:
         return self.inner.artifacts()
+
+    def training_history(self):
+        return self.inner.training_history()
 
     def bytes_fetched(self) -> int:
         return self.inner.bytes_fetched()

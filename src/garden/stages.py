@@ -86,11 +86,6 @@ def _write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=1, default=float))
 
 
-#: Headline events and the tag their metric sets: "none" there means looked for and not found.
-EVENT_TAGS = {"bifurcation_step": "garden.bifurcation", "unit_bifurcation_step": "garden.unit_bifurcation",
-              "stationary_step": "garden.stationary"}  # fmt: skip
-
-
 def headline_value(key: str, summary: dict, tags: dict) -> float | str:
     """A headline number for `dvc metrics`, or what its absence means: "none" (an event looked for and
     not found) or "not computed" (its metric or stage was not run). DVC drops nulls from `dvc metrics
@@ -98,6 +93,8 @@ def headline_value(key: str, summary: dict, tags: dict) -> float | str:
     value = summary.get(key)
     if value is not None and math.isfinite(float(value)):
         return float(value)
+    from garden.metrics import EVENT_TAGS
+
     return "none" if tags.get(EVENT_TAGS.get(key, "")) == "none" else "not computed"
 
 
@@ -204,6 +201,7 @@ def extract(cfg: DictConfig, series_dir: Path, out: Path) -> None:
 def metrics(cfg: DictConfig, trajectory_dir: Path, out: Path) -> None:
     """The metric registry on the trajectory: per-step tables, summary and the dynamics figures."""
     from garden.analysis import analyse, write_dynamics, write_summary
+    from garden.record import step_metrics
     from garden.trajectory import Trajectory
 
     job = _read_json(trajectory_dir / "job.json")
@@ -212,7 +210,9 @@ def metrics(cfg: DictConfig, trajectory_dir: Path, out: Path) -> None:
     folder = out
     write_dynamics(folder, analysis, job["run_name"], cfg)
     write_summary(folder, job["run_name"], analysis.summary, analysis.tags)
-    _write_json(folder / "per_step.json", {"columns": sorted(analysis.per_step)})
+    # Which steps.csv column each logged per-step metric is (`diffusion/msd` <- msd), for the report.
+    columns = {key: key.split("/", 1)[1] for key in step_metrics(analysis.results)}
+    _write_json(folder / "per_step.json", {"logged": columns})
 
 
 def evaluate(cfg: DictConfig, series_dir: Path, metrics_dir: Path, out: Path) -> None:
@@ -237,8 +237,9 @@ def report(cfg: DictConfig, trajectory_dir: Path, metrics_dir: Path, evaluation_
     record `python -m garden` makes, logged only once every stage has finished."""
     from garden.analysis import write_summary
     from garden.metrics import HEADLINE
-    from garden.record import log_outcome, log_results
-    from garden.tracking import MlflowTracker, flatten
+    from garden.record import describe, log_outcome, log_results, log_training_history, run_params
+    from garden.tasks.dynamics import used_groups
+    from garden.tracking import MlflowTracker
 
     job = _read_json(trajectory_dir / "job.json")
     dynamics = _read_json(metrics_dir / "summary.json")
@@ -258,15 +259,20 @@ def report(cfg: DictConfig, trajectory_dir: Path, metrics_dir: Path, evaluation_
     write_summary(folder, run_name, summary, tags)
 
     steps_table = pd.read_csv(folder / "tables" / "steps.csv")
-    per_step = {c: steps_table[c].to_numpy(dtype=float)
-                for c in _read_json(metrics_dir / "per_step.json")["columns"]}  # fmt: skip
+    per_step = {key: steps_table[column].to_numpy(dtype=float)
+                for key, column in _read_json(metrics_dir / "per_step.json")["logged"].items()}  # fmt: skip
     eval_path = folder / "tables" / "evaluation.csv"
     eval_table = pd.read_csv(eval_path) if eval_path.is_file() else None
+    train_log = next((Path(p) for p in job["artifacts"] if Path(p).name == "train_log.csv"), None)
     tracker = MlflowTracker(str(cfg.tracking.uri), str(cfg.tracking.experiment))
+    what = f"the dynamics of {tags.get('garden.tensor')} across {tags.get('garden.series')} (DVC study)"
     with tracker.start(run_name, tags):
-        tracker.log_params(flatten(cfg))
+        tracker.log_params(run_params(cfg, [*used_groups(cfg), "study"], {"output_dir": folder}))
+        if train_log is not None and train_log.is_file():
+            log_training_history(tracker, pd.read_csv(train_log))
         log_results(tracker, folder, steps_table["step"].to_numpy(), per_step, eval_table, summary, tags,
                     job["artifacts"])  # fmt: skip
+        tracker.set_description(describe(run_name, what, summary, tags, folder))
     _write_json(folder / "run.json", {"run_id": tracker.run_id, "tracking_uri": str(cfg.tracking.uri),
                                       "experiment": str(cfg.tracking.experiment)})  # fmt: skip
     _write_json(headline, {k: headline_value(k, summary, tags) for k in HEADLINE})

@@ -31,6 +31,7 @@ from garden import cache
 from garden.corpus import load_corpus, text_content_id
 from garden.devices import resolve_device
 from garden.errors import GardenError
+from garden.progress import report as progress_report
 from garden.schedule import log_linear_schedule
 
 logger = logging.getLogger("garden")
@@ -261,6 +262,8 @@ def train_series(
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
         start, log = state["step"], state["log"]
+        for entry in log:  # the history before the interruption, for the run that resumes it
+            progress_report("train", entry["step"], {"loss": entry["loss"], "lr": entry["lr"]})
     elif 0 in saves:
         _save_checkpoint(model, tokenizer, folder, 0, save_dtype)
 
@@ -287,6 +290,7 @@ def train_series(
         optimizer.zero_grad(set_to_none=True)
         loss_value = loss.item()
         log.append({"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0]})
+        progress_report("train", step, {"loss": loss_value, "lr": log[-1]["lr"]})
         bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
         if step in saves:
             _save_checkpoint(model, tokenizer, folder, step, save_dtype)

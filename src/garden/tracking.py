@@ -53,19 +53,22 @@ class MlflowTracker:
         self.run_id: str | None = None
 
     @contextmanager
-    def start(self, run_name: str, tags: Mapping[str, str] | None = None) -> Iterator[MlflowTracker]:
-        """A run, made the child of the sweep's parent run inside a Hydra multirun. Interrupted (SIGINT,
-        or SIGTERM, which raises `Terminated` while the run is open), it ends KILLED."""
-        with _restored_env("MLFLOW_TRACKING_URI"), self._open(run_name, tags) as tracker:
+    def start(self, run_name: str, tags: Mapping[str, str] | None = None,
+              parent_run_id: str | None = None) -> Iterator[MlflowTracker]:  # fmt: skip
+        """A run, made the child of `parent_run_id`, else of the sweep's parent run inside a Hydra
+        multirun. Interrupted (SIGINT, or SIGTERM, which raises `Terminated` while the run is open), it
+        ends KILLED."""
+        with _restored_env("MLFLOW_TRACKING_URI"), self._open(run_name, tags, parent_run_id) as tracker:
             yield tracker
 
     @contextmanager
-    def _open(self, run_name: str, tags: Mapping[str, str] | None) -> Iterator[MlflowTracker]:
+    def _open(self, run_name: str, tags: Mapping[str, str] | None,
+              parent_run_id: str | None) -> Iterator[MlflowTracker]:  # fmt: skip
         mlflow.set_tracking_uri(self.uri)
         experiment = mlflow.set_experiment(self.experiment)
         end_dead_runs(self.client, [experiment.experiment_id])
         tags = {**(tags or {}), **process_tags()}
-        parent = sweep_parent_run_id()
+        parent = parent_run_id or sweep_parent_run_id()
         if parent:
             tags["mlflow.parentRunId"] = parent
         with terminate_as_interrupt(), mlflow.start_run(run_name=run_name, tags=tags) as run:
@@ -91,15 +94,51 @@ class MlflowTracker:
         for start in range(0, len(batch), MAX_BATCH):
             self.client.log_batch(self.run_id, metrics=batch[start : start + MAX_BATCH])
 
-    def log_table(self, table, step_column: str) -> None:
-        """Every other column of a per-step table as a metric at the step in `step_column`."""
-        columns = {c: table[c].to_numpy(dtype=float) for c in table.columns if c != step_column}
+    def log_table(self, table, step_column: str, prefix: str = "") -> None:
+        """Every other column of a per-step table as a metric `<prefix><column>` at the step in
+        `step_column`."""
+        columns = {f"{prefix}{c}": table[c].to_numpy(dtype=float) for c in table.columns if c != step_column}
         self.log_step_metrics(table[step_column].to_numpy(), columns)
 
     def log_summary(self, values: Mapping[str, float]) -> None:
-        finite = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
-        if finite:
-            mlflow.log_metrics(finite)
+        """Scalars as they are: NaN included (MLflow stores it), so a key is present even when undefined."""
+        if values:
+            mlflow.log_metrics({k: float(v) for k, v in values.items()})
+
+    @contextmanager
+    def live(self, flush_seconds: float = 2.0) -> Iterator[set[str]]:
+        """While open, every progress report (`garden.progress`) is logged as `<kind>/<name>` at its
+        step, in batches every `flush_seconds`, so the run's charts grow as training and extraction go.
+        Yields the set of kinds reported so far."""
+        from garden import progress
+
+        pending: list[Metric] = []
+        kinds: set[str] = set()
+        last_flush = [time.monotonic()]
+
+        def flush() -> None:
+            while pending:
+                batch, pending[:] = pending[:MAX_BATCH], pending[MAX_BATCH:]
+                self.client.log_batch(self.run_id, metrics=batch)
+            last_flush[0] = time.monotonic()
+
+        def listen(kind: str, step: int, values: dict[str, float]) -> None:
+            kinds.add(kind)
+            now = int(time.time() * 1000)
+            pending.extend(Metric(f"{kind}/{name}", float(value), now, int(step))
+                           for name, value in values.items() if math.isfinite(float(value)))  # fmt: skip
+            if time.monotonic() - last_flush[0] >= flush_seconds:
+                flush()
+
+        try:
+            with progress.listening(listen):
+                yield kinds
+        finally:
+            flush()
+
+    def set_description(self, text: str) -> None:
+        """The run's description (MLflow's note, shown on the run page and as the runs table's tooltip)."""
+        mlflow.set_tag("mlflow.note.content", text)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         mlflow.set_tags(dict(tags))
@@ -199,18 +238,51 @@ def terminate_as_interrupt() -> Iterator[None]:
 
 
 PARENT_RUN_FILE = "mlflow_parent_run_id"
+SWEPT_KEYS_FILE = "garden_swept_keys"
 
 
-def sweep_parent_run_id() -> str | None:
-    """Inside a Hydra multirun job: the MLflow parent run its sweep opened (read from the sweep folder, so
-    jobs in other processes or on other machines of a shared file system find it too)."""
+def _sweep_dir() -> Path | None:
+    """Inside a Hydra multirun job: its sweep's folder."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
-    marker = Path(HydraConfig.get().sweep.dir) / PARENT_RUN_FILE
-    return marker.read_text().strip() if marker.is_file() else None
+    return Path(HydraConfig.get().sweep.dir)
+
+
+def swept_keys(overrides: list[str]) -> list[str]:
+    """The keys a sweep's command line varies (`seed=0,1`, `lr=range(...)`, `x=choice(...)`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return [
+        o.key_or_group for o in OverridesParser.create().parse_overrides(overrides) if o.is_sweep_override()
+    ]
+
+
+def with_swept_overrides(name: str, in_name: tuple[str, ...] = ("model", "variant", "layer")) -> str:
+    """A sweep job's run name followed by its values of the swept keys the name does not already say
+    (`tiny/standard/unembedding seed=1`): the jobs of a sweep over any key get names that differ. Outside
+    a sweep the name is unchanged (the overrides are the run's `hydra.overrides` param)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    folder = _sweep_dir()
+    marker = folder / SWEPT_KEYS_FILE if folder is not None else None
+    if marker is None or not marker.is_file():
+        return name
+    swept = set(marker.read_text().split()) - set(in_name)
+    chosen = [
+        item for item in HydraConfig.get().overrides.task if item.split("=", 1)[0].lstrip("+~") in swept
+    ]
+    return " ".join([name, *chosen])
+
+
+def sweep_parent_run_id() -> str | None:
+    """Inside a Hydra multirun job: the MLflow parent run its sweep opened (read from the sweep folder, so
+    jobs in other processes or on other machines of a shared file system find it too)."""
+    folder = _sweep_dir()
+    marker = folder / PARENT_RUN_FILE if folder is not None else None
+    return marker.read_text().strip() if marker is not None and marker.is_file() else None
 
 
 #: The sweep parent run this process opened and has not ended: (tracking uri, run id).
@@ -262,6 +334,7 @@ class MlflowSweepCallback:
         )
         _open_sweep = (str(config.tracking.uri), run.info.run_id)
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / SWEPT_KEYS_FILE).write_text(" ".join(swept_keys(list(config.hydra.overrides.task))))
         (sweep_dir / PARENT_RUN_FILE).write_text(run.info.run_id)
 
     def on_multirun_end(self, config, **kwargs) -> None:

@@ -99,6 +99,8 @@ SETTINGS: dict[str, Rule] = {
     "metrics.alpha_min_step": integer(0),
     "metrics.alpha_max_step": integer(1, nullable=True),
     "metrics.lag_msd_max_lag": integer(1),
+    "metrics.msd_max_regimes": integer(1, 6),
+    "metrics.msd_min_points": integer(2),
     "metrics.unit_fdr": PROBABILITY,
     "metrics.unit_fraction_threshold": number(0.0, 1.0, low_open=True),
     "evaluation.cka.threshold": number(0.0, 1.0, low_open=True),

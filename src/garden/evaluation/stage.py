@@ -336,10 +336,13 @@ def summarise(
             slope = np.diff(np.log(ppl)) / np.diff(np.log1p(steps))
             drop_step = float(steps[1:][int(np.argmin(slope))])
             summary["steepest_perplexity_drop_step"] = drop_step
-            if bifurcation_step is not None:
-                summary["bifurcation_to_perplexity_drop"] = drop_step - bifurcation_step
-            if unit_bifurcation_step is not None:
-                summary["unit_bifurcation_to_perplexity_drop"] = drop_step - unit_bifurcation_step
+            # None (logged NaN) where the event was not reached: the distance is undefined, not zero.
+            summary["bifurcation_to_perplexity_drop"] = (
+                None if bifurcation_step is None else drop_step - bifurcation_step
+            )
+            summary["unit_bifurcation_to_perplexity_drop"] = (
+                None if unit_bifurcation_step is None else drop_step - unit_bifurcation_step
+            )
     for key in ("lambada_perplexity", "lambada_accuracy"):
         if key in table:
             summary[f"final_{key}"] = float(table[key].iloc[-1])

@@ -35,18 +35,39 @@ HEADLINE = (
     "final_perplexity",
 )
 
+#: Headline events and the tag their metric sets: "none" there means looked for and not found.
+EVENT_TAGS = {
+    "bifurcation_step": "garden.bifurcation",
+    "unit_bifurcation_step": "garden.unit_bifurcation",
+    "stationary_step": "garden.stationary",
+}
+
+#: What MLflow groups a metric's per-step series under (`<namespace>/<key>`): its charts then sit in one
+#: section per kind of quantity instead of one alphabetical list.
+NAMESPACES = ("dist", "diffusion", "bimodality", "units")
+
 MetricFn = Callable[[Trajectory, "MetricContext"], MetricResult]
 _REGISTRY: dict[str, MetricFn] = {}
+_NAMESPACE: dict[str, str] = {}
 
 
-def register_metric(name: str) -> Callable[[MetricFn], MetricFn]:
+def register_metric(name: str, namespace: str) -> Callable[[MetricFn], MetricFn]:
+    """Register a metric; its per-step series are logged as `<namespace>/<key>`."""
+    if namespace not in NAMESPACES:
+        raise ValueError(f"metric {name!r}: namespace {namespace!r} is not one of {NAMESPACES}")
+
     def decorate(fn: MetricFn) -> MetricFn:
         if name in _REGISTRY:
             raise ValueError(f"metric {name!r} registered twice")
         _REGISTRY[name] = fn
+        _NAMESPACE[name] = namespace
         return fn
 
     return decorate
+
+
+def namespace_of(name: str) -> str:
+    return _NAMESPACE[name]
 
 
 def available_metrics() -> list[str]:

@@ -15,13 +15,17 @@ from garden.trajectory import Trajectory, sarle_bimodality
 MOMENT_COLUMNS = ("mean", "std", "rms", "skewness", "kurtosis", "min", "max")
 
 
-@register_metric("moments")
+@register_metric("moments", "dist")
 def moments(traj: Trajectory, ctx: MetricContext) -> MetricResult:
+    """The trajectory's moments and quantiles; its `kurtosis` column is excess kurtosis (0 for a
+    Gaussian), reported under that name."""
     names = list(MOMENT_COLUMNS) + [c for c in traj.table.columns if c.startswith("q")]
-    return MetricResult(per_step={name: traj.column(name) for name in names})
+    return MetricResult(
+        per_step={"excess_kurtosis" if name == "kurtosis" else name: traj.column(name) for name in names}
+    )
 
 
-@register_metric("bimodality_coefficient")
+@register_metric("bimodality_coefficient", "bimodality")
 def bimodality_coefficient(traj: Trajectory, ctx: MetricContext) -> MetricResult:
     bc = sarle_bimodality(traj.column("skewness"), traj.column("kurtosis"), traj.n)
     return MetricResult(
@@ -29,7 +33,7 @@ def bimodality_coefficient(traj: Trajectory, ctx: MetricContext) -> MetricResult
     )
 
 
-@register_metric("dip")
+@register_metric("dip", "bimodality")
 def dip(traj: Trajectory, ctx: MetricContext) -> MetricResult:
     """Hartigan's dip statistic and its p-value (diptest's interpolation table) on the sample."""
     stats = np.array([diptest.diptest(np.asarray(row, dtype=np.float64)) for row in traj.distribution_sample])
@@ -60,12 +64,13 @@ def fit_two_gaussians(sample: np.ndarray, seed: int) -> tuple[float, float, floa
     )
 
 
-@register_metric("gmm")
+@register_metric("gmm", "bimodality")
 def gmm(traj: Trajectory, ctx: MetricContext) -> MetricResult:
     """Two-component Gaussian mixture per step on the distribution sample, summarised by Ashman's D."""
     seed = int(ctx.param("seed", 0))
     fits = np.array(
         [fit_two_gaussians(np.asarray(row, dtype=np.float64), seed) for row in traj.distribution_sample]
     )
-    names = ("ashman_d", "gmm_min_weight", "gmm_mean_low", "gmm_mean_high")
+    # gmm_minor_weight: the smaller component's weight (metrics.gmm_min_weight is its threshold).
+    names = ("ashman_d", "gmm_minor_weight", "gmm_mean_low", "gmm_mean_high")
     return MetricResult(per_step={name: fits[:, i] for i, name in enumerate(names)})

@@ -34,14 +34,14 @@ def bimodal_mask(ctx: MetricContext, criterion: str) -> np.ndarray:
     if criterion == "ashman_d":
         fit = ctx.get("gmm").per_step
         return (fit["ashman_d"] > float(ctx.param("ashman_d_threshold", 2.0))) & (
-            fit["gmm_min_weight"] >= float(ctx.param("gmm_min_weight", 0.05))
+            fit["gmm_minor_weight"] >= float(ctx.param("gmm_min_weight", 0.05))
         )
     raise GardenError(
         f"unknown metrics.bifurcation_criterion {criterion!r}; valid: {', '.join(BIFURCATION_CRITERIA)}"
     )
 
 
-@register_metric("bifurcation")
+@register_metric("bifurcation", "bimodality")
 def bifurcation(traj: Trajectory, ctx: MetricContext) -> MetricResult:
     criterion = str(ctx.param("bifurcation_criterion", "bimodality_coefficient"))
     mask = bimodal_mask(ctx, criterion)
@@ -57,7 +57,7 @@ def bifurcation(traj: Trajectory, ctx: MetricContext) -> MetricResult:
     return result
 
 
-@register_metric("stationary")
+@register_metric("stationary", "diffusion")
 def stationary(traj: Trajectory, ctx: MetricContext) -> MetricResult:
     """First step from which the displacement rate stays below a fraction of its peak (working definition)."""
     relative = ctx.get("displacement").per_step["relative_displacement"]

@@ -54,7 +54,7 @@ def unit_table(traj: Trajectory, mask: np.ndarray) -> pd.DataFrame:
     return table
 
 
-@register_metric("unit_bimodality")
+@register_metric("unit_bimodality", "units")
 def unit_bimodality(traj: Trajectory, ctx: MetricContext) -> MetricResult:
     units = traj.units
     if units is None:

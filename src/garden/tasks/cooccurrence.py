@@ -10,9 +10,10 @@ from omegaconf import DictConfig, open_dict
 
 from garden import cache
 from garden.errors import GardenError
+from garden.record import SUMMARY, run_params
 from garden.tasks import register
 from garden.tasks.dynamics import RunOutcome, output_folder, run_dynamics
-from garden.tracking import MlflowTracker, flatten
+from garden.tracking import MlflowTracker, with_swept_overrides
 from garden.validation import check_config, check_environment
 
 log = logging.getLogger("garden")
@@ -51,17 +52,53 @@ def run_cooccurrence(cfg: DictConfig, output_dir: Path | None = None) -> RunOutc
         "garden.snapshots": str(series_dir),
         **cache.version_tags("cooccurrence"),
     }
-    with tracker.start("cooccurrence/standard/train", tags):
-        tracker.log_params(flatten(cfg))
+    run_name = with_swept_overrides("cooccurrence/standard/train")
+    with tracker.start(run_name, tags):
+        resolved = {"device": "cpu", "output_dir": output_dir}  # paper 003's model is tiny: CPU always
+        tracker.log_params(run_params(cfg, TRAIN_GROUPS, resolved))
+        tracker.set_description(f"**{run_name}**: paper 003 (arXiv 2410.09605), training. Running.")
         record = cooccurrence.train(co, series_dir, progress=bool(cfg.progress))
         table = record.table
-        tracker.log_table(table, "epoch")
-        tracker.log_summary(record.summary)
+        tracker.log_table(table, "epoch", prefix="train/")
+        tracker.log_summary({f"{SUMMARY}{key}": value for key, value in record.summary.items()})
         (output_dir / "tables").mkdir(parents=True, exist_ok=True)
         table.to_csv(output_dir / "tables" / "cooccurrence.csv", index=False)
         if cfg.get("figures", True):
-            cooccurrence.draw(table, record.summary, output_dir / "figures")
+            from garden.figures import draw_cooccurrence
+
+            draw_cooccurrence(table, record.summary, output_dir / "figures")
         tracker.log_artifacts(output_dir / "tables", "tables")
         tracker.log_artifacts(output_dir / "figures", "figures")
-    log.info("cooccurrence: %s; snapshots in %s", record.summary, series_dir)
-    return None if analysis is None else run_dynamics(analysis, output_dir / "dynamics")
+        rows = outcome_rows(record.summary, int(co.epochs))
+        tracker.set_description("\n".join([
+            f"**{run_name}**: paper 003 (arXiv 2410.09605), the one-layer transformer trained on the "
+            "word co-occurrence task; its snapshots are analysed in the child run.",
+            "", "| result | value |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows),
+        ]))  # fmt: skip
+        parent_id = tracker.run_id
+    width = max(len(name) for name, _ in rows)
+    log.info("%s finished (MLflow run %s):\n%s\n  %-*s  %s", run_name, parent_id,
+             "\n".join(f"  {name:<{width}}  {value}" for name, value in rows), width, "snapshots",
+             series_dir)  # fmt: skip
+    if analysis is None:
+        return None
+    return run_dynamics(analysis, output_dir / "dynamics", parent_run_id=parent_id)
+
+
+#: The config groups paper 003's training reads (its run's params).
+TRAIN_GROUPS = ["task", "cooccurrence", "seed", "progress", "figures", "paths", "tracking"]
+
+
+def outcome_rows(summary: dict, epochs: int) -> list[tuple[str, str]]:
+    """Paper 003's headline: the two phases and where the attention starts to move."""
+
+    def epoch(key: str) -> str:
+        value = summary.get(key)
+        return f"epoch {value:g}" if value is not None else f"not within {epochs} epochs"
+
+    return [
+        ("phase 1 ends (all correct)", epoch("phase1_end_epoch")),
+        ("attention starts to move", epoch("attention_move_epoch")),
+        ("final loss", f"{summary['final_loss']:.3g}"),
+        ("final accuracy", f"{summary['final_accuracy']:.3f}"),
+    ]

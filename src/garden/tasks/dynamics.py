@@ -31,7 +31,7 @@ from garden.evaluation.stage import EvaluationPlan, plan_evaluation
 from garden.extract import ExtractionPlan, extract
 from garden.layers import ResolvedLayer, resolve_layer
 from garden.metrics import MetricResult
-from garden.record import log_outcome, log_results
+from garden.record import describe, log_outcome, log_results, log_training_history, run_params, step_metrics
 from garden.schedule import select_steps
 from garden.series import (
     CheckpointSeries,
@@ -42,7 +42,7 @@ from garden.series import (
 )
 from garden.sources import open_series, source_of
 from garden.tasks import register
-from garden.tracking import MlflowTracker, flatten
+from garden.tracking import MlflowTracker, with_swept_overrides
 from garden.trajectory import Trajectory
 from garden.validation import check_config
 
@@ -141,9 +141,13 @@ class DynamicsJob:
 
 
 def plan_dynamics(cfg: DictConfig) -> DynamicsJob:
-    """Check and plan the job with its series open (nothing trained or fetched yet, except the listing
-    of a Hub repository); the search for duplicated steps then reads content ids (and trains the tiny
-    series if it is not trained yet). Every check that needs no weights runs before that."""
+    """Check and plan the job with its series open, then settle its duplicated steps."""
+    return settle_duplicates(open_dynamics(cfg))
+
+
+def open_dynamics(cfg: DictConfig) -> DynamicsJob:
+    """Check and plan the job with its series open: nothing trained or fetched yet (except the listing
+    of a Hub repository), so bad input fails in seconds, before any run is created."""
     check_config(cfg)
     series = open_series(cfg)
     available = series.steps()
@@ -161,7 +165,9 @@ def plan_dynamics(cfg: DictConfig) -> DynamicsJob:
     eval_plan = plan_evaluation(cfg, available)
     if eval_plan is not None and "stability" in eval_plan.stages:
         families.require(family, "evaluation stage stability")
-    run_name = cfg.tracking.get("run_name") or f"{cfg.model.name}/{cfg.variant}/{layer.label}"
+    run_name = cfg.tracking.get("run_name") or with_swept_overrides(
+        f"{cfg.model.name}/{cfg.variant}/{layer.label}"
+    )
 
     if layer.spec.derived:
         series = DerivedTensors(series, layer.spec)
@@ -171,23 +177,44 @@ def plan_dynamics(cfg: DictConfig) -> DynamicsJob:
             f"HF_HUB_OFFLINE is set and the cache lacks {plan.tensor} for steps {missing} of "
             f"{series.identity}; run once online, or select the cached steps (steps=list steps.values=[...])"
         )
-    selected = list(plan.steps)
-    plan, duplicates = _drop_duplicates(series, plan, str(cfg.series.on_duplicate))
-    if eval_plan is not None:
-        eval_plan = replace(eval_plan, steps=tuple(s for s in eval_plan.steps if s not in duplicates))
     caches = [*source_of(cfg).caches, "extract", *(["evaluate"] if eval_plan is not None else [])]
     tags = {
+        "garden.task": "dynamics",
         "garden.model": str(cfg.model.name),
         "garden.variant": str(cfg.variant),
         "garden.layer": layer.label,
         "garden.tensor": layer.tensor,
         "garden.family": family.name if family else "unknown",
         "garden.series": series.identity,
-        "garden.duplicates": ", ".join(f"step{d}=step{o}" for d, o in sorted(duplicates.items())) or "none",
         "garden.duplicates_policy": str(cfg.series.on_duplicate),
         **cache.version_tags(*caches),
     }
-    return DynamicsJob(cfg, series, family, layer, plan, selected, duplicates, eval_plan, run_name, tags)
+    return DynamicsJob(cfg, series, family, layer, plan, list(plan.steps), {}, eval_plan, run_name, tags)
+
+
+def settle_duplicates(job: DynamicsJob) -> DynamicsJob:
+    """Apply series.on_duplicate: this reads content ids (and so trains the tiny series, when it is not
+    trained yet)."""
+    plan, duplicates = _drop_duplicates(job.series, job.plan, str(job.cfg.series.on_duplicate))
+    eval_plan = job.eval_plan
+    if eval_plan is not None:
+        eval_plan = replace(eval_plan, steps=tuple(s for s in eval_plan.steps if s not in duplicates))
+    listed = ", ".join(f"step{d}=step{o}" for d, o in sorted(duplicates.items())) or "none"
+    return replace(job, plan=plan, duplicates=duplicates, eval_plan=eval_plan,
+                   tags={**job.tags, "garden.duplicates": listed})  # fmt: skip
+
+
+def used_groups(cfg: DictConfig) -> list[str]:
+    """The config groups a dynamics job reads (its MLflow params): the training corpus only for the tiny
+    series or a held-out evaluation text, `evaluation` only when a stage runs."""
+    groups = ["task", "model", "variant", "layer", "metrics", "steps", "extract", "series", "seed", "device",
+              "progress", "figures", "paths", "tracking"]  # fmt: skip
+    evaluating = bool(cfg.evaluation.get("stages"))
+    if evaluating:
+        groups.append("evaluation")
+    if cfg.model.get("source") == "tiny" or (evaluating and cfg.evaluation.text.source == "heldout"):
+        groups.append("corpus")
+    return groups
 
 
 def extract_trajectory(job: DynamicsJob) -> Trajectory:
@@ -208,15 +235,29 @@ def job_summary(job: DynamicsJob, output_dir: Path) -> dict[str, float]:
 
 
 @register("dynamics")
-def run_dynamics(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
-    """The whole job in one process: plan, extract, analyse, evaluate, record in one MLflow run."""
-    job = plan_dynamics(cfg)
+def run_dynamics(cfg: DictConfig, output_dir: Path | None = None,
+                 parent_run_id: str | None = None) -> RunOutcome:  # fmt: skip
+    """The whole job in one process, in one MLflow run opened as soon as the input is checked: the tiny
+    series' training (`train/...`) and the extraction (`extract/...`) show in it live, then the analysis,
+    the evaluation and the record."""
+    from garden.devices import resolve_device
+
+    job = open_dynamics(cfg)
     output_dir = Path(output_dir) if output_dir is not None else output_folder(cfg)
-    output_dir.mkdir(parents=True, exist_ok=True)
     tracker = MlflowTracker(str(cfg.tracking.uri), str(cfg.tracking.experiment))
-    with tracker.start(job.run_name, job.tags):
-        tracker.log_params(flatten(cfg))
-        trajectory = extract_trajectory(job)
+    what = f"the dynamics of {job.layer.tensor} ({job.layer.label}) across {job.series.identity}"
+    with tracker.start(job.run_name, job.tags, parent_run_id):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        resolved = {"device": resolve_device(str(cfg.device)), "output_dir": output_dir}
+        tracker.log_params(run_params(cfg, used_groups(cfg), resolved))
+        tracker.set_description(f"**{job.run_name}**: {what}. Running: results appear here as it goes.")
+        with tracker.live() as reported:
+            job.series.prepare()  # the tiny series trains here, unless it is trained already
+            if "train" not in reported:
+                log_training_history(tracker, job.series.training_history())
+            job = settle_duplicates(job)
+            tracker.set_tags({"garden.duplicates": job.tags["garden.duplicates"]})
+            trajectory = extract_trajectory(job)
         analysis = analyse(cfg, trajectory, job_summary(job, output_dir))
         write_dynamics(output_dir, analysis, job.run_name, cfg)
         evaluation = None
@@ -226,18 +267,12 @@ def run_dynamics(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome:
             analysis.summary.update(eval_summary)
         tags = {**job.tags, **analysis.tags}
         write_summary(output_dir, job.run_name, analysis.summary, tags)
-        log_results(tracker, output_dir, analysis.trajectory.steps, analysis.per_step, evaluation,
-                    analysis.summary, tags, job.series.artifacts())  # fmt: skip
+        log_results(tracker, output_dir, analysis.trajectory.steps, step_metrics(analysis.results),
+                    evaluation, analysis.summary, tags, job.series.artifacts())  # fmt: skip
+        tracker.set_description(describe(job.run_name, what, analysis.summary, tags, output_dir))
         run_id = tracker.run_id
-    log_outcome(
-        job.run_name,
-        analysis.summary,
-        tags,
-        output_dir,
-        run_id,
-        str(cfg.tracking.uri),
-        str(cfg.tracking.experiment),
-    )
+    log_outcome(job.run_name, analysis.summary, tags, output_dir, run_id, str(cfg.tracking.uri),
+                str(cfg.tracking.experiment))  # fmt: skip
     return RunOutcome(run_id, job.run_name, output_dir, trajectory, analysis.results, analysis.summary, tags)
 
 
