@@ -3,6 +3,7 @@ run is in test_presets.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import numpy as np
@@ -82,6 +83,29 @@ def test_one_seed_gives_identical_numbers(tmp_path):
     pd.testing.assert_frame_equal(a.table, b.table)
     c = co.train(settings(epochs=200, log_points=40, seed=1), tmp_path / "c", progress=False)
     assert not np.allclose(a.table["loss"], c.table["loss"])
+
+
+def test_descent_runs_on_one_thread_and_gives_back_the_callers_count(tmp_path, monkeypatch):
+    """One intra-op thread (robust beside other jobs) changes no number; the caller's count is restored."""
+    seen: list[int] = []
+    descend = co._descend
+
+    def spying(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return descend(*args, **kwargs)
+
+    monkeypatch.setattr(co, "_descend", spying)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        one = co.train(settings(epochs=200, log_points=40), tmp_path / "one", progress=False)
+        assert seen == [1] and torch.get_num_threads() == 2
+        monkeypatch.setattr(co, "_one_intra_op_thread", contextlib.nullcontext)
+        two = co.train(settings(epochs=200, log_points=40), tmp_path / "two", progress=False)
+        assert seen == [1, 2]
+    finally:
+        torch.set_num_threads(before)
+    pd.testing.assert_frame_equal(one.table, two.table, rtol=1e-12)
 
 
 @pytest.mark.parametrize(
