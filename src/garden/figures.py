@@ -27,10 +27,15 @@ def _mark(ax, step: float | None, label: str, color: str = "crimson") -> None:
         ax.axvline(step, color=color, linestyle="--", linewidth=1.2, label=f"{label} = {step:g}")
 
 
+def bin_fractions(hist: np.ndarray) -> np.ndarray:
+    """Each step's histogram (a row) as the fraction of parameters per bin: the density figure and table."""
+    return hist / np.maximum(hist.sum(axis=1, keepdims=True), 1)
+
+
 def _density_image(ax, steps: np.ndarray, hist: np.ndarray, edges: np.ndarray):
     """log10 of the fraction of values per bin, one column per checkpoint, on the log step axis."""
     steps = steps.astype(float)
-    density = hist / np.maximum(hist.sum(axis=1, keepdims=True), 1)
+    density = bin_fractions(hist)
     with np.errstate(divide="ignore"):
         log_density = np.ma.masked_invalid(np.log10(density.T))
     magma = plt.get_cmap("magma")
@@ -61,6 +66,12 @@ def density_heatmap(traj: Trajectory, title: str, bifurcation_step: float | None
     if bifurcation_step is not None:
         ax.legend(loc="upper left")
     return fig
+
+
+def summary_value(results: dict[str, MetricResult], metric: str, key: str) -> float | None:
+    """A metric's summary value, None when the metric did not run or did not find it."""
+    result = results.get(metric)
+    return result.summary.get(key) if result is not None else None
 
 
 def two_group_cut(values: np.ndarray) -> float:
@@ -118,8 +129,7 @@ def msd_loglog(traj: Trajectory, title: str, results: dict[str, MetricResult]):
     """MSD on log-log axes with the one-power-law fit and the segmented fit (a colour per regime, the
     breakpoints dotted), and below it the local slope d log MSD / d log t against each regime's alpha."""
     alpha, regimes = results.get("alpha"), results.get("msd_regimes")
-    stationary = results.get("stationary")
-    stationary_step = stationary.summary.get("stationary_step") if stationary else None
+    stationary_step = summary_value(results, "stationary", "stationary_step")
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 6.5), sharex=True, height_ratios=(2, 1))
     steps, msd = traj.steps.astype(float), traj.column("msd")
     keep = (steps > 0) & (msd > 0)
@@ -163,8 +173,7 @@ def displacement_rate(traj: Trajectory, title: str, results: dict[str, MetricRes
     """Step-to-step displacement rate D(t_k) = MSD(t_k, t_k-1) / (t_k - t_k-1), with the stationary step:
     the first from which D stays below `threshold` of its peak."""
     rate = traj.column("displacement")
-    stationary = results.get("stationary")
-    step = stationary.summary.get("stationary_step") if stationary else None
+    step = summary_value(results, "stationary", "stationary_step")
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     defined = np.isfinite(rate) & (rate > 0)
     ax.plot(traj.steps[defined], rate[defined], "o-", markersize=3, label="displacement rate D(t)")
@@ -217,8 +226,7 @@ def bimodality_vs_step(traj: Trajectory, title: str, results: dict[str, MetricRe
 
 def density_table(traj: Trajectory) -> pd.DataFrame:
     """The density figure's matrix in long form: the fraction of parameters per (step, bin)."""
-    hist = traj.hist.astype(float)
-    fraction = hist / np.maximum(hist.sum(axis=1, keepdims=True), 1)
+    fraction = bin_fractions(traj.hist.astype(float))
     edges = traj.hist_edges
     bins = len(edges) - 1
     steps = len(traj.steps)
@@ -319,8 +327,7 @@ def draw_all(traj: Trajectory, results: dict[str, MetricResult], title: str, set
     """Draw every figure the results allow into `folder` (`settings`: the metrics config, for the
     thresholds drawn); returns the written paths."""
     folder.mkdir(parents=True, exist_ok=True)
-    bifurcation = results.get("bifurcation")
-    onset = bifurcation.summary.get("bifurcation_step") if bifurcation else None
+    onset = summary_value(results, "bifurcation", "bifurcation_step")
     criterion = str(settings.get("bifurcation_criterion", "bimodality_coefficient"))
     figures = {
         "density.png": density_heatmap(traj, title, onset),

@@ -160,13 +160,23 @@ def headline(summary: Mapping[str, float | None], tags: Mapping[str, str]) -> li
     return rows
 
 
+def markdown_rows(rows: list[tuple[str, str]]) -> list[str]:
+    """(what, value) rows as the lines of a Markdown table: a run description's results."""
+    return ["| result | value |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)]
+
+
+def aligned_rows(rows: list[tuple[str, str]]) -> str:
+    """(what, value) rows as an indented two-column block: what a finished job prints."""
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
 def describe(run_name: str, what: str, summary: Mapping, tags: Mapping, output_dir: Path) -> str:
     """The run's description (Markdown): what it is, its headline results, the command, its folder."""
-    lines = [f"**{run_name}**: {what}", "", "| result | value |", "|---|---|"]
-    lines += [f"| {name} | {value} |" for name, value in headline(summary, tags)]
     command = command_line()
+    lines = [f"**{run_name}**: {what}", "", *markdown_rows(headline(summary, tags))]
     lines += ["", f"Command: `{command}`" if command else "", f"Tables and figures: `{output_dir}`"]
-    return "\n".join(line for line in lines if line is not None)
+    return "\n".join(lines)
 
 
 def log_outcome(run_name: str, summary: dict, tags: dict, output_dir: Path, run_id: str | None,
@@ -179,5 +189,4 @@ def log_outcome(run_name: str, summary: dict, tags: dict, output_dir: Path, run_
             ("open it", f"mlflow ui --backend-store-uri {tracking_uri} --workers 1   (or: make ui)"),
             ("", "then http://127.0.0.1:5000; MLflow 3 opens on its GenAI view: click Model training"),
         ]
-    width = max(len(name) for name, _ in rows)
-    log.info("%s finished:\n%s", run_name, "\n".join(f"  {name:<{width}}  {value}" for name, value in rows))
+    log.info("%s finished:\n%s", run_name, aligned_rows(rows))

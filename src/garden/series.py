@@ -191,15 +191,8 @@ class CheckpointSeries(ABC):
         return []
 
     def training_history(self):
-        """The training log of the series (a table of step, loss, lr), where it has one: garden's tiny
-        series writes `train_log.csv` beside its checkpoints."""
-        import pandas as pd
-
-        log = getattr(self, "root", None)
-        log = Path(log) / "train_log.csv" if log is not None else None
-        if log is None or not log.is_file():
-            return None
-        return pd.read_csv(log)
+        """The training log of the series (a table of step, loss, lr), where it has one."""
+        return None
 
     def tensor_shape(self, step: int, name: str) -> tuple[int, ...] | None:
         """The shape of a tensor where it is known without reading its values (None otherwise)."""
@@ -301,6 +294,17 @@ class Prefetcher:
         self.close()
 
 
+#: The training log garden's tiny series writes beside its checkpoints (step, loss, lr).
+TRAIN_LOG = "train_log.csv"
+
+
+def read_training_log(path: Path):
+    """A training log (`TRAIN_LOG`) as a table, or None where there is none."""
+    import pandas as pd
+
+    return pd.read_csv(path) if path.is_file() else None
+
+
 class LocalSeries(CheckpointSeries):
     """A directory of checkpoint folders, each a Hugging Face checkpoint (any of the four layouts), named
     like its family's revisions: `step{N}/` (GPT-NeoX), `stage1-step{N}-tokens{M}B/` (OLMo-2)."""
@@ -322,6 +326,10 @@ class LocalSeries(CheckpointSeries):
         self.identity = f"local:{self.root.resolve()}"
         name = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:16]
         self.memo = ContentMemo(None if memo_dir is None else Path(memo_dir) / f"{name}.json")
+
+    def training_history(self):
+        """The folder's `TRAIN_LOG` (a series garden trained, analysed as itself or as `model=local`)."""
+        return read_training_log(self.root / TRAIN_LOG)
 
     @cached_property
     def revisions(self) -> dict[int, Revision]:

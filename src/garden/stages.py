@@ -238,6 +238,7 @@ def report(cfg: DictConfig, trajectory_dir: Path, metrics_dir: Path, evaluation_
     from garden.analysis import write_summary
     from garden.metrics import HEADLINE
     from garden.record import describe, log_outcome, log_results, log_training_history, run_params
+    from garden.series import TRAIN_LOG, read_training_log
     from garden.tasks.dynamics import used_groups
     from garden.tracking import MlflowTracker
 
@@ -263,13 +264,13 @@ def report(cfg: DictConfig, trajectory_dir: Path, metrics_dir: Path, evaluation_
                 for key, column in _read_json(metrics_dir / "per_step.json")["logged"].items()}  # fmt: skip
     eval_path = folder / "tables" / "evaluation.csv"
     eval_table = pd.read_csv(eval_path) if eval_path.is_file() else None
-    train_log = next((Path(p) for p in job["artifacts"] if Path(p).name == "train_log.csv"), None)
+    train_log = next((Path(p) for p in job["artifacts"] if Path(p).name == TRAIN_LOG), None)
     tracker = MlflowTracker(str(cfg.tracking.uri), str(cfg.tracking.experiment))
     what = f"the dynamics of {tags.get('garden.tensor')} across {tags.get('garden.series')} (DVC study)"
     with tracker.start(run_name, tags):
         tracker.log_params(run_params(cfg, [*used_groups(cfg), "study"], {"output_dir": folder}))
-        if train_log is not None and train_log.is_file():
-            log_training_history(tracker, pd.read_csv(train_log))
+        if train_log is not None:
+            log_training_history(tracker, read_training_log(train_log))
         log_results(tracker, folder, steps_table["step"].to_numpy(), per_step, eval_table, summary, tags,
                     job["artifacts"])  # fmt: skip
         tracker.set_description(describe(run_name, what, summary, tags, folder))

@@ -33,6 +33,7 @@ from garden.devices import resolve_device
 from garden.errors import GardenError
 from garden.progress import report as progress_report
 from garden.schedule import log_linear_schedule
+from garden.series import TRAIN_LOG
 
 logger = logging.getLogger("garden")
 
@@ -307,7 +308,7 @@ def train_series(
     elapsed = time.perf_counter() - began
     trained_tokens = (total - start) * batch * seq_len
     cache.write_text(
-        folder / "train_log.csv",
+        folder / TRAIN_LOG,
         "step,loss,lr\n" + "".join(f"{r['step']},{r['loss']:.6f},{r['lr']:.8g}\n" for r in log),
     )
     summary = {

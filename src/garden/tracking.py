@@ -91,8 +91,12 @@ class MlflowTracker:
             for step, v in zip(steps, values, strict=True)
             if v is not None and math.isfinite(float(v))
         ]
-        for start in range(0, len(batch), MAX_BATCH):
-            self.client.log_batch(self.run_id, metrics=batch[start : start + MAX_BATCH])
+        self._send(batch)
+
+    def _send(self, metrics: list[Metric]) -> None:
+        """Metrics to the run, in batches of at most MAX_BATCH (the REST API's limit per request)."""
+        for start in range(0, len(metrics), MAX_BATCH):
+            self.client.log_batch(self.run_id, metrics=metrics[start : start + MAX_BATCH])
 
     def log_table(self, table, step_column: str, prefix: str = "") -> None:
         """Every other column of a per-step table as a metric `<prefix><column>` at the step in
@@ -117,9 +121,8 @@ class MlflowTracker:
         last_flush = [time.monotonic()]
 
         def flush() -> None:
-            while pending:
-                batch, pending[:] = pending[:MAX_BATCH], pending[MAX_BATCH:]
-                self.client.log_batch(self.run_id, metrics=batch)
+            batch, pending[:] = pending[:], []
+            self._send(batch)
             last_flush[0] = time.monotonic()
 
         def listen(kind: str, step: int, values: dict[str, float]) -> None:
@@ -251,13 +254,16 @@ def _sweep_dir() -> Path | None:
     return Path(HydraConfig.get().sweep.dir)
 
 
-def swept_keys(overrides: list[str]) -> list[str]:
-    """The keys a sweep's command line varies (`seed=0,1`, `lr=range(...)`, `x=choice(...)`)."""
+def _parsed(overrides: list[str]) -> list:
+    """Command-line overrides as Hydra parses them (`+key=`, `~key`, sweeps, quoting)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    return [
-        o.key_or_group for o in OverridesParser.create().parse_overrides(overrides) if o.is_sweep_override()
-    ]
+    return OverridesParser.create().parse_overrides(overrides)
+
+
+def swept_keys(overrides: list[str]) -> list[str]:
+    """The keys a sweep's command line varies (`seed=0,1`, `lr=range(...)`, `x=choice(...)`)."""
+    return [o.key_or_group for o in _parsed(overrides) if o.is_sweep_override()]
 
 
 def with_swept_overrides(name: str, in_name: tuple[str, ...] = ("model", "variant", "layer")) -> str:
@@ -271,9 +277,8 @@ def with_swept_overrides(name: str, in_name: tuple[str, ...] = ("model", "varian
     if marker is None or not marker.is_file():
         return name
     swept = set(marker.read_text().split()) - set(in_name)
-    chosen = [
-        item for item in HydraConfig.get().overrides.task if item.split("=", 1)[0].lstrip("+~") in swept
-    ]
+    overrides = _parsed(list(HydraConfig.get().overrides.task))
+    chosen = [o.input_line for o in overrides if o.key_or_group in swept]
     return " ".join([name, *chosen])
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from garden.families import Revision
-from garden.series import LocalSeries
+from garden.series import TRAIN_LOG, LocalSeries
 from garden.sources import CONTENT_IDS, register
 
 log = logging.getLogger("garden")
@@ -76,7 +76,7 @@ class TinySeries(LocalSeries):
     def artifacts(self) -> list[Path]:
         from garden.tiny import COMPLETE_MARKER
 
-        return [self.root / "train_log.csv", self.root / COMPLETE_MARKER]
+        return [self.root / TRAIN_LOG, self.root / COMPLETE_MARKER]
 
 
 @register("tiny", caches=("tiny",))

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, open_dict
 
 from garden import cache
 from garden.errors import GardenError
-from garden.record import SUMMARY, run_params
+from garden.record import SUMMARY, aligned_rows, markdown_rows, run_params
 from garden.tasks import register
 from garden.tasks.dynamics import RunOutcome, output_folder, run_dynamics
 from garden.tracking import MlflowTracker, with_swept_overrides
@@ -73,13 +73,11 @@ def run_cooccurrence(cfg: DictConfig, output_dir: Path | None = None) -> RunOutc
         tracker.set_description("\n".join([
             f"**{run_name}**: paper 003 (arXiv 2410.09605), the one-layer transformer trained on the "
             "word co-occurrence task; its snapshots are analysed in the child run.",
-            "", "| result | value |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows),
+            "", *markdown_rows(rows),
         ]))  # fmt: skip
         parent_id = tracker.run_id
-    width = max(len(name) for name, _ in rows)
-    log.info("%s finished (MLflow run %s):\n%s\n  %-*s  %s", run_name, parent_id,
-             "\n".join(f"  {name:<{width}}  {value}" for name, value in rows), width, "snapshots",
-             series_dir)  # fmt: skip
+    log.info("%s finished (MLflow run %s):\n%s", run_name, parent_id,
+             aligned_rows([*rows, ("snapshots", str(series_dir))]))  # fmt: skip
     if analysis is None:
         return None
     return run_dynamics(analysis, output_dir / "dynamics", parent_run_id=parent_id)
