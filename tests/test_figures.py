@@ -3,6 +3,8 @@ draws (thresholds, markers, labels) and the formats it is written in."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -47,6 +49,36 @@ def test_segmented_power_law_finds_planted_regimes_and_their_breakpoints():
         x, 3e-6 * x**1.3 * np.exp(np.random.default_rng(1).normal(0, 0.02, len(x))), 4, 4
     )
     assert len(single["segments"]) == 1 and single["segments"][0][2] == pytest.approx(1.3, abs=0.01)
+
+
+def test_segmented_power_law_split_is_the_exhaustive_least_squares_optimum():
+    """The DP against every split of the points into 1, 2 and 3 segments of >= 4 points, each segment
+    fitted by np.polyfit: the same optimum (and so the same BIC) for each count, the same chosen split."""
+    x = np.unique(np.concatenate([2.0 ** np.arange(0, 6), np.arange(40, 700, 30)]))
+    y = three_regimes(x) * np.exp(np.random.default_rng(2).normal(0, 0.15, len(x)))
+    lx, ly = np.log(x), np.log(y)
+    n, least = len(x), 4
+
+    def rss(i: int, j: int) -> float:
+        coefficients = np.polyfit(lx[i:j], ly[i:j], 1)
+        return float(((np.polyval(coefficients, lx[i:j]) - ly[i:j]) ** 2).sum())
+
+    best = {}
+    for k in (1, 2, 3):
+        splits = [
+            (0, *cuts, n)
+            for cuts in itertools.combinations(range(least, n - least + 1), k - 1)
+            if all(b - a >= least for a, b in itertools.pairwise((0, *cuts, n)))
+        ]
+        best[k] = min((sum(rss(a, b) for a, b in itertools.pairwise(split)), split) for split in splits)
+    fit = segmented_power_law(x, y, max_segments=3, min_points=least)
+    for k, (cost, _) in best.items():
+        assert fit["bic"][k] == pytest.approx(n * np.log(cost / n) + (3 * k - 1) * np.log(n), rel=1e-9)
+    chosen = len(fit["segments"])
+    assert chosen == min(fit["bic"], key=fit["bic"].get)
+    assert [i for i, *_ in fit["segments"]] + [n] == list(best[chosen][1])
+    for i, j, slope, intercept in fit["segments"]:
+        assert (slope, intercept) == pytest.approx(tuple(np.polyfit(lx[i:j], ly[i:j], 1)), rel=1e-9)
 
 
 def test_two_group_cut_is_exact_two_means():
