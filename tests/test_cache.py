@@ -16,74 +16,8 @@ from safetensors.torch import save_file
 
 from conftest import ArraySeries, planted_fork, write_series
 from garden import cache
-from garden.evaluation.stage import EvaluationPlan
 from garden.extract import ExtractionPlan, extract
 from garden.series import LocalSeries
-
-
-@pytest.fixture
-def changed_source(monkeypatch):
-    """Pretend one producing module's source changed (as after a bug fix), for the rest of the test."""
-    original = cache._source_of
-
-    def change(module: str) -> None:
-        def patched(producer: str) -> str:
-            source = original(producer)
-            return source + "\n# fixed\n" if producer.partition(":")[0] == module else source
-
-        monkeypatch.setattr(cache, "_source_of", patched)
-        cache.code_version.cache_clear()
-
-    yield change
-    cache.code_version.cache_clear()
-
-
-def _keys(compose_config) -> dict[str, str]:
-    from garden.cooccurrence import run_config_hash
-    from garden.tiny import series_fingerprint
-
-    cfg = compose_config()
-    plan = ExtractionPlan(tensor="embed_out.weight", steps=(0, 1, 2), reference_step=0)
-    evaluation = EvaluationPlan(("perplexity",), (0, 1), "cpu", "float32", 4, 16, None, None, 8, 0)
-    return {
-        "tiny": series_fingerprint(cfg.model, cfg.corpus),
-        "extract": plan.cache_key("local:/x"),
-        "evaluate": evaluation.cache_key("local:/x", "data", "final"),
-        "cooccurrence": run_config_hash(compose_config("experiment=cooccurrence").cooccurrence),
-    }
-
-
-@pytest.mark.parametrize(
-    "module, kind",
-    [
-        ("garden.tiny", "tiny"),  # the trainer
-        ("garden.extract", "extract"),  # the per-step statistics
-        ("garden.dip_kernels", "extract"),  # the per-unit dip kernel
-        ("garden.evaluation.perplexity", "evaluate"),  # a scorer
-        ("garden.cooccurrence", "cooccurrence"),
-    ],
-)
-def test_a_change_to_the_producing_code_changes_only_its_own_keys(
-    compose_config, changed_source, module, kind
-):
-    before = _keys(compose_config)
-    changed_source(module)
-    after = _keys(compose_config)
-    assert {k for k in before if before[k] != after[k]} == {kind}
-
-
-def test_every_producer_is_covered_and_importable():
-    from garden import dip, dip_kernels, tiny
-    from garden import extract as extract_module
-    from garden.evaluation import perplexity, stability
-    from garden.evaluation import stage as evaluation_stage
-
-    for kind in cache.PRODUCERS:
-        assert len(cache.code_version(kind)) == 12
-    covered = {m.partition(":")[0] for producers in cache.PRODUCERS.values() for m in producers}
-    for module in (dip, dip_kernels, extract_module, tiny, perplexity, stability, evaluation_stage):
-        assert module.__name__ in covered
-    assert set(cache.version_tags("extract", "tiny")) == {"garden.cache.extract", "garden.cache.tiny"}
 
 
 def test_atomic_writes_leave_no_temporary_and_clean_up_on_failure(tmp_path):

@@ -2,8 +2,9 @@
 co-occurrence runs, Hub tensors), so that each follows the same four rules:
 
 - its key covers what the result depends on: the content it read (content ids, never a path alone), the
-  config it used, and the code that produced it (`code_version`: a hash of the producing source, so a
-  bug fix in a metric pass, the trainer or a scorer retires its old records without a hand-kept number);
+  config it used, and the code that produced it (`code_version`: a hash of the producing functions'
+  normalised syntax, so a bug fix in a kernel, the trainer or a scorer retires its old records without a
+  hand-kept number, while a comment, a docstring, a reformat or a refactor of a loop retires none);
 - writes are atomic, with unique temporary names in the target folder, so two jobs never tear a file;
 - a folder being produced is held by a file lock (`producing`): a second job waits, says so, and then
   reuses what the first produced instead of producing it again;
@@ -17,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
-import inspect
 import json
 import logging
 import mmap
@@ -32,24 +31,52 @@ from typing import TypeVar
 import xxhash
 from filelock import FileLock, Timeout
 
+from garden import codehash
+from garden.codehash import code_hash
+
 log = logging.getLogger("garden")
 
 T = TypeVar("T")
 
-#: The source each cache's records are produced by. A change to any of it changes the cache's keys.
+#: The code each cache's records are produced by: the kernels and their constants, the trainers' loops,
+#: the scorers (`module` for all its definitions, `module:name` for one). Their normalised syntax
+#: (garden.codehash: no comments, docstrings, annotations or log lines; a definition keyed by its name,
+#: not its module) is hashed into the cache's keys. What only drives, reports or stores (the extraction's
+#: step loop, retries, manifests) is left out, so it can change without retiring any record; a test checks
+#: that every garden function a producer calls is a producer too, or listed in NOT_PRODUCERS.
 PRODUCERS: dict[str, tuple[str, ...]] = {
-    "tiny": ("garden.tiny", "garden.corpus", "garden.schedule"),
+    "tiny": (
+        "garden.tiny",
+        "garden.corpus:load_corpus",
+        "garden.corpus:text_files",
+        "garden.corpus:read_text_files",
+        "garden.corpus:read_tar_members",
+        "garden.schedule:log_linear_schedule",
+    ),
     "extract": ("garden.extract", "garden.dip", "garden.dip_kernels"),
+    # The family's own module is added per family (family_version): a new family retires nothing.
     "evaluate": (
-        "garden.evaluation.stage",
         "garden.evaluation.perplexity",
         "garden.evaluation.stability",
-        "garden.evaluation.data",
-        "garden.families",
-        "garden.families.gpt_neox",
-        "garden.families.olmo2",
+        "garden.evaluation.stage:DTYPES",
+        "garden.evaluation.stage:load_model",
+        "garden.evaluation.stage:ScoringInputs",
+        "garden.evaluation.stage:score_checkpoint",
+        "garden.evaluation.stage:weight_ranks",
+        "garden.evaluation.stage:activations",
+        "garden.evaluation.stage:_final_activations",
+        # What the stability stage asks of a family (the family's own module is added per family).
+        "garden.families:Family.blocks",
+        "garden.families:Family.attention_output",
+        "garden.families:Family.mlp_output",
+        "garden.families:Family.value_weight",
+        "garden.families:Family.ov_circuits",
     ),
-    "cooccurrence": ("garden.cooccurrence",),
+    "cooccurrence": (
+        "garden.cooccurrence",
+        "garden.schedule:log_linear_schedule",
+        "garden.metrics.events:onset_index",
+    ),
     # Only the functions that turn a remote file's bytes into a tensor: the rest of garden.hub (retries,
     # manifests) can change without re-downloading gigabytes of unchanged tensors.
     "hub_tensor": (
@@ -60,28 +87,51 @@ PRODUCERS: dict[str, tuple[str, ...]] = {
         "garden.hub:HubSeries._with_zip_reader",
         "garden.hub:HubSeries._range",
         "garden.hub:_slice_of",
+        "garden.hub:_check_content_range",
+        "garden.hub:HEADER_PROBE",
+        "garden.hub:SAFETENSORS_DTYPES",
+        "garden.hub:RemoteFile",
         "garden.torchzip",
     ),
 }
 
-
-def _source_of(producer: str) -> str:
-    module_name, _, attribute = producer.partition(":")
-    target = importlib.import_module(module_name)
-    for part in filter(None, attribute.split(".")):
-        target = getattr(target, part)
-    return inspect.getsource(target)
+#: What producers call that never shapes a record's content: atomic writes and locks, progress reports,
+#: devices, content ids and verified downloads (which key or check what is read), the series readers
+#: (their content ids are in the keys), the in-memory trajectory records are assembled into.
+NOT_PRODUCERS = (
+    "garden.cache",
+    "garden.codehash",
+    "garden.progress",
+    "garden.devices",
+    "garden.errors",
+    "garden.integrity",
+    "garden.series",
+    "garden.trajectory",
+    "garden.corpus:fetch_sdist",
+    "garden.corpus:text_content_id",
+)
 
 
 @cache
 def code_version(kind: str) -> str:
-    """A short hash of the source that produces a cache's records."""
+    """A short hash of the code that produces a cache's records (its normalised definitions)."""
     if kind not in PRODUCERS:
         raise KeyError(f"no cache named {kind!r}; known: {', '.join(PRODUCERS)}")
-    digest = hashlib.sha256()
-    for producer in PRODUCERS[kind]:
-        digest.update(producer.encode() + b"\0" + _source_of(producer).encode() + b"\0")
-    return digest.hexdigest()[:12]
+    return code_hash(PRODUCERS[kind])
+
+
+def family_version(family) -> str | None:
+    """The code version of one model family's own module (what its evaluation records depend on beyond
+    the shared `evaluate` code); None for no family."""
+    if family is None:
+        return None
+    return f"{family.name}:{code_hash((type(family).__module__,))}"
+
+
+def clear_versions() -> None:
+    """Forget computed versions and parsed modules (tests that edit a producer's source)."""
+    code_version.cache_clear()
+    codehash.clear()
 
 
 def version_tags(*kinds: str) -> dict[str, str]:

@@ -195,48 +195,41 @@ def _load_tokens(path: Path) -> tuple[np.ndarray, np.ndarray]:
         return data["train"], data["heldout"]
 
 
-def train_series(
-    model_cfg,
-    corpus_cfg,
-    folder: Path,
-    data_dir: Path,
-    device: torch.device,
-    progress: bool = True,
-    variant: str = "standard",
-) -> None:
-    from transformers import AutoTokenizer, GPTNeoXForCausalLM
-    from transformers.utils import logging as hf_logging
+def _tokens(model_cfg, corpus_cfg, folder: Path, data_dir: Path, variant: str):
+    """The tokenizer and the token ids (train, held-out): read back when saved, else trained and split."""
+    from transformers import AutoTokenizer
 
-    hf_logging.disable_progress_bar()
-    train = model_cfg.train
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".*.tmp"):  # left by a killed job (we hold the folder's lock)
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    save_dtype = getattr(torch, str(train.save_dtype))
-    seq_len, batch = int(train.seq_len), int(train.batch_size)
-    total = int(train.steps)
-    saves = set(checkpoint_steps(train))
-
-    tokens_path = folder / "tokens.npz"
-    tokenizer_dir = folder / "tokenizer"
+    tokens_path, tokenizer_dir = folder / "tokens.npz", folder / "tokenizer"
     tokens = cache.read_or_none(tokens_path, _load_tokens, "token record")
     if tokens is not None and (tokenizer_dir / "tokenizer.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        train_ids, heldout_ids = tokens
-    else:
-        texts = load_corpus(corpus_cfg, data_dir)
-        if variant == "deduped":
-            texts = dedupe_lines(texts)
-        tokenizer = train_tokenizer(texts, int(model_cfg.architecture.vocab_size))
-        encoded = tokenizer.backend_tokenizer.encode_batch(texts)  # Rust, parallel: seconds for 5 MB
-        ids = np.concatenate([np.array([*e.ids, tokenizer.eos_token_id], dtype=np.int32) for e in encoded])
-        split = int(len(ids) * (1.0 - float(train.heldout_fraction)))
-        train_ids, heldout_ids = ids[:split], ids[split:]
-        if len(train_ids) <= seq_len + 1:
-            raise GardenError(f"the corpus has {len(ids)} tokens: too few for train.seq_len={seq_len}")
-        tokenizer.save_pretrained(tokenizer_dir)
-        cache.atomic_write(tokens_path, lambda tmp: _save_tokens(tmp, train_ids, heldout_ids))
+        return AutoTokenizer.from_pretrained(tokenizer_dir), *tokens
+    tokenizer, train_ids, heldout_ids = tokenize_corpus(load_corpus(corpus_cfg, data_dir), model_cfg, variant)
+    tokenizer.save_pretrained(tokenizer_dir)
+    cache.atomic_write(tokens_path, lambda tmp: _save_tokens(tmp, train_ids, heldout_ids))
+    return tokenizer, train_ids, heldout_ids
 
+
+def tokenize_corpus(texts: list[str], model_cfg, variant: str):
+    """A tokenizer trained on the texts (deduplicated for the deduped variant), and the token ids split
+    into a training and a held-out part."""
+    train = model_cfg.train
+    if variant == "deduped":
+        texts = dedupe_lines(texts)
+    tokenizer = train_tokenizer(texts, int(model_cfg.architecture.vocab_size))
+    encoded = tokenizer.backend_tokenizer.encode_batch(texts)  # Rust, parallel: seconds for 5 MB
+    ids = np.concatenate([np.array([*e.ids, tokenizer.eos_token_id], dtype=np.int32) for e in encoded])
+    split = int(len(ids) * (1.0 - float(train.heldout_fraction)))
+    if split <= int(train.seq_len) + 1:
+        raise GardenError(f"the corpus has {len(ids)} tokens: too few for train.seq_len={train.seq_len}")
+    return tokenizer, ids[:split], ids[split:]
+
+
+def build_trainer(model_cfg, device: torch.device):
+    """The seeded model, AdamW, its warmup-cosine schedule and the batch generator (Pythia's recipe)."""
+    from transformers import GPTNeoXForCausalLM
+
+    train = model_cfg.train
+    total = int(train.steps)
     torch.manual_seed(int(train.seed))
     model = GPTNeoXForCausalLM(neox_config(model_cfg)).to(device)
     optimizer = torch.optim.AdamW(
@@ -251,62 +244,104 @@ def train_series(
         optimizer, _lr_lambda(total, warmup, float(train.min_lr_ratio))
     )
     generator = torch.Generator().manual_seed(int(train.seed))
-    log: list[dict] = []
-    start = 0
-    state_path = folder / STATE_FILE
+    return model, optimizer, scheduler, generator
+
+
+def train_step(model, optimizer, scheduler, generator, data: torch.Tensor, train, device) -> dict:
+    """One optimizer step on a random batch of windows; its loss and the learning rate it used next."""
+    seq_len, batch = int(train.seq_len), int(train.batch_size)
+    offsets = torch.randint(0, len(data) - seq_len - 1, (batch,), generator=generator)
+    inputs = torch.stack([data[o : o + seq_len] for o in offsets.tolist()]).to(device)
+    loss = model(input_ids=inputs, labels=inputs).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), float(train.grad_clip))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss.item(), "lr": scheduler.get_last_lr()[0]}
+
+
+def _resume(state_path: Path, device, model, optimizer, scheduler, generator) -> tuple[int, list[dict]]:
+    """The step and log an interrupted training reached, its state loaded (0 and [] when none)."""
     state = cache.read_or_none(
         state_path, lambda p: torch.load(p, map_location=device, weights_only=True), "trainer state"
     )
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        start, log = state["step"], state["log"]
-        for entry in log:  # the history before the interruption, for the run that resumes it
-            progress_report("train", entry["step"], {"loss": entry["loss"], "lr": entry["lr"]})
-    elif 0 in saves:
+    if state is None:
+        return 0, []
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    for entry in state["log"]:  # the history before the interruption, for the run that resumes it
+        progress_report("train", entry["step"], {"loss": entry["loss"], "lr": entry["lr"]})
+    return state["step"], state["log"]
+
+
+def _save_state(state_path: Path, step: int, log: list[dict], model, optimizer, scheduler, generator) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "generator": generator.get_state(),
+        "step": step,
+        "log": log,
+    }
+    cache.atomic_write(state_path, lambda tmp: torch.save(state, tmp))
+
+
+def train_series(
+    model_cfg,
+    corpus_cfg,
+    folder: Path,
+    data_dir: Path,
+    device: torch.device,
+    progress: bool = True,
+    variant: str = "standard",
+) -> None:
+    """Train (or resume) the series into `folder`, saving each scheduled checkpoint and the trainer state
+    beside it, then the training log and the completion marker."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    train = model_cfg.train
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".*.tmp"):  # left by a killed job (we hold the folder's lock)
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    save_dtype = getattr(torch, str(train.save_dtype))
+    total, saves = int(train.steps), set(checkpoint_steps(train))
+    tokenizer, train_ids, heldout_ids = _tokens(model_cfg, corpus_cfg, folder, data_dir, variant)
+    trainer = build_trainer(model_cfg, device)
+    model = trainer[0]
+    state_path = folder / STATE_FILE
+    start, log = _resume(state_path, device, *trainer)
+    if start == 0 and 0 in saves:
         _save_checkpoint(model, tokenizer, folder, 0, save_dtype)
 
     data = torch.from_numpy(train_ids.astype(np.int64))
     logger.info("training the tiny series in %s: steps %d..%d of %d", folder, start + 1, total, total)
     model.train()
     began = time.perf_counter()
-    bar = tqdm(
-        range(start + 1, total + 1),
-        desc="train tiny GPT-NeoX",
-        unit="step",
-        disable=not progress,
-        initial=start,
-        total=total,
-    )
+    bar = tqdm(range(start + 1, total + 1), desc="train tiny GPT-NeoX", unit="step", disable=not progress,
+               initial=start, total=total)  # fmt: skip
     for step in bar:
-        offsets = torch.randint(0, len(data) - seq_len - 1, (batch,), generator=generator)
-        inputs = torch.stack([data[o : o + seq_len] for o in offsets.tolist()]).to(device)
-        loss = model(input_ids=inputs, labels=inputs).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), float(train.grad_clip))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()
-        log.append({"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0]})
-        progress_report("train", step, {"loss": loss_value, "lr": log[-1]["lr"]})
-        bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+        log.append({"step": step, **train_step(*trainer, data, train, device)})
+        progress_report("train", step, {"loss": log[-1]["loss"], "lr": log[-1]["lr"]})
+        bar.set_postfix(loss=f"{log[-1]['loss']:.3f}", refresh=False)
         if step in saves:
             _save_checkpoint(model, tokenizer, folder, step, save_dtype)
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "generator": generator.get_state(),
-                "step": step,
-                "log": log,
-            }
-            cache.atomic_write(state_path, lambda tmp, state=state: torch.save(state, tmp))
+            _save_state(state_path, step, log, *trainer)
     bar.close()
     elapsed = time.perf_counter() - began
-    trained_tokens = (total - start) * batch * seq_len
+    trained_tokens = (total - start) * int(train.batch_size) * int(train.seq_len)
+    _write_completion(model_cfg, corpus_cfg, folder, variant, log, (train_ids, heldout_ids),
+                      trained_tokens / elapsed if elapsed > 0 else None, device)  # fmt: skip
+    state_path.unlink(missing_ok=True)
+
+
+def _write_completion(model_cfg, corpus_cfg, folder: Path, variant: str, log: list[dict], token_ids,
+                      tokens_per_second: float | None, device) -> None:  # fmt: skip
+    """The training log, then the marker that says the series is complete (with its summary)."""
+    train = model_cfg.train
     cache.write_text(
         folder / TRAIN_LOG,
         "step,loss,lr\n" + "".join(f"{r['step']},{r['loss']:.6f},{r['lr']:.8g}\n" for r in log),
@@ -315,14 +350,13 @@ def train_series(
         "fingerprint": series_fingerprint(model_cfg, corpus_cfg, variant),
         "steps": checkpoint_steps(train),
         "final_train_loss": log[-1]["loss"] if log else None,
-        "train_tokens": len(train_ids),
-        "heldout_tokens": len(heldout_ids),
-        "tokens_per_second": trained_tokens / elapsed if elapsed > 0 else None,
+        "train_tokens": len(token_ids[0]),
+        "heldout_tokens": len(token_ids[1]),
+        "tokens_per_second": tokens_per_second,
         "device": str(device),
         "config": {
             "architecture": OmegaConf.to_container(model_cfg.architecture, resolve=True),
             "train": OmegaConf.to_container(train, resolve=True),
         },
     }
-    state_path.unlink(missing_ok=True)
     cache.write_text(folder / COMPLETE_MARKER, json.dumps(summary, indent=1))

@@ -52,10 +52,15 @@ class EvaluationPlan:
     cka_sequences: int
     seed: int
 
-    def cache_key(self, series_identity: str, data_digest: str, final_content: str) -> str:
+    def cache_key(self, series_identity: str, data_digest: str, final_content: str,
+                  family: Family | None = None) -> str:  # fmt: skip
+        """The records' folder: the series, the scored data, the final checkpoint's content, the settings
+        and, where the stability stage reads the model through its family, that family's own code."""
         fields = asdict(self)
         del fields["steps"], fields["device"], fields["batch_size"]
         fields["final_step"] = self.steps[-1]
+        if "stability" in self.stages:
+            fields["family"] = cache.family_version(family)
         return cache.cache_key("evaluate", series=series_identity, data=data_digest, final=final_content,
                                **fields)  # fmt: skip
 
@@ -189,7 +194,8 @@ def evaluate(series: CheckpointSeries, plan: EvaluationPlan, cfg, cache_dir: Pat
     if batch is not None:
         digest.update(batch.tobytes())
     contents = {step: series.checkpoint_content_id(step) for step in plan.steps}
-    folder = Path(cache_dir) / plan.cache_key(series.identity, digest.hexdigest(), contents[plan.steps[-1]])
+    folder = Path(cache_dir) / plan.cache_key(series.identity, digest.hexdigest(), contents[plan.steps[-1]],
+                                              family)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = [plan.steps[-1], *plan.steps[:-1]] if batch is not None else list(plan.steps)
     with cache.producing(folder, f"the evaluation of {series.identity}"):
@@ -205,6 +211,7 @@ def evaluate(series: CheckpointSeries, plan: EvaluationPlan, cfg, cache_dir: Pat
 def _evaluate_steps(series, plan, folder, order, contents, windows, examples, batch, pad_id, family,
                     progress) -> dict[int, dict]:  # fmt: skip
     """Each step's record: read back when it was made from the same checkpoint content, else scored."""
+    inputs = ScoringInputs(windows, examples, None if batch is None else torch.as_tensor(batch), pad_id)
     reference = None
     records: dict[int, dict] = {}
     for step in tqdm(order, desc="evaluate checkpoints", unit="step", disable=not progress):
@@ -214,30 +221,58 @@ def _evaluate_steps(series, plan, folder, order, contents, windows, examples, ba
             records[step] = found
             continue
         model = load_model(series, step, plan)
-        record: dict = {"step": step, "content": contents[step],
-                        "n_layers": model.config.num_hidden_layers,
-                        "n_heads": model.config.num_attention_heads}  # fmt: skip
-        if "perplexity" in plan.stages:
-            record["perplexity"] = token_perplexity(model, windows, plan.batch_size)
-        if "lambada" in plan.stages:
-            record.update(lambada_scores(model, examples, plan.batch_size, pad_id))
-        if batch is not None:
-            record.update(weight_ranks(model, family))
-            acts = activations(model, torch.as_tensor(batch), plan.batch_size, family)
-            if reference is None:
-                reference = _final_activations(folder, acts if step == plan.steps[-1] else None)
-            if reference is None:  # saved by an earlier run, now missing or damaged: compute it again
-                final_model = load_model(series, plan.steps[-1], plan)
-                fresh = activations(final_model, torch.as_tensor(batch), plan.batch_size, family)
-                reference = _final_activations(folder, fresh)
-                del final_model
-            for kind, per_layer in acts.items():
-                for layer, matrix in enumerate(per_layer):
-                    record[f"cka_{kind}.{layer}"] = stability.linear_cka(matrix, reference[kind][layer])
+        acts = None if batch is None else activations(model, inputs.batch, plan.batch_size, family)
+        if acts is not None and reference is None:
+            final = acts if step == plan.steps[-1] else None
+            reference = _reference_activations(series, plan, folder, final, inputs.batch, family)
+        record = {"step": step, "content": contents[step],
+                  **score_checkpoint(model, plan, inputs, family, acts, reference)}  # fmt: skip
         del model
         cache.write_json(path, record)
         records[step] = record
     return records
+
+
+@dataclass(frozen=True)
+class ScoringInputs:
+    """What every checkpoint is scored on: token windows, LAMBADA examples, the CKA batch."""
+
+    windows: torch.Tensor
+    examples: list
+    batch: torch.Tensor | None
+    pad_id: int
+
+
+Activations = dict[str, list[torch.Tensor]]
+
+
+def score_checkpoint(model, plan: EvaluationPlan, inputs: ScoringInputs, family: Family | None,
+                     acts: Activations | None, reference: Activations | None) -> dict:  # fmt: skip
+    """One checkpoint's evaluation record: the plan's stages on the fixed inputs (CKA of its activations
+    `acts` against the final checkpoint's, `reference`)."""
+    record: dict = {"n_layers": model.config.num_hidden_layers, "n_heads": model.config.num_attention_heads}
+    if "perplexity" in plan.stages:
+        record["perplexity"] = token_perplexity(model, inputs.windows, plan.batch_size)
+    if "lambada" in plan.stages:
+        record.update(lambada_scores(model, inputs.examples, plan.batch_size, inputs.pad_id))
+    if acts is not None and reference is not None:
+        record.update(weight_ranks(model, family))
+        for kind, per_layer in acts.items():
+            for layer, matrix in enumerate(per_layer):
+                record[f"cka_{kind}.{layer}"] = stability.linear_cka(matrix, reference[kind][layer])
+    return record
+
+
+def _reference_activations(series, plan, folder: Path, final: Activations | None, batch: torch.Tensor,
+                           family) -> Activations:  # fmt: skip
+    """The final checkpoint's activations: `final` when this is the final step (then saved), else read
+    back, else (missing or damaged) computed again from the final checkpoint."""
+    reference = _final_activations(folder, final)
+    if reference is None:
+        final_model = load_model(series, plan.steps[-1], plan)
+        reference = _final_activations(folder, activations(final_model, batch, plan.batch_size, family))
+        del final_model
+    return reference
 
 
 def _series_heldout(series: CheckpointSeries) -> np.ndarray | None:
