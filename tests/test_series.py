@@ -155,5 +155,5 @@ def test_a_new_source_is_one_registered_function(tmp_path, compose_config, monke
     outcome = run(cfg, output_dir=tmp_path / "out")
     assert outcome.tags["garden.series"] == memory.identity and outcome.tags["garden.family"] == "gpt_neox"
     assert list(outcome.trajectory.steps) == [0, 1, 2, 4, 8]
-    with pytest.raises(GardenError, match=r"model.source='nowhere' is not a known source; valid: .*memory"):
+    with pytest.raises(GardenError, match=r"model.source='nowhere' is not valid; valid: .*memory"):
         run(compose_config("model=local", "model.source=nowhere", *where), output_dir=tmp_path / "o2")

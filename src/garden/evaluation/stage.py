@@ -1,8 +1,5 @@
-"""The evaluation stage: load each selected checkpoint once, run every requested measure on it.
-
-Stages: `perplexity` (held-out token perplexity), `lambada` (last-word log-likelihood and accuracy),
-`stability` (PER of each MLP output weight and each head's OV circuit, and linear CKA of every layer's
-attention and MLP output against the final checkpoint on a fixed batch, last token only). Each finished
+"""The evaluation pass: load each selected checkpoint once, run every requested stage on it
+(garden.evaluation.scorers registers the stages). Each finished
 step is cached (one JSON per step, plus the final checkpoint's activations), so reruns and interrupted
 runs pick up where they stopped. The cache folder's key covers the plan, the evaluation data, the final
 checkpoint's content and the scorers' code (`garden.cache`); each step's record also names its own
@@ -23,19 +20,20 @@ from tqdm.auto import tqdm
 
 from garden import cache, families
 from garden.errors import GardenError
-from garden.evaluation import data, stability
-from garden.evaluation.perplexity import (
-    encode_lambada,
-    lambada_scores,
-    model_max_length,
-    token_perplexity,
-    token_windows,
+from garden.evaluation import data
+from garden.evaluation.perplexity import encode_lambada, model_max_length, token_windows
+from garden.evaluation.scorers import (
+    STAGES,
+    Activations,
+    Checkpoint,
+    ScoringInputs,
+    activations,
+    score_checkpoint,
 )
 from garden.families import Family
 from garden.schedule import select_steps
 from garden.series import CheckpointSeries
 
-STAGES = ("perplexity", "lambada", "stability")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -71,9 +69,7 @@ def plan_evaluation(cfg, available_steps: list[int]) -> EvaluationPlan | None:
     stages = tuple(ev.stages or ())
     if not stages:
         return None
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise GardenError(f"unknown evaluation stage(s) {unknown}; valid: {', '.join(STAGES)}")
+    STAGES.check(stages)
     if str(ev.dtype) not in DTYPES:
         raise GardenError(f"evaluation.dtype={ev.dtype!r} is not valid; valid: {', '.join(DTYPES)}")
     for name in ("batch_size", "seq_len", "max_windows"):
@@ -211,7 +207,8 @@ def evaluate(series: CheckpointSeries, plan: EvaluationPlan, cfg, cache_dir: Pat
 def _evaluate_steps(series, plan, folder, order, contents, windows, examples, batch, pad_id, family,
                     progress) -> dict[int, dict]:  # fmt: skip
     """Each step's record: read back when it was made from the same checkpoint content, else scored."""
-    inputs = ScoringInputs(windows, examples, None if batch is None else torch.as_tensor(batch), pad_id)
+    inputs = ScoringInputs(windows, examples, None if batch is None else torch.as_tensor(batch), pad_id,
+                           plan.batch_size)
     reference = None
     records: dict[int, dict] = {}
     for step in tqdm(order, desc="evaluate checkpoints", unit="step", disable=not progress):
@@ -225,42 +222,13 @@ def _evaluate_steps(series, plan, folder, order, contents, windows, examples, ba
         if acts is not None and reference is None:
             final = acts if step == plan.steps[-1] else None
             reference = _reference_activations(series, plan, folder, final, inputs.batch, family)
-        record = {"step": step, "content": contents[step],
-                  **score_checkpoint(model, plan, inputs, family, acts, reference)}  # fmt: skip
+        checkpoint = Checkpoint(model, family, acts, reference)
+        scores = score_checkpoint(checkpoint, plan.stages, inputs)
+        record = {"step": step, "content": contents[step], **scores}
         del model
         cache.write_json(path, record)
         records[step] = record
     return records
-
-
-@dataclass(frozen=True)
-class ScoringInputs:
-    """What every checkpoint is scored on: token windows, LAMBADA examples, the CKA batch."""
-
-    windows: torch.Tensor
-    examples: list
-    batch: torch.Tensor | None
-    pad_id: int
-
-
-Activations = dict[str, list[torch.Tensor]]
-
-
-def score_checkpoint(model, plan: EvaluationPlan, inputs: ScoringInputs, family: Family | None,
-                     acts: Activations | None, reference: Activations | None) -> dict:  # fmt: skip
-    """One checkpoint's evaluation record: the plan's stages on the fixed inputs (CKA of its activations
-    `acts` against the final checkpoint's, `reference`)."""
-    record: dict = {"n_layers": model.config.num_hidden_layers, "n_heads": model.config.num_attention_heads}
-    if "perplexity" in plan.stages:
-        record["perplexity"] = token_perplexity(model, inputs.windows, plan.batch_size)
-    if "lambada" in plan.stages:
-        record.update(lambada_scores(model, inputs.examples, plan.batch_size, inputs.pad_id))
-    if acts is not None and reference is not None:
-        record.update(weight_ranks(model, family))
-        for kind, per_layer in acts.items():
-            for layer, matrix in enumerate(per_layer):
-                record[f"cka_{kind}.{layer}"] = stability.linear_cka(matrix, reference[kind][layer])
-    return record
 
 
 def _reference_activations(series, plan, folder: Path, final: Activations | None, batch: torch.Tensor,
@@ -308,45 +276,6 @@ def _final_activations(folder: Path, fresh: dict | None) -> dict[str, list[torch
         return out
 
     return cache.read_or_none(path, load, "evaluation record")
-
-
-def weight_ranks(model, family: Family) -> dict[str, float]:
-    """PER and condition number of each block's MLP output weight; PER of each head's OV circuit (each
-    query head with its key/value group's W_V, as the family gives them)."""
-    out: dict[str, float] = {}
-    for i, block in enumerate(family.blocks(model)):
-        s = torch.linalg.svdvals(family.mlp_output(block).weight.detach().double().cpu())
-        out[f"per_mlp.{i}"] = stability.proportional_effective_rank(s)
-        out[f"cond_mlp.{i}"] = stability.condition_number(s)
-        heads = stability.ov_singular_values(family.ov_circuits(block, model.config))
-        values = [stability.proportional_effective_rank(s_h) for s_h in heads]
-        for h, value in enumerate(values):
-            out[f"per_ov.{i}.{h}"] = value
-        out[f"per_ov.{i}"] = float(np.mean(values))
-        out[f"cond_ov.{i}"] = float(np.median([stability.condition_number(s_h) for s_h in heads]))
-    return out
-
-
-@torch.inference_mode()
-def activations(model, batch: torch.Tensor, batch_size: int, family: Family) -> dict[str, list[torch.Tensor]]:
-    """Last-token outputs of every block's attention output projection and MLP output projection."""
-    device = next(model.parameters()).device
-    captured: dict[str, list[list[torch.Tensor]]] = {"attn": [], "mlp": []}
-    hooks = []
-    for block in family.blocks(model):
-        for kind, module in (("attn", family.attention_output(block)), ("mlp", family.mlp_output(block))):
-            store: list[torch.Tensor] = []
-            captured[kind].append(store)
-            hooks.append(
-                module.register_forward_hook(lambda _m, _i, out, s=store: s.append(out[:, -1].float().cpu()))
-            )
-    try:
-        for start in range(0, len(batch), batch_size):
-            model(input_ids=batch[start : start + batch_size].to(device))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return {kind: [torch.cat(parts) for parts in layers] for kind, layers in captured.items()}
 
 
 def stable_from(steps: np.ndarray, values: np.ndarray, threshold: float) -> float | None:

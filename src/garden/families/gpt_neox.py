@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 
 from garden.errors import GardenError
-from garden.families import Family, TensorSpec, register
+from garden.families.base import Family, TensorSpec, register
 
 QKV = "gpt_neox.layers.{index}.attention.query_key_value.weight"
 WHICH = {"attn_q": 0, "attn_k": 1, "attn_v": 2}

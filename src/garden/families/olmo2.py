@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from garden.families import Family, TensorSpec, register
+from garden.families.base import Family, TensorSpec, register
 
 PROJ = "model.layers.{index}.self_attn.{which}_proj.weight"
 

@@ -11,7 +11,7 @@ import itertools
 import numpy as np
 import pandas as pd
 
-from garden.metrics import MetricContext, MetricResult, register_metric
+from garden.metrics.registry import MetricContext, MetricResult, register_metric
 from garden.trajectory import Trajectory
 
 

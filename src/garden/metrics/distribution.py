@@ -9,7 +9,7 @@ from __future__ import annotations
 import diptest
 import numpy as np
 
-from garden.metrics import MetricContext, MetricResult, register_metric
+from garden.metrics.registry import MetricContext, MetricResult, register_metric
 from garden.trajectory import Trajectory, sarle_bimodality
 
 MOMENT_COLUMNS = ("mean", "std", "rms", "skewness", "kurtosis", "min", "max")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from garden.errors import GardenError
-from garden.metrics import MetricContext, MetricResult, register_metric
+from garden.metrics.registry import MetricContext, MetricResult, register_metric
 from garden.trajectory import Trajectory
 
 BIFURCATION_CRITERIA = ("bimodality_coefficient", "dip", "ashman_d")

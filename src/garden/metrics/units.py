@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from garden.metrics import MetricContext, MetricResult, register_metric
 from garden.metrics.events import onset_index
+from garden.metrics.registry import MetricContext, MetricResult, register_metric
 from garden.trajectory import Trajectory, UnitTrajectory
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from garden.errors import GardenError
-from garden.sources import register
+from garden.sources.registry import register
 
 
 def hub_repo(cfg: DictConfig) -> str:

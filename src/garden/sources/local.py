@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from garden import families
 from garden.errors import GardenError
 from garden.series import LocalSeries
-from garden.sources import CONTENT_IDS, register
+from garden.sources.registry import CONTENT_IDS, register
 
 
 @register("local")

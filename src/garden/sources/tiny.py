@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from garden.families import Revision
 from garden.series import TRAIN_LOG, LocalSeries
-from garden.sources import CONTENT_IDS, register
+from garden.sources.registry import CONTENT_IDS, register
 
 log = logging.getLogger("garden")
 

@@ -9,30 +9,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from garden.errors import GardenError
-
-#: task name -> the job: run(cfg, output_dir) -> its outcome (RunOutcome, or None when nothing is analysed)
-TASKS: dict[str, Callable] = {}
-
-
-def register(name: str):
-    def decorate(job: Callable):
-        TASKS[name] = job
-        return job
-
-    return decorate
+from garden.tasks import cooccurrence, dynamics  # noqa: F401  (they register the tasks)
+from garden.tasks.registry import TASKS
 
 
 def task_of(cfg: DictConfig) -> Callable:
-    name = cfg.get("task", "dynamics")
-    if name not in TASKS:
-        raise GardenError(f"task={name!r} is not valid; valid: {', '.join(TASKS)}")
-    return TASKS[name]
+    return TASKS.resolve(cfg.get("task", "dynamics"))
 
 
 def run(cfg: DictConfig, output_dir: Path | None = None):
     """The job `cfg.task` names."""
     return task_of(cfg)(cfg, output_dir)
-
-
-from garden.tasks import cooccurrence, dynamics  # noqa: E402,F401  (registers the tasks)

@@ -11,8 +11,8 @@ from omegaconf import DictConfig, open_dict
 from garden import cache
 from garden.errors import GardenError
 from garden.record import SUMMARY, aligned_rows, markdown_rows, run_params
-from garden.tasks import register
 from garden.tasks.dynamics import RunOutcome, output_folder, run_dynamics
+from garden.tasks.registry import register
 from garden.tracking import MlflowTracker, with_swept_overrides
 from garden.validation import check_config, check_environment
 

@@ -41,7 +41,7 @@ from garden.series import (
     missing_tensor_error,
 )
 from garden.sources import open_series, source_of
-from garden.tasks import register
+from garden.tasks.registry import register
 from garden.tracking import MlflowTracker, with_swept_overrides
 from garden.trajectory import Trajectory
 from garden.validation import check_config
