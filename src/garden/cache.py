@@ -39,7 +39,13 @@ T = TypeVar("T")
 #: The source each cache's records are produced by. A change to any of it changes the cache's keys.
 PRODUCERS: dict[str, tuple[str, ...]] = {
     "tiny": ("garden.tiny", "garden.corpus", "garden.schedule"),
-    "extract": ("garden.extract", "garden.dip", "garden.dip_kernels"),
+    "extract": (
+        "garden.extract.kernel",
+        "garden.extract.records",
+        "garden.extract.plan",
+        "garden.dip",
+        "garden.dip_kernels",
+    ),
     "evaluate": (
         "garden.evaluation.stage",
         "garden.evaluation.perplexity",
