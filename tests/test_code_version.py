@@ -166,9 +166,26 @@ def test_a_refactor_of_a_loop_that_only_drives_keeps_every_key(compose_config, e
     assert _keys(compose_config) == before
 
 
+def test_a_refactor_of_the_extraction_step_loop_keeps_every_key(compose_config, edited):
+    """garden.extract.stream walks the steps (reuse, compute, exclude, prefetch) and decides no number."""
+    assert not any(p.startswith("garden.extract.stream") for p in cache.PRODUCERS["extract"])
+    before = _keys(compose_config)
+
+    def refactor(text: str) -> str:
+        old = "planned, reusable = _planned_reads(series, plan, folder, ref_fp)"
+        assert old in text
+        return text.replace(old, "reads_planned = _planned_reads(series, plan, folder, ref_fp)\n"
+                                 "    planned, reusable = reads_planned[0], reads_planned[1]")  # fmt: skip
+
+    edited({"garden.extract.stream": refactor})
+    assert _keys(compose_config) == before
+
+
 COMPUTATION_EDITS = [
     # (module, old text, new text, the keys that must change)
     ("garden.dip_kernels", "best = 1.0", "best = 2.0", {"extract"}),  # a kernel constant
+    ("garden.extract.kernel", "frac = (rank - before + 0.5)", "frac = (rank - before + 0.25)", {"extract"}),
+    ("garden.extract.records", '"trajectories"', '"trajectory"', {"extract"}),  # a record's field
     ("garden.tiny", "0.5 * (1.0 + math.cos", "0.4 * (1.0 + math.cos", {"tiny"}),  # the learning rule
     ("garden.tiny", "eps=1e-8", "eps=1e-6", {"tiny"}),  # the optimizer
     ("garden.evaluation.perplexity", 'reduction="sum"', 'reduction="mean"',  # a scorer

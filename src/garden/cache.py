@@ -53,7 +53,18 @@ PRODUCERS: dict[str, tuple[str, ...]] = {
         "garden.corpus:read_tar_members",
         "garden.schedule:log_linear_schedule",
     ),
-    "extract": ("garden.extract", "garden.dip", "garden.dip_kernels"),
+    "extract": (
+        "garden.extract.kernel",
+        "garden.extract.records",
+        "garden.extract.plan:ExtractionPlan",
+        "garden.extract.plan:UNIT_STATS",
+        "garden.extract.plan:SPLIT_FIELDS",
+        "garden.extract.plan:_unit_axis_setting",
+        "garden.extract.plan:check_shape",
+        "garden.extract.plan:check_finite",
+        "garden.dip",
+        "garden.dip_kernels",
+    ),
     # The family's own module is added per family (family_version): a new family retires nothing.
     "evaluate": (
         "garden.evaluation.perplexity",
@@ -106,6 +117,8 @@ NOT_PRODUCERS = (
     "garden.series",
     "garden.trajectory",
     "garden.corpus:fetch_sdist",
+    "garden.extract.plan:DIP_THREADS",  # how many threads compute the dips, not what they compute
+    "garden.extract.plan:EXCLUDE_HINT",  # the wording of an error
     "garden.corpus:text_content_id",
 )
 
