@@ -107,11 +107,11 @@ class RemoteFiles:
             return None
         key = self.revision_of(step)
         known = self.manifest.get("revisions", key)
-        if "weight_map" not in known:
-            path, _ = self.download(step, index, known["files"][index])
-            weight_map = formats.read_weight_map(path, step, index)
-            self.manifest.record("revisions", key, "weight_map", value=weight_map)
-        return known["weight_map"]
+        if "weight_map" in known:
+            return known["weight_map"]
+        path, _ = self.download(step, index, known["files"][index])
+        weight_map = formats.read_weight_map(path, step, index)
+        return self.manifest.record("revisions", key, "weight_map", value=weight_map)
 
     def locate(self, step: int, tensor: str) -> RemoteFile:
         """The file of the revision that holds `tensor`, preferring safetensors."""
