@@ -210,7 +210,7 @@ def read_tensor_file(
     """One tensor (in its stored dtype) out of a weight file on disk; errors name the step and the path.
     A `.bin` tensor stays on the file's memory map unless `own_memory` (a file in the Hugging Face cache
     may be replaced by a later download)."""
-    try:
+    with _failing_as(f"step {step}: cannot read {name!r} from {path}"):
         if fmt == "safetensors":
             with safe_open(str(path), framework="pt") as handle:
                 if name not in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
@@ -220,10 +220,6 @@ def read_tensor_file(
         if name not in state:
             raise missing_tensor_error(step, name, list(state))
         return state[name].clone() if own_memory else state[name]
-    except GardenError:
-        raise
-    except Exception as err:  # safetensors/torch raise several types for a corrupt file
-        raise GardenError(f"step {step}: cannot read {name!r} from {path}: {err}") from err
 
 
 def read_tensor_from(files: WeightFiles, tensor: str) -> torch.Tensor:
@@ -238,10 +234,9 @@ def tensor_content_id(files: WeightFiles, tensor: str) -> str:
     """A content id of a tensor: its dtype, shape and stored bytes. For safetensors only its byte range
     is hashed (located by the header, through a memory map), so it costs a fraction of reading it."""
     path = files.file_for(tensor)
-    try:
+    with _failing_as(f"step {files.step}: cannot read {tensor!r} from {path}"):
         if files.fmt == "safetensors":
-            with file_reader(path) as (read, size):
-                header = safetensors_header(read, size, files.step, path)
+            header, size = _header_on_disk(files.step, path)
             if tensor not in header:
                 raise missing_tensor_error(files.step, tensor, files.tensor_names())
             first, stop = safetensors_extent(header, tensor, size, files.step, path)
@@ -250,10 +245,6 @@ def tensor_content_id(files: WeightFiles, tensor: str) -> str:
         value = read_tensor_from(files, tensor).contiguous()
         data = content_hash(value.view(-1).view(torch.uint8).numpy().data)
         return content_hash(f"{value.dtype}|{list(value.shape)}|{data}".encode())
-    except GardenError:
-        raise
-    except Exception as err:
-        raise GardenError(f"step {files.step}: cannot read {tensor!r} from {path}: {err}") from err
 
 
 def tensor_shape(files: WeightFiles, name: str) -> tuple[int, ...] | None:
@@ -261,26 +252,34 @@ def tensor_shape(files: WeightFiles, name: str) -> tuple[int, ...] | None:
     path = files.file_for(name)
     if path is None:
         return None
-    try:
+    with _failing_as(f"step {files.step}: cannot read the shape of {name!r} from {path}"):
         if files.fmt == "safetensors":
-            with file_reader(path) as (read, size):
-                header = safetensors_header(read, size, files.step, path)
+            header, _ = _header_on_disk(files.step, path)
             return tuple(header[name]["shape"]) if name in header_names(header) else None
         tensor = load_bin(path).get(name)
         return None if tensor is None else tuple(tensor.shape)
-    except GardenError:
-        raise
-    except Exception as err:
-        raise GardenError(f"step {files.step}: cannot read the shape of {name!r} from {path}: {err}") from err
 
 
 def _read_names(step: int, fmt: str, path: Path) -> list[str]:
-    try:
+    with _failing_as(f"step {step}: cannot read {path}"):
         if fmt == "safetensors":
-            with file_reader(path) as (read, size):
-                return header_names(safetensors_header(read, size, step, path))
+            return header_names(_header_on_disk(step, path)[0])
         return list(load_bin(path).keys())
+
+
+def _header_on_disk(step: int, path: Path) -> tuple[dict, int]:
+    """The safetensors header of a file on disk, and the file's size."""
+    with file_reader(path) as (read, size):
+        return safetensors_header(read, size, step, path), size
+
+
+@contextmanager
+def _failing_as(what: str) -> Iterator[None]:
+    """Any error of reading a file as a GardenError that says `what` was read (safetensors and torch raise
+    several types for a corrupt file); garden's own errors already say it."""
+    try:
+        yield
     except GardenError:
         raise
-    except Exception as err:  # safetensors/torch raise several types for a corrupt file
-        raise GardenError(f"step {step}: cannot read {path}: {err}") from err
+    except Exception as err:
+        raise GardenError(f"{what}: {err}") from err
