@@ -1,5 +1,11 @@
 """The wire: one repository's server, asked with retries and answered in words a garden user can act on.
 
+Any Hub-API server is met as it is: a server (mirror, proxy) that answers a range request with the whole
+body (HTTP 200) is read up to the bytes needed and closed; 4xx answers fail at once naming the
+repository, step and file; connection errors, timeouts, 429/5xx and short bodies are retried with
+backoff; a body that cannot be right (offsets beyond the size the server listed, another range than
+asked) fails at once naming the step.
+
 Laid out as huggingface_hub's own `utils/_http.py` is: a backoff loop (`HubTransport.call`, its
 `http_backoff`) and a translation of error answers (`HubTransport.explain`, on top of its
 `hf_raise_for_status`, which gives the typed errors). huggingface_hub's loop is not used as it is: it
