@@ -88,17 +88,22 @@ PRODUCERS: dict[str, tuple[str, ...]] = {
     # Only the functions that turn a remote file's bytes into a tensor: the rest of garden.hub (retries,
     # manifests) can change without re-downloading gigabytes of unchanged tensors.
     "hub_tensor": (
-        "garden.hub:HubSeries._header",
-        "garden.hub:HubSeries._fetch_tensor",
-        "garden.hub:HubSeries._range_read_tensor",
-        "garden.hub:HubSeries._range_read_bin_tensor",
-        "garden.hub:HubSeries._with_zip_reader",
-        "garden.hub:HubSeries._range",
-        "garden.hub:_slice_of",
-        "garden.hub:_check_content_range",
-        "garden.hub:HEADER_PROBE",
-        "garden.hub:SAFETENSORS_DTYPES",
-        "garden.hub:RemoteFile",
+        "garden.formats:safetensors_header",
+        "garden.formats:safetensors_extent",
+        "garden.formats:safetensors_tensor",
+        "garden.formats:bin_layout",
+        "garden.formats:bin_tensor",
+        "garden.formats:load_bin",
+        "garden.formats:read_tensor_file",
+        "garden.formats:header_names",
+        "garden.formats:HEADER_PROBE",
+        "garden.formats:SAFETENSORS_DTYPES",
+        "garden.hub.transport:_check_content_range",
+        "garden.hub.series:HubSeries._fetch_tensor",
+        "garden.hub.ranges:RangeReader.tensor",
+        "garden.hub.ranges:RangeReader.reader",
+        "garden.hub.transport:HubTransport.read_range",
+        "garden.hub.transport:slice_of",
         "garden.torchzip",
     ),
 }
@@ -119,6 +124,8 @@ NOT_PRODUCERS = (
     "garden.corpus:fetch_sdist",
     "garden.extract.plan:DIP_THREADS",  # how many threads compute the dips, not what they compute
     "garden.extract.plan:EXCLUDE_HINT",  # the wording of an error
+    "garden.formats:missing_tensor_error",  # the wording of an error
+    "garden.formats:_failing_as",  # the wording of an error
     "garden.corpus:text_content_id",
 )
 

@@ -11,146 +11,28 @@ import hashlib
 import inspect
 import json
 import re
-import struct
-import zipfile
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from garden import families
-from garden.cache import ContentMemo, content_hash, file_content_id
+from garden import families, formats
+from garden.cache import ContentMemo, file_content_id
 from garden.errors import GardenError
 from garden.families import Revision, TensorSpec
+from garden.formats import (  # the checkpoint formats, shared with the Hub source
+    WeightFiles,
+    find_weight_files,
+    missing_tensor_error,
+    read_tensor_from,
+    tensor_content_id,
+)
 
 BLOCK_TENSOR = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-SAFETENSORS = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-BIN = "pytorch_model.bin"
-BIN_INDEX = "pytorch_model.bin.index.json"
-
-
-@dataclass(frozen=True)
-class WeightFiles:
-    """How one checkpoint stores its weights: one file, or shards plus an index mapping names to shards."""
-
-    step: int
-    folder: Path
-    fmt: str  # "safetensors" | "bin"
-    files: tuple[Path, ...]
-    weight_map: dict[str, str] | None = None
-
-    def file_for(self, tensor: str) -> Path | None:
-        if self.weight_map is None:
-            return self.files[0]
-        shard = self.weight_map.get(tensor)
-        return None if shard is None else self.folder / shard
-
-    def tensor_names(self) -> list[str]:
-        if self.weight_map is not None:
-            return sorted(self.weight_map)
-        return sorted(_read_names(self.step, self.fmt, self.files[0]))
-
-
-def find_weight_files(step: int, folder: Path) -> WeightFiles:
-    """Detect the storage format of a step folder (Hugging Face naming), preferring safetensors."""
-    for index_name, fmt in ((SAFETENSORS_INDEX, "safetensors"), (BIN_INDEX, "bin")):
-        index_path = folder / index_name
-        if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise GardenError(f"step {step}: unreadable shard index {index_path}: {err}") from err
-            shards = tuple(folder / name for name in sorted(set(weight_map.values())))
-            missing = [str(p) for p in shards if not p.is_file()]
-            if missing:
-                raise GardenError(f"step {step}: shard index {index_path} names missing files {missing}")
-            return WeightFiles(step, folder, fmt, shards, weight_map)
-    for name, fmt in ((SAFETENSORS, "safetensors"), (BIN, "bin")):
-        if (folder / name).is_file():
-            return WeightFiles(step, folder, fmt, (folder / name,))
-    raise GardenError(
-        f"step {step}: no weights in {folder} (expected {SAFETENSORS}, {SAFETENSORS_INDEX} with shards, "
-        f"{BIN} or {BIN_INDEX} with shards)"
-    )
-
-
-def _read_names(step: int, fmt: str, path: Path) -> list[str]:
-    try:
-        if fmt == "safetensors":
-            with safe_open(str(path), framework="pt") as handle:
-                return list(handle.keys())
-        return list(load_bin(path).keys())
-    except GardenError:
-        raise
-    except Exception as err:  # safetensors/torch raise several types for a corrupt file
-        raise GardenError(f"step {step}: cannot read {path}: {err}") from err
-
-
-def load_bin(path: Path) -> dict[str, torch.Tensor]:
-    """Memory-map a zip-format checkpoint (tensors are paged in only when touched); a legacy (pre-zip)
-    one cannot be mapped and is read whole."""
-    mmap = zipfile.is_zipfile(path)
-    state = torch.load(str(path), map_location="cpu", mmap=mmap, weights_only=True)
-    if not isinstance(state, dict):
-        raise GardenError(f"{path} holds a {type(state).__name__}, not a state dict")
-    return state
-
-
-def read_tensor_from(files: WeightFiles, tensor: str) -> torch.Tensor:
-    """Read one tensor (in its stored dtype) from a checkpoint; errors name the step and the path."""
-    path = files.file_for(tensor)
-    if path is None:
-        raise missing_tensor_error(files.step, tensor, files.tensor_names())
-    try:
-        if files.fmt == "safetensors":
-            with safe_open(str(path), framework="pt") as handle:
-                if tensor not in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    raise missing_tensor_error(files.step, tensor, list(handle.keys()))
-                return handle.get_tensor(tensor)
-        state = load_bin(path)
-        if tensor not in state:
-            raise missing_tensor_error(files.step, tensor, list(state))
-        return state[tensor]
-    except GardenError:
-        raise
-    except Exception as err:
-        raise GardenError(f"step {files.step}: cannot read {tensor!r} from {path}: {err}") from err
-
-
-def tensor_content_id(files: WeightFiles, tensor: str) -> str:
-    """A content id of a tensor: its dtype, shape and stored bytes. For safetensors only its byte range
-    is hashed (located by the header, through a memory map), so it costs a fraction of reading it."""
-    path = files.file_for(tensor)
-    try:
-        if files.fmt == "safetensors":
-            with open(path, "rb") as handle:
-                (length,) = struct.unpack("<Q", handle.read(8))
-                entry = json.loads(handle.read(length)).get(tensor)
-            if entry is None:
-                raise missing_tensor_error(files.step, tensor, files.tensor_names())
-            begin, end = (8 + length + offset for offset in entry["data_offsets"])
-            data = file_content_id(path, begin, end)
-            return content_hash(f"{entry['dtype']}|{entry['shape']}|{data}".encode())
-        value = read_tensor_from(files, tensor).contiguous()
-        data = content_hash(value.view(-1).view(torch.uint8).numpy().data)
-        return content_hash(f"{value.dtype}|{list(value.shape)}|{data}".encode())
-    except GardenError:
-        raise
-    except Exception as err:
-        raise GardenError(f"step {files.step}: cannot read {tensor!r} from {path}: {err}") from err
-
-
-def missing_tensor_error(step: int, tensor: str, names: list[str]) -> GardenError:
-    listing = "\n  ".join(sorted(names))
-    return GardenError(f"step {step}: the checkpoint has no tensor {tensor!r}; it has:\n  {listing}")
 
 
 class CheckpointSeries(ABC):
@@ -371,21 +253,7 @@ class LocalSeries(CheckpointSeries):
 
     def tensor_shape(self, step: int, name: str) -> tuple[int, ...] | None:
         """From the safetensors header, or the memory-mapped `.bin`'s pickle (no values are read)."""
-        files = self.weight_files(step)
-        path = files.file_for(name)
-        if path is None:
-            return None
-        try:
-            if files.fmt == "safetensors":
-                with safe_open(str(path), framework="pt") as handle:
-                    keys = handle.keys()
-                    return tuple(handle.get_slice(name).get_shape()) if name in keys else None
-            tensor = load_bin(path).get(name)
-            return None if tensor is None else tuple(tensor.shape)
-        except GardenError:
-            raise
-        except Exception as err:
-            raise GardenError(f"step {step}: cannot read the shape of {name!r} from {path}: {err}") from err
+        return formats.tensor_shape(self.weight_files(step), name)
 
     def fingerprint(self, step: int, tensor: str) -> str:
         """A hash of the tensor's stored dtype, shape and bytes: its content, not its path or date."""
