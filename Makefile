@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast bench lint params repro compare ui plots-template clean
+.PHONY: install run test test-fast bench lint params settings repro compare ui plots-template clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ bench: install
 # The DVC study: params.yaml from conf/study.yaml (what `dvc exp run -S` composes), then every stage.
 params: install
 	$(PY) -m garden.stages params $(ARGS)
+
+# conf/settings.yaml and docs/settings.md from the settings' schema (src/garden/settings/schema.py).
+settings: install
+	$(PY) -m garden.settings yaml
+	$(PY) -m garden.settings docs
 
 repro: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro $(ARGS)

@@ -177,6 +177,14 @@ def compose_config():
     return _compose
 
 
+@pytest.fixture
+def compose_settings(compose_config):
+    """The composed config read into Settings (garden.settings.resolve), as a job starts."""
+    from garden.settings import resolve
+
+    return lambda *overrides: resolve(compose_config(*overrides))
+
+
 WORDS = (
     "the king and the queen walk in the garden of forking paths while the fool sings of rain "
     "and the lords argue over crowns swords letters and the long night"

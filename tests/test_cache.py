@@ -126,7 +126,7 @@ def test_an_extraction_follows_weights_copied_over_a_step(tmp_path):
 
 
 def test_evaluation_scores_again_a_checkpoint_whose_weights_were_replaced(
-    tmp_path, compose_config, small_corpus
+    tmp_path, compose_settings, small_corpus
 ):
     """Issue 11's probe: step0's weights copied over step2 (keeping the date); a rerun with the same
     data dir reports step 0's perplexity for step 2, as a fresh data dir would, not the cached one."""
@@ -146,7 +146,7 @@ def test_evaluation_scores_again_a_checkpoint_whose_weights_were_replaced(
         GPTNeoXForCausalLM(config).save_pretrained(root / f"step{step}")
         tokenizer.save_pretrained(root / f"step{step}")
     (tmp_path / "eval.txt").write_text(text[:20000])
-    cfg = compose_config(
+    cfg = compose_settings(
         "model=local", f"model.path={root}", "evaluation=perplexity", "evaluation.stages=[perplexity]",
         "evaluation.text.source=file", f"evaluation.text.path={tmp_path}/eval.txt", "evaluation.seq_len=16",
         "evaluation.max_windows=8", "evaluation.steps.select=all", f"paths.data_dir={tmp_path}/data",

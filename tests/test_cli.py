@@ -172,7 +172,7 @@ def test_bad_input_on_the_command_line_exits_non_zero_before_any_work(tmp_path, 
         (["model=local", "layer.tensor=nope"], "has no tensor 'nope'"),
         (["model=local", "metrics.names=[msd,entropy]"], "unknown metric"),
         (["model=local", "steps=list", "steps.values=[0,5]"], r"steps [5] are not in the series"),
-        (["model=local", "variant=filtered"], "valid: standard, deduped"),
+        (["model=local", "variant=filtered"], "variant='filtered' is not valid; valid: one of standard"),
         (["layer=mlp_out", "layer.index=9"], "valid layer.index is 0..3"),
     ],
 )
@@ -212,7 +212,7 @@ def test_corrupt_step_fails_the_run_naming_the_step(tmp_path, fork_series, compo
     broken = tmp_path / "broken"
     shutil.copytree(fork_series, broken)
     (broken / "step16" / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
-    with pytest.raises(GardenError, match=re.escape("step 16: cannot read")) as failed:
+    with pytest.raises(GardenError, match=re.escape("step 16: unreadable safetensors header")) as failed:
         run_in_process(compose_config, tmp_path, "model=local", f"model.path={broken}")
     assert str(broken / "step16") in str(failed.value)
     _, found = runs(tmp_path)  # found while looking for duplicated steps (before the run), or in the run

@@ -10,18 +10,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from garden import cooccurrence as co
-from garden.config import config_dir
 from garden.errors import GardenError
+from garden.settings import CooccurrenceSettings, read_section
 
 
-def settings(**overrides):
-    base = OmegaConf.load(config_dir() / "config.yaml").cooccurrence
-    base.seed = 0
-    base.update(overrides)
-    return base
+def settings(**overrides) -> CooccurrenceSettings:
+    """Paper 003's settings at their defaults (garden.settings.schema), some changed."""
+    return read_section(CooccurrenceSettings, overrides, "cooccurrence.")
 
 
 def test_class_proportions_are_exact_and_words_sit_where_they_should():
@@ -44,8 +41,8 @@ def test_class_proportions_are_exact_and_words_sit_where_they_should():
     # Every other position holds one of mu_4..mu_d: only the planted words are below index 3.
     assert ((tokens <= 2).sum(axis=1) == 1 + has1 + has2).all() and tokens.max() < 64
     assert (data.labels.numpy() == np.where(data.classes == "both", 1, -1)).all()
-    with pytest.raises(GardenError, match="multiple of 6"):
-        co.make_dataset(61, 5, 64, seed=0)
+    with pytest.raises(GardenError, match=r"cooccurrence.n=61 is not valid; valid: a positive multiple of 6"):
+        settings(n=61)
 
 
 def test_model_shapes_and_readout():
@@ -112,9 +109,9 @@ def test_descent_runs_on_one_thread_and_gives_back_the_callers_count(tmp_path, m
     "overrides, message",
     [
         (["experiment=cooccurrence", "cooccurrence.n=50"], "multiple of 6"),
-        (["experiment=cooccurrence", "cooccurrence.analyse_tensor=W_O"], "valid: W_Q, W_K, W_V, W"),
-        (["experiment=cooccurrence", "metrics.names=[msd,entropy]"], "unknown metric"),
-        (["task=sweep"], "valid: dynamics, cooccurrence"),
+        (["experiment=cooccurrence", "cooccurrence.analyse_tensor=W_O"], "valid: one of W_Q, W_K, W_V, W"),
+        (["experiment=cooccurrence", "metrics.names=[msd,entropy]"], "unknown metric(s): entropy"),
+        (["task=sweep"], "valid: one of dynamics, cooccurrence"),
     ],
 )
 def test_bad_cooccurrence_settings_fail_before_training(tmp_path, compose_config, overrides, message):

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from conftest import SHRUNK_TINY
+from garden.settings import resolve
 from garden.tiny import tiny_series_dir
 
 pytestmark = pytest.mark.slow
@@ -61,7 +63,7 @@ def study(tmp_path_factory, small_corpus):
 
 def tiny_folder(work: Path, variant: str) -> Path:
     """The keyed folder garden gives the study's tiny series of this variant (relative to `work`)."""
-    params = OmegaConf.load(work / "params.yaml")
+    params = resolve(OmegaConf.load(work / "params.yaml"))
     return tiny_series_dir(params.model, params.corpus, Path("study"), variant)
 
 
@@ -127,7 +129,7 @@ def test_a_matrix_item_trains_another_series_outside_the_outputs(tmp_path, monke
     from garden.stages import compose_study, sweep_config
 
     monkeypatch.chdir(tmp_path)
-    cfg = compose_study(SHRUNK_TINY)
+    cfg = resolve(compose_study(SHRUNK_TINY))
     item = sweep_config(cfg, "tiny", "deduped")
     deduped = tiny_series_dir(cfg.model, cfg.corpus, Path("study"), "deduped")
     assert item.model.path == str(Path("study") / "trained" / deduped.name)
@@ -206,7 +208,7 @@ def test_the_series_stage_links_the_tiny_series_the_cli_already_trained(tmp_path
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("GARDEN_DATA_DIR", raising=False)
-    cfg = stages.compose_study([*SHRUNK_TINY, "progress=false"])
+    cfg = resolve(stages.compose_study([*SHRUNK_TINY, "progress=false"]))
     name = tiny_series_dir(cfg.model, cfg.corpus, Path("study")).name
     trained = tmp_path / "data" / "series" / name
     (trained / "step0").mkdir(parents=True)
@@ -221,3 +223,37 @@ def test_the_series_stage_links_the_tiny_series_the_cli_already_trained(tmp_path
     linked = tmp_path / "study" / "series" / name / "step0" / "model.safetensors"
     assert linked.read_bytes() == b"weights"
     assert os.path.samefile(linked, trained / "step0" / "model.safetensors")  # a hard link, not a copy
+
+
+TRACED = ["corpus", "series", "extract", "metrics", "evaluate", "report"]
+
+
+@pytest.fixture(scope="module")
+def traced_stages(study, tmp_path_factory) -> dict[str, set[str]]:
+    """Each stage rerun (its outputs exist) in one process with every garden function call recorded:
+    {stage: the repository files a function of it ran in}."""
+    import garden
+
+    work, _, _ = study
+    stages = yaml.safe_load((work / "dvc.yaml").read_text())["stages"]
+    commands = [arg for stage in TRACED for arg in ("--", *stages[stage]["cmd"].split()[3:])]
+    record = tmp_path_factory.mktemp("trace") / "ran.json"
+    sh(work, sys.executable, str(ROOT / "tests" / "stage_trace.py"), str(record), *commands[1:])
+    source = Path(garden.__file__).resolve().parents[2]  # the checkout the stages imported garden from
+    return {
+        stage: {Path(f).resolve().relative_to(source).as_posix() for f in files
+                if Path(f).resolve().is_relative_to(source / "src")}
+        for stage, files in json.loads(record.read_text()).items()
+    }
+
+
+@pytest.mark.parametrize("stage", TRACED)
+def test_each_stage_depends_on_every_garden_module_it_runs(study, traced_stages, stage):
+    """dvc.yaml lists each stage's code deps by hand; they must cover every file a function ran in."""
+    work, _, _ = study
+    spec = yaml.safe_load((work / "dvc.yaml").read_text())["stages"][stage]
+    deps = [d if isinstance(d, str) else next(iter(d)) for d in spec["deps"]]
+    ran = traced_stages[stage]
+    assert any(f.startswith("src/garden/settings/") for f in ran)  # the trace saw the stage's own code
+    missing = sorted(f for f in ran if not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps))
+    assert not missing, f"dvc.yaml stage {stage!r}: add to deps {missing}"

@@ -83,16 +83,20 @@ def test_tensor_of_changing_size_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "override, message",
     [
-        ({"subsample": 1}, "subsample"),
-        ({"quantile_bins": 1000}, "multiple"),
-        ({"quantiles": (1.5,)}, r"\[0, 1\]"),
+        ("extract.subsample=1", r"extract.subsample=1 is not valid; valid: an integer >= 2 or null"),
+        ("extract.quantile_bins=1000", r"quantile_bins=1000 is not valid; valid: a multiple of extract.hist"),
+        (
+            "extract.quantiles=[0.5,1.5]",
+            r"quantiles=\[0.5, 1.5\] is not valid; valid: a list of numbers in \(0, 1\)",
+        ),
+        ("extract.n_trajectories=-1", r"n_trajectories=-1 is not valid; valid: an integer >= 0"),
     ],
 )
-def test_bad_extraction_settings(kwargs, message):
+def test_bad_extraction_settings(compose_settings, override, message):
     with pytest.raises(GardenError, match=message):
-        plan_for(**kwargs).validate()
+        compose_settings(override)
 
 
 # ------------------------------------------------------------------- bad values inside a checkpoint

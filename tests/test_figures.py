@@ -24,10 +24,10 @@ from garden.figures import (
 )
 from garden.metrics import compute_metrics
 from garden.metrics.diffusion import segmented_power_law
+from garden.settings import MetricSettings, read_section
 
 STEPS = [0, 1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192, 224, 256]
-SETTINGS = {"bimodality_threshold": 5 / 9, "dip_pvalue": 0.05, "ashman_d_threshold": 2.0, "seed": 0,
-            "bifurcation_criterion": "dip", "stationary_threshold": 0.05}  # fmt: skip
+SETTINGS = read_section(MetricSettings, {"bifurcation_criterion": "dip"}, "metrics.")  # thresholds at default
 
 
 def three_regimes(x: np.ndarray) -> np.ndarray:

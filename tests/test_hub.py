@@ -385,5 +385,6 @@ def test_a_missing_repository_fails_at_once(lfs_hub, tmp_path, compose_config):
 def test_deduped_variant_of_models_without_one_fails_at_once(tmp_path, compose_config, model):
     from test_cli import run_in_process
 
-    with pytest.raises(GardenError, match=f"model={model} has no deduped variant"):
+    refused = rf"variant='deduped' is not valid; valid: standard \(model={model} has no deduped variant\)"
+    with pytest.raises(GardenError, match=refused):
         run_in_process(compose_config, tmp_path, f"model={model}", "variant=deduped")

@@ -219,7 +219,7 @@ def test_olmo2_from_the_fake_hub_with_every_role(tmp_path, olmo2_hub_root, compo
 def test_a_role_without_a_family_fails_before_any_read(tmp_path, olmo2_series, compose_config):
     cfg = compose_config(*shrunk(tmp_path, "model=local", f"model.path={olmo2_series}",
                                  "model.family=llama"))  # fmt: skip
-    with pytest.raises(GardenError, match=r"model.family='llama' is not valid; valid: gpt_neox"):
+    with pytest.raises(GardenError, match=r"model.family='llama' is not valid; valid: one of gpt_neox, olmo"):
         run(cfg, output_dir=tmp_path / "out")
     bad = compose_config(*shrunk(tmp_path, "model=local", f"model.path={olmo2_series}",
                                  "model.revision_pattern='stage1-(\\d+)'"))  # fmt: skip

@@ -79,21 +79,25 @@ def test_corrupt_bin_names_the_step(tmp_path):
 
 
 def test_layer_resolution_and_index_range():
+    from garden.settings import LayerSettings, read_section
+
     block = {"name": "mlp_out", "role": "mlp_out", "index": 1, "tensor": None}
-    from omegaconf import OmegaConf
+
+    def layer(**changes) -> LayerSettings:
+        return read_section(LayerSettings, {**block, **changes}, "layer.")
 
     neox = families.get("gpt_neox")
-    resolved = resolve_layer(OmegaConf.create(block), neox, 2)
+    resolved = resolve_layer(layer(), neox, 2)
     assert resolved.tensor == "gpt_neox.layers.1.mlp.dense_4h_to_h.weight"
-    assert resolve_layer(OmegaConf.create({**block, "index": -1}), neox, 2).label == "mlp_out.1"
+    assert resolve_layer(layer(index=-1), neox, 2).label == "mlp_out.1"
     with pytest.raises(GardenError, match=r"layer.index=2 is out of range.*valid layer.index is 0..1"):
-        resolve_layer(OmegaConf.create({**block, "index": 2}), neox, 2)
-    exact = resolve_layer(OmegaConf.create({**block, "tensor": "W_V"}), None, None)
+        resolve_layer(layer(index=2), neox, 2)
+    exact = resolve_layer(layer(tensor="W_V"), None, None)
     assert (exact.tensor, exact.label) == ("W_V", "W_V")
     with pytest.raises(GardenError, match=r"layer=mlp_out needs the model family.*gpt_neox.*olmo2"):
-        resolve_layer(OmegaConf.create(block), None, 2)
-    with pytest.raises(GardenError, match=r"layer.role='mlp_gate' is not valid; valid: unembedding"):
-        resolve_layer(OmegaConf.create({**block, "role": "mlp_gate"}), neox, 2)
+        resolve_layer(layer(), None, 2)
+    with pytest.raises(GardenError, match=r"layer.role='mlp_gate' is not valid; valid: one of unembedding"):
+        layer(role="mlp_gate")
 
 
 def test_the_prefetcher_reads_ahead_in_order_and_holds_at_most_depth_tensors():

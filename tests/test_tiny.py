@@ -17,8 +17,11 @@ pytestmark = pytest.mark.slow
 
 
 def small_model(corpus, steps=12, interval=4):
-    model = OmegaConf.load(config_dir() / "model" / "tiny.yaml")
-    model.architecture.update(
+    """The tiny model and corpus settings, shrunk, as a job's Settings hold them."""
+    from garden.settings import CorpusSettings, ModelSettings, read_section
+
+    model = OmegaConf.to_container(OmegaConf.load(config_dir() / "model" / "tiny.yaml"))
+    model["architecture"].update(
         vocab_size=300,
         hidden_size=32,
         num_hidden_layers=2,
@@ -26,10 +29,10 @@ def small_model(corpus, steps=12, interval=4):
         intermediate_size=64,
         max_position_embeddings=32,
     )
-    model.train.update(steps=steps, interval=interval, batch_size=4, seq_len=16, seed=7)
-    corpus_cfg = OmegaConf.load(config_dir() / "corpus" / "shakespeare.yaml")
-    corpus_cfg.path = str(corpus)
-    return model, corpus_cfg
+    model["train"].update(steps=steps, interval=interval, batch_size=4, seq_len=16, seed=7)
+    corpus_cfg = OmegaConf.to_container(OmegaConf.load(config_dir() / "corpus" / "shakespeare.yaml"))
+    corpus_cfg["path"] = str(corpus)
+    return read_section(ModelSettings, model, "model."), read_section(CorpusSettings, corpus_cfg, "corpus.")
 
 
 def weights(folder, step):
@@ -143,15 +146,15 @@ def test_default_cli_on_a_shrunken_tiny_series(tmp_path, small_corpus, compose_c
     assert "click Model training" in said
 
 
-def test_the_series_key_follows_the_corpus_content_not_its_place(tmp_path, compose_config):
+def test_the_series_key_follows_the_corpus_content_not_its_place(tmp_path, compose_settings):
     from garden.tiny import series_fingerprint
 
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "text.txt").write_text("to be or not to be\n")
-    cfg = compose_config(f"corpus.path={tmp_path}/a")
+    cfg = compose_settings(f"corpus.path={tmp_path}/a")
     first = series_fingerprint(cfg.model, cfg.corpus)
     (tmp_path / "a").rename(tmp_path / "b")
-    moved = compose_config(f"corpus.path={tmp_path}/b")
+    moved = compose_settings(f"corpus.path={tmp_path}/b")
     assert series_fingerprint(moved.model, moved.corpus) == first
     (tmp_path / "b" / "text.txt").write_text("to be or not to be, that is the question\n")
     assert series_fingerprint(moved.model, moved.corpus) != first

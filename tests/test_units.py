@@ -195,22 +195,29 @@ def test_units_are_off_for_one_dimensional_tensors_and_when_asked(tmp_path):
 @pytest.mark.parametrize(
     "plan_args, shape, message",
     [
-        ({"unit_axis": 2}, (10, 10), r"extract.unit_axis=2 is not valid; valid: auto, 0, 1, null"),
         ({"unit_axis": 1}, (100,), r"needs a 2-D tensor.*valid for this tensor: auto, null"),
         ({"unit_axis": 0}, (100, 3), r"too few for a dip test"),
-        ({"unit_sample": 3}, (10, 10), r"unit_sample must be at least 4"),
+    ],
+)
+def test_a_unit_axis_the_tensor_cannot_have_fails_before_reading(plan_args, shape, message):
+    with pytest.raises(GardenError, match=message):
+        ExtractionPlan("w", (0, 1), 0, **plan_args).resolve_unit_axis(shape)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["extract.unit_axis=2"], r"extract.unit_axis=2 is not valid; valid: auto, 0, 1, null"),
+        (["extract.unit_sample=3"], r"extract.unit_sample=3 is not valid; valid: an integer >= 4"),
         (
-            {"unit_axis": 1, "subsample": 50},
-            (10, 10),
+            ["extract.unit_axis=1", "extract.subsample=50"],
             r"set extract.subsample=null or extract.unit_axis=null",
         ),
     ],
 )
-def test_bad_unit_settings_fail_before_reading(plan_args, shape, message):
+def test_bad_unit_settings_are_refused_by_the_schema(compose_settings, overrides, message):
     with pytest.raises(GardenError, match=message):
-        plan = ExtractionPlan("w", (0, 1), 0, **plan_args)
-        plan.validate()
-        plan.resolve_unit_axis(shape)
+        compose_settings(*overrides)
 
 
 def test_trajectory_with_units_survives_save_and_load(tmp_path):
@@ -257,20 +264,19 @@ def test_the_pass_on_cuda_gives_the_cpu_numbers(tmp_path):
         (["extract.unit_axis=2"], r"extract.unit_axis=2 is not valid; valid: auto, 0, 1, null"),
     ],
 )
-def test_bad_unit_settings_fail_before_training_or_reading(compose_config, tmp_path, overrides, message):
+def test_bad_unit_settings_fail_before_training_or_reading(compose_settings, tmp_path, overrides, message):
     from garden.tasks.dynamics import plan_dynamics
 
-    cfg = compose_config(f"paths.data_dir={tmp_path / 'data'}", *overrides)
     with pytest.raises(GardenError, match=message):
-        plan_dynamics(cfg)
+        plan_dynamics(compose_settings(f"paths.data_dir={tmp_path / 'data'}", *overrides))
     assert not (tmp_path / "data" / "series").exists()  # the tiny series' shapes come from its config
 
 
-def test_an_explicit_axis_is_checked_against_a_local_series_header(compose_config, tmp_path):
+def test_an_explicit_axis_is_checked_against_a_local_series_header(compose_settings, tmp_path):
     from conftest import write_series
     from garden.tasks.dynamics import plan_dynamics
 
     root = write_series(tmp_path / "s", {s: {"embed_out.weight": torch.zeros(100, 3)} for s in (0, 1)})
-    cfg = compose_config("model=local", f"model.path={root}", "extract.unit_axis=0")
+    cfg = compose_settings("model=local", f"model.path={root}", "extract.unit_axis=0")
     with pytest.raises(GardenError, match=r"units of embed_out.weight \[100, 3\] have 3 entries"):
         plan_dynamics(cfg)

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
 
 from garden.metrics import MetricResult, compute_metrics
+from garden.settings import GardenConfig
 from garden.trajectory import Trajectory
 
 
@@ -25,11 +25,9 @@ class Analysis:
     tags: dict[str, str]
 
 
-def analyse(cfg: DictConfig, trajectory: Trajectory, job_summary: dict[str, float]) -> Analysis:
+def analyse(settings: GardenConfig, trajectory: Trajectory, job_summary: dict[str, float]) -> Analysis:
     """Run the configured metrics on a trajectory; `job_summary` holds the job's own counts."""
-    metric_params = OmegaConf.to_container(cfg.metrics, resolve=True)
-    metric_params["seed"] = int(cfg.seed)
-    results = compute_metrics(trajectory, cfg.metrics.names, metric_params)
+    results = compute_metrics(trajectory, settings.metrics.names, settings.metrics, seed=settings.seed)
     per_step: dict = {}
     summary = {
         "n_steps": float(len(trajectory.steps)),
@@ -48,7 +46,7 @@ def analyse(cfg: DictConfig, trajectory: Trajectory, job_summary: dict[str, floa
     return Analysis(trajectory, results, per_step, summary, tags)
 
 
-def write_dynamics(folder: Path, analysis: Analysis, run_name: str, cfg: DictConfig) -> None:
+def write_dynamics(folder: Path, analysis: Analysis, run_name: str, settings: GardenConfig) -> None:
     """Per-step tables, the metrics' extra tables and the dynamics figures."""
     from garden.figures import density_table, draw_all, trajectory_branches
 
@@ -69,9 +67,8 @@ def write_dynamics(folder: Path, analysis: Analysis, run_name: str, cfg: DictCon
     paths.to_csv(tables / "trajectories.csv", index=False)
     trajectory_branches(trajectory).to_csv(tables / "trajectory_branches.csv", index=False)
     density_table(trajectory).to_csv(tables / "density.csv", index=False)
-    if cfg.get("figures", True):
-        draw_all(trajectory, analysis.results, run_name, OmegaConf.to_container(cfg.metrics, resolve=True),
-                 folder / "figures")  # fmt: skip
+    if settings.figures:
+        draw_all(trajectory, analysis.results, run_name, settings.metrics, folder / "figures")
 
 
 def write_summary(folder: Path, run_name: str, summary: dict, tags: dict) -> None:

@@ -23,14 +23,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from garden import cache
-from garden.errors import GardenError
 from garden.metrics.events import onset_index
 from garden.schedule import log_linear_schedule
+from garden.settings import CooccurrenceSettings, as_plain
 
 CLASSES = ("both", "only_1", "only_2", "neither")
 PARAMETERS = ("W_Q", "W_K", "W_V", "W")
@@ -46,15 +45,8 @@ class Dataset:
 
 def make_dataset(n: int, length: int, d: int, seed: int) -> Dataset:
     """Exact class proportions (n/2 both, n/6 each other class); mu_3 at a random position of every
-    sequence; mu_1/mu_2 at other random positions as the class says; the rest uniform over mu_4..mu_d."""
-    if n % 6:
-        raise GardenError(
-            f"cooccurrence.n must be a multiple of 6 (exact 1/2, 1/6, 1/6, 1/6 classes), got {n}"
-        )
-    if length < 3:
-        raise GardenError(f"cooccurrence.L must be at least 3 (mu_1, mu_2 and mu_3 must fit), got {length}")
-    if d < 4:
-        raise GardenError(f"cooccurrence.d must be at least 4, got {d}")
+    sequence; mu_1/mu_2 at other random positions as the class says; the rest uniform over mu_4..mu_d
+    (n a multiple of 6, length >= 3, d >= 4: the schema's rules for cooccurrence.n, .L and .d)."""
     rng = np.random.default_rng(seed)
     counts = {"both": n // 2, "only_1": n // 6, "only_2": n // 6, "neither": n // 6}
     classes = np.array([c for c, k in counts.items() for _ in range(k)])
@@ -118,21 +110,11 @@ def snapshot_steps(epochs: int, interval: int) -> list[int]:
     return log_linear_schedule(interval, epochs)
 
 
-def run_config_hash(co) -> str:
+def run_config_hash(co: CooccurrenceSettings) -> str:
     """The run's folder key: the settings the training depends on and this module's code (garden.cache)."""
-    payload = OmegaConf.to_container(co, resolve=True)
+    payload = as_plain(co)
     keep = {k: payload[k] for k in ("n", "L", "d", "m", "m1", "lr", "epochs", "seed", "snapshot_interval")}
     return cache.cache_key("cooccurrence", **keep)[:12]
-
-
-def validate(co) -> None:
-    for key in ("n", "L", "d", "m", "m1", "epochs", "snapshot_interval", "log_points"):
-        value = co.get(key)
-        if not isinstance(value, int) or value < 1:
-            raise GardenError(f"cooccurrence.{key} must be a positive integer, got {value!r}")
-    if not float(co.lr) > 0:
-        raise GardenError(f"cooccurrence.lr must be positive, got {co.lr}")
-    make_dataset(int(co.n), int(co.L), int(co.d), 0)
 
 
 @dataclass
@@ -142,7 +124,7 @@ class TrainingRecord:
     snapshots: Path
 
 
-def train(co, series_dir: Path, progress: bool = True) -> TrainingRecord:
+def train(co: CooccurrenceSettings, series_dir: Path, progress: bool = True) -> TrainingRecord:
     """Full-batch gradient descent; observables at log-spaced epochs; snapshots on a Pythia-like schedule.
 
     A finished run (its folder name hashes the settings and the code) is read back instead of trained
@@ -165,24 +147,24 @@ def _finished(series_dir: Path) -> TrainingRecord | None:
     return TrainingRecord(table, summary, series_dir)
 
 
-def _train(co, series_dir: Path, progress: bool) -> TrainingRecord:
+def _train(co: CooccurrenceSettings, series_dir: Path, progress: bool) -> TrainingRecord:
     marker, observables = series_dir / "COMPLETE", series_dir / "observables.csv"
-    n, length, d, m, m1 = (int(co[k]) for k in ("n", "L", "d", "m", "m1"))
-    epochs, seed = int(co.epochs), int(co.seed)
+    n, length, d, m, m1 = co.n, co.L, co.d, co.m, co.m1
+    epochs, seed = co.epochs, co.seed
     data = make_dataset(n, length, d, seed)
     model = CooccurrenceModel(d, m, m1, seed)
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
     initial_scores = np.array([model.attention_score(i, j) for i, j in SCORE_PAIRS])
     logged, snapshots = (
-        set(log_epochs(epochs, int(co.log_points))),
-        set(snapshot_steps(epochs, int(co.snapshot_interval))),
+        set(log_epochs(epochs, co.log_points)),
+        set(snapshot_steps(epochs, co.snapshot_interval)),
     )
     masks = {c: torch.as_tensor(data.classes == c) for c in CLASSES}
     series_dir.mkdir(parents=True, exist_ok=True)
     with _one_intra_op_thread():
         rows = _descend(co, model, data, masks, initial, logged, snapshots, series_dir, progress)
     table = pd.DataFrame(rows)
-    summary = phase_summary(table, initial_scores, float(co.attention_move_fraction))
+    summary = phase_summary(table, initial_scores, co.attention_move_fraction)
     cache.write_json(series_dir / "config.json", {"model_type": "cooccurrence", "epochs": epochs})
     cache.atomic_write(observables, lambda tmp: table.to_csv(tmp, index=False))
     cache.write_json(marker, summary)
@@ -218,8 +200,8 @@ def _descend(
     progress: bool,
 ) -> list[dict]:
     """The epochs of full-batch gradient descent; returns the observables at the logged epochs."""
-    epochs = int(co.epochs)
-    optimizer = torch.optim.SGD(model.parameters(), lr=float(co.lr))
+    epochs = co.epochs
+    optimizer = torch.optim.SGD(model.parameters(), lr=co.lr)
     rows = []
     for epoch in tqdm(
         range(epochs + 1), desc="gradient descent", unit="epoch", disable=not progress, miniters=500

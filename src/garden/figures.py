@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from garden.metrics import MetricResult
+from garden.settings import MetricSettings
 from garden.trajectory import Trajectory
 
 
@@ -190,21 +191,21 @@ def displacement_rate(traj: Trajectory, title: str, results: dict[str, MetricRes
     return fig
 
 
-def bimodality_vs_step(traj: Trajectory, title: str, results: dict[str, MetricResult], thresholds: dict,
-                       bifurcation_step: float | None, criterion: str):  # fmt: skip
+def bimodality_vs_step(traj: Trajectory, title: str, results: dict[str, MetricResult],
+                       thresholds: MetricSettings, bifurcation_step: float | None, criterion: str):
     """One panel per bimodality criterion, each with its own threshold; the onset (by `criterion`) on
     all of them."""
     panels = []
     if "bimodality_coefficient" in results:
         bc = results["bimodality_coefficient"].per_step["bimodality_coefficient"]
-        panels.append(("bimodality_coefficient", bc, "Sarle's BC", thresholds["bimodality_threshold"],
+        panels.append(("bimodality_coefficient", bc, "Sarle's BC", thresholds.bimodality_threshold,
                        "bimodal above", "linear"))  # fmt: skip
     if "dip" in results:
         panels.append(("dip", results["dip"].per_step["dip_pvalue"], "dip test p-value",
-                       thresholds["dip_pvalue"], "bimodal below", "log"))  # fmt: skip
+                       thresholds.dip_pvalue, "bimodal below", "log"))  # fmt: skip
     if "gmm" in results:
         panels.append(("ashman_d", results["gmm"].per_step["ashman_d"], "Ashman's D",
-                       thresholds["ashman_d_threshold"], "bimodal above", "linear"))  # fmt: skip
+                       thresholds.ashman_d_threshold, "bimodal above", "linear"))  # fmt: skip
     fig, axes = plt.subplots(
         len(panels), 1, figsize=(7.5, 1.2 + 2.0 * len(panels)), sharex=True, squeeze=False
     )
@@ -322,13 +323,13 @@ def unit_density(traj: Trajectory, title: str):
     return fig
 
 
-def draw_all(traj: Trajectory, results: dict[str, MetricResult], title: str, settings: dict,
+def draw_all(traj: Trajectory, results: dict[str, MetricResult], title: str, settings: MetricSettings,
              folder: Path) -> list[Path]:  # fmt: skip
     """Draw every figure the results allow into `folder` (`settings`: the metrics config, for the
     thresholds drawn); returns the written paths."""
     folder.mkdir(parents=True, exist_ok=True)
     onset = summary_value(results, "bifurcation", "bifurcation_step")
-    criterion = str(settings.get("bifurcation_criterion", "bimodality_coefficient"))
+    criterion = settings.bifurcation_criterion
     figures = {
         "density.png": density_heatmap(traj, title, onset),
         "forking_trajectories.png": forking_trajectories(traj, title, onset),
@@ -336,10 +337,9 @@ def draw_all(traj: Trajectory, results: dict[str, MetricResult], title: str, set
         "bimodality.png": bimodality_vs_step(traj, title, results, settings, onset, criterion),
     }
     if "displacement" in results:
-        threshold = float(settings.get("stationary_threshold", 0.05))
+        threshold = settings.stationary_threshold
         figures["displacement.png"] = displacement_rate(traj, title, results, threshold)
-    unit_threshold = float(settings.get("unit_fraction_threshold", 0.1))
-    unit_fdr = float(settings.get("unit_fdr", 0.05))
+    unit_threshold, unit_fdr = settings.unit_fraction_threshold, settings.unit_fdr
     per_unit = results.get("unit_bimodality")
     if traj.units is not None and per_unit is not None:
         table = per_unit.tables["units"]

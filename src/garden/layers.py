@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from garden.errors import GardenError
-from garden.families import BLOCK_ROLES, ROLES, Family, TensorSpec, require
+from garden.families import BLOCK_ROLES, Family, TensorSpec, require
+from garden.settings import LayerSettings
 
 
 @dataclass(frozen=True)
@@ -19,42 +20,30 @@ class ResolvedLayer:
         return self.spec.name
 
 
-def needs_index(layer_cfg) -> bool:
-    return not layer_cfg.get("tensor") and layer_cfg.get("role") in BLOCK_ROLES
-
-
-def check_role(layer_cfg) -> None:
-    """Before any work: the role is one every family maps."""
-    if layer_cfg.get("tensor"):
-        return
-    role = layer_cfg.get("role")
-    if role not in ROLES:
-        raise GardenError(f"layer.role={role!r} is not valid; valid: {', '.join(ROLES)} "
-                          "(or layer.tensor=<exact tensor name>)")  # fmt: skip
+def needs_index(layer: LayerSettings) -> bool:
+    return not layer.tensor and layer.role in BLOCK_ROLES
 
 
 def resolve_layer(
-    layer_cfg, family: Family | None, num_layers: int | None, config: dict | None = None
+    layer: LayerSettings, family: Family | None, num_layers: int | None, config: dict | None = None
 ) -> ResolvedLayer:
     """Resolve `layer.tensor`, or `layer.role` in `family` with `layer.index` checked against the block
     count; `config` (config.json or model.architecture) gives what derived roles need (head counts)."""
-    exact = layer_cfg.get("tensor")
-    if exact:
-        return ResolvedLayer(TensorSpec.stored(str(exact)), str(exact))
-    check_role(layer_cfg)
-    role = str(layer_cfg.role)
-    family = require(family, f"layer={layer_cfg.name}")
-    if not needs_index(layer_cfg):
-        return ResolvedLayer(family.tensor(role, None, config or {}), str(layer_cfg.name))
-    index = layer_cfg.get("index")
-    if not isinstance(index, int) or isinstance(index, bool):
-        raise GardenError(f"layer={layer_cfg.name} needs an integer layer.index, got {index!r}")
+    if layer.tensor:
+        return ResolvedLayer(TensorSpec.stored(layer.tensor), layer.tensor)
+    role = str(layer.role)
+    family = require(family, f"layer={layer.name}")
+    if not needs_index(layer):
+        return ResolvedLayer(family.tensor(role, None, config or {}), layer.name)
+    index = layer.index
+    if index is None:
+        raise GardenError(f"layer={layer.name} is a block tensor; it needs layer.index=<block>")
     if num_layers is None:
-        raise GardenError(f"layer={layer_cfg.name} is a block tensor, but the number of blocks is unknown")
+        raise GardenError(f"layer={layer.name} is a block tensor, but the number of blocks is unknown")
     if not -num_layers <= index < num_layers:
         raise GardenError(
             f"layer.index={index} is out of range: the model has {num_layers} blocks, "
             f"valid layer.index is 0..{num_layers - 1} (or -{num_layers}..-1 from the end)"
         )
     index %= num_layers
-    return ResolvedLayer(family.tensor(role, index, config or {}), f"{layer_cfg.name}.{index}")
+    return ResolvedLayer(family.tensor(role, index, config or {}), f"{layer.name}.{index}")

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
 
-from garden.metrics import EVENT_TAGS, MetricResult, namespace_of
+from garden.metrics import EVENT_TAGS
+from garden.settings import GardenConfig, as_plain
 from garden.tracking import MlflowTracker, flatten
 
 log = logging.getLogger("garden")
@@ -34,15 +34,6 @@ log = logging.getLogger("garden")
 NOT_FOUND = -1.0
 SUMMARY = "summary/"
 EVALUATION = "eval/"
-
-
-def step_metrics(results: Mapping[str, MetricResult]) -> dict[str, np.ndarray]:
-    """Each reported metric's per-step series under its namespace: `diffusion/msd`, `units/...`."""
-    return {
-        f"{namespace_of(name)}/{key}": values
-        for name, result in results.items()
-        for key, values in result.per_step.items()
-    }
 
 
 def summary_metrics(summary: Mapping[str, float | None], tags: Mapping[str, str]) -> dict[str, float]:
@@ -67,11 +58,11 @@ def logged_value(metrics: Mapping[str, float], key: str) -> float:
     return math.nan if value == NOT_FOUND and key in EVENT_TAGS else float(value)
 
 
-def run_params(cfg: DictConfig, groups: list[str], resolved: Mapping[str, str]) -> dict[str, str]:
-    """The params of a run: the config groups the task uses (`groups`), what garden resolved (device,
-    output folder), and, under Hydra, the group choices and the command line's overrides."""
-    config = OmegaConf.to_container(cfg, resolve=True)
-    params = flatten({group: config[group] for group in groups if group in config})
+def run_params(settings: GardenConfig, groups: list[str], resolved: Mapping[str, str]) -> dict[str, str]:
+    """The params of a run: the settings of the groups the task uses (`groups`, every setting with its
+    value, defaults included), what garden resolved (device, output folder), and, under Hydra, the group
+    choices and the command line's overrides."""
+    params = flatten({group: as_plain(getattr(settings, group)) for group in groups})
     params.update({f"resolved.{key}": str(value) for key, value in resolved.items()})
     params.update(hydra_params())
     return params

@@ -57,7 +57,7 @@ class Registry(MutableMapping[str, T], Generic[T]):
     def resolve(self, name: object) -> T:
         """The item named, or a GardenError naming the setting and the valid names."""
         if not isinstance(name, str) or name not in self._items:
-            raise GardenError(f"{self.setting}={name!r} is not valid; valid: {self.valid()}")
+            raise GardenError(f"{self.setting}={name!r} is not valid; valid: one of {self.valid()}")
         return self._items[name]
 
     def check(self, names: Iterable[str]) -> list[str]:

@@ -7,8 +7,7 @@ import math
 from collections.abc import Sequence
 
 from garden.errors import GardenError
-
-STEP_SELECTIONS = ("all", "eval", "every", "list", "log")
+from garden.settings import StepSettings
 
 
 def log_linear_schedule(interval: int, total: int) -> list[int]:
@@ -63,29 +62,21 @@ def log_subset(steps: Sequence[int], count: int) -> list[int]:
     return sorted(chosen)
 
 
-def select_steps(available: Sequence[int], selection: dict) -> list[int]:
-    """Apply a conf/steps/ selection to the steps a series has; errors name what is valid."""
+def select_steps(available: Sequence[int], selection: StepSettings) -> list[int]:
+    """Apply a step selection (`steps.*`, checked by the schema) to the steps a series has."""
     available = sorted(available)
     if not available:
         raise GardenError("the series has no checkpoints")
-    kind = selection.get("select")
-    if kind == "all":
+    if selection.select == "all":
         chosen = list(available)
-    elif kind == "eval":
+    elif selection.select == "eval":
         chosen = eval_subset(available)
-    elif kind == "every":
-        stride = selection.get("stride")
-        if not isinstance(stride, int) or stride < 1:
-            raise GardenError(f"steps.stride must be a positive integer, got {stride!r}")
-        chosen = sorted(set(available[::stride]) | {available[-1]})
-    elif kind == "list":
-        values = selection.get("values")
-        if not values:
+    elif selection.select == "every":
+        chosen = sorted(set(available[:: selection.stride]) | {available[-1]})
+    elif selection.select == "list":
+        if not selection.values:
             raise GardenError("steps=list needs steps.values, e.g. steps.values=[0,1000,143000]")
-        try:
-            wanted = sorted({int(v) for v in values})
-        except (TypeError, ValueError) as err:
-            raise GardenError(f"steps.values must be integers, got {list(values)!r}") from err
+        wanted = sorted(set(selection.values))
         missing = [s for s in wanted if s not in set(available)]
         if missing:
             raise GardenError(
@@ -93,13 +84,8 @@ def select_steps(available: Sequence[int], selection: dict) -> list[int]:
                 f"{_abbreviate(available)}"
             )
         chosen = wanted
-    elif kind == "log":
-        count = selection.get("count")
-        if not isinstance(count, int) or isinstance(count, bool) or count < 2:
-            raise GardenError(f"steps.count must be an integer >= 2, got {count!r}")
-        chosen = log_subset(available, count)
-    else:
-        raise GardenError(f"unknown step selection {kind!r}; valid: {', '.join(STEP_SELECTIONS)}")
+    else:  # log
+        chosen = log_subset(available, selection.count)
     if len(chosen) < 2:
         raise GardenError(f"the step selection keeps {chosen}; dynamics need at least two checkpoints")
     return chosen

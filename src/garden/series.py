@@ -381,9 +381,6 @@ class DerivedTensors(CheckpointSeries):
         return self.inner.num_layers(step)
 
 
-DUPLICATE_POLICIES = ("exclude", "keep", "error")
-
-
 def find_duplicates(series: CheckpointSeries, steps: list[int], tensor: str) -> dict[int, int]:
     """{step: earlier step with byte-identical weights} among `steps`, where content ids are known."""
     first_with: dict[str, int] = {}
@@ -404,10 +401,6 @@ def apply_duplicate_policy(steps: list[int], duplicates: dict[int, int], policy:
 
     A duplicated branch looks exactly like a frozen or forking dynamic, so the default is to drop it.
     """
-    if policy not in DUPLICATE_POLICIES:
-        raise GardenError(
-            f"series.on_duplicate={policy!r} is not valid; valid: {', '.join(DUPLICATE_POLICIES)}"
-        )
     if not duplicates or policy == "keep":
         return list(steps)
     listing = ", ".join(f"step{d} = step{o}" for d, o in sorted(duplicates.items()))

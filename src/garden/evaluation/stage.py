@@ -23,7 +23,6 @@ from garden.errors import GardenError
 from garden.evaluation import data
 from garden.evaluation.perplexity import encode_lambada, model_max_length, token_windows
 from garden.evaluation.scorers import (
-    STAGES,
     Activations,
     Checkpoint,
     ScoringInputs,
@@ -33,6 +32,7 @@ from garden.evaluation.scorers import (
 from garden.families import Family
 from garden.schedule import select_steps
 from garden.series import CheckpointSeries
+from garden.settings import Settings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,61 +63,26 @@ class EvaluationPlan:
                                **fields)  # fmt: skip
 
 
-def plan_evaluation(cfg, available_steps: list[int]) -> EvaluationPlan | None:
-    """Validate the `evaluation` config against the series before any model is loaded."""
-    ev = cfg.evaluation
-    stages = tuple(ev.stages or ())
-    if not stages:
+def plan_evaluation(settings: Settings, available_steps: list[int]) -> EvaluationPlan | None:
+    """The evaluation's plan against the series, before any model is loaded (its settings are checked
+    by the schema; what is left depends on the series and the disk)."""
+    ev = settings.evaluation
+    if not ev.stages:
         return None
-    STAGES.check(stages)
-    if str(ev.dtype) not in DTYPES:
-        raise GardenError(f"evaluation.dtype={ev.dtype!r} is not valid; valid: {', '.join(DTYPES)}")
-    for name in ("batch_size", "seq_len", "max_windows"):
-        value = ev.get(name)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise GardenError(f"evaluation.{name} must be a positive integer, got {value!r}")
-    limit = ev.lambada.get("limit")
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise GardenError(f"evaluation.lambada.limit must be a positive integer or null, got {limit!r}")
-    for key, low in (("max_length", 2), ("heldout_passages", 1)):
-        value = ev.lambada.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
-            raise GardenError(
-                f"evaluation.lambada.{key}={value!r} is not valid; valid: an integer >= {low} or null"
-            )
-    if "lambada" in stages:
-        if ev.lambada.source not in data.LAMBADA_SOURCES:
-            raise GardenError(
-                f"evaluation.lambada.source={ev.lambada.source!r} is not valid; "
-                f"valid: {', '.join(data.LAMBADA_SOURCES)}"
-            )
-        if ev.lambada.source == "file" and not (ev.lambada.path and Path(str(ev.lambada.path)).is_file()):
-            raise GardenError(f"evaluation.lambada.path={ev.lambada.path!r} is not a file (source=file)")
-    if ev.text.source not in data.TEXT_SOURCES:
-        raise GardenError(
-            f"evaluation.text.source={ev.text.source!r} is not valid; valid: {', '.join(data.TEXT_SOURCES)}"
-        )
-    if ev.text.source == "file" and not ev.text.path:
-        raise GardenError("evaluation.text.source=file needs evaluation.text.path")
-    if int(ev.cka.n_sequences) < 2:
-        raise GardenError(f"evaluation.cka.n_sequences must be at least 2, got {ev.cka.n_sequences}")
-    from omegaconf import OmegaConf
-
-    steps = select_steps(available_steps, OmegaConf.to_container(ev.steps, resolve=True))
-    from garden.devices import resolve_device
-
-    resolve_device(str(ev.device))
+    if "lambada" in ev.stages and ev.lambada.source == "file" and not Path(str(ev.lambada.path)).is_file():
+        raise GardenError(f"evaluation.lambada.path={ev.lambada.path!r} is not a file (source=file)")
+    steps = select_steps(available_steps, ev.steps)
     return EvaluationPlan(
-        stages=stages,
+        stages=ev.stages,
         steps=tuple(steps),
-        device=str(ev.device),
-        dtype=str(ev.dtype),
-        batch_size=int(ev.batch_size),
-        seq_len=int(ev.seq_len),
-        max_windows=None if ev.get("max_windows") is None else int(ev.max_windows),
-        lambada_limit=limit,
-        cka_sequences=int(ev.cka.n_sequences),
-        seed=int(cfg.seed),
+        device=str(settings.evaluation_device),
+        dtype=ev.dtype,
+        batch_size=ev.batch_size,
+        seq_len=ev.seq_len,
+        max_windows=ev.max_windows,
+        lambada_limit=ev.lambada.limit,
+        cka_sequences=ev.cka.n_sequences,
+        seed=settings.seed,
     )
 
 
@@ -132,15 +97,13 @@ def load_model(series: CheckpointSeries, step: int, plan: EvaluationPlan):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from garden.devices import resolve_device
-
     hf_logging.disable_progress_bar()
     folder = series.checkpoint_folder(step)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[plan.dtype])
     except Exception as err:
         raise GardenError(f"step {step}: cannot load the model from {folder}: {err}") from err
-    return model.to(resolve_device(plan.device)).eval()
+    return model.to(plan.device).eval()
 
 
 def load_tokenizer(series: CheckpointSeries, step: int):
@@ -153,26 +116,27 @@ def load_tokenizer(series: CheckpointSeries, step: int):
         raise GardenError(f"no tokenizer in {folder} (needed to tokenize evaluation text): {err}") from err
 
 
-def evaluate(series: CheckpointSeries, plan: EvaluationPlan, cfg, cache_dir: Path, progress: bool = True,
-             family: Family | None = None):  # fmt: skip
+def evaluate(series: CheckpointSeries, plan: EvaluationPlan, settings: Settings, cache_dir: Path,
+             progress: bool = True, family: Family | None = None):  # fmt: skip
     """Run the plan's stages on each of its steps (final step first when CKA needs its activations);
     `family` says which modules the stability stage reads."""
-    ev = cfg.evaluation
-    fraction = float(cfg.model.get("train", {}).get("heldout_fraction", 0.05))
+    ev, corpus, data_dir = settings.evaluation, settings.corpus, Path(settings.paths.data_dir)
+    train = settings.model.train
+    fraction = train.heldout_fraction if train is not None else ev.text.heldout_fraction
     tokenizer = load_tokenizer(series, plan.steps[-1])
     heldout = _series_heldout(series) if ev.text.source == "heldout" else None
     if heldout is not None:  # the tiny series' own held-out split, token for token
         ids, text = heldout, tokenizer.decode(heldout.tolist())
     else:
-        text = data.eval_text(ev.text, cfg.corpus, Path(cfg.paths.data_dir), fraction)
+        text = data.eval_text(ev.text, corpus, data_dir, fraction)
         ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
     windows = token_windows(ids, plan.seq_len, plan.max_windows)
     if "perplexity" in plan.stages and len(windows) == 0:
         raise GardenError(f"the evaluation text has {len(ids)} tokens: too few for seq_len={plan.seq_len}")
     examples = []
     if "lambada" in plan.stages:
-        texts = data.load_lambada(ev.lambada, cfg.corpus, Path(cfg.paths.data_dir), fraction, text)
-        max_length = ev.lambada.get("max_length")
+        texts = data.load_lambada(ev.lambada, corpus, data_dir, fraction, text)
+        max_length = ev.lambada.max_length
         if max_length is None:  # lm-eval's default: the model's context length
             from transformers import AutoConfig
 
@@ -287,7 +251,8 @@ def stable_from(steps: np.ndarray, values: np.ndarray, threshold: float) -> floa
 
 
 def summarise(
-    result: EvaluationResult, cfg, bifurcation_step: float | None, unit_bifurcation_step: float | None = None
+    result: EvaluationResult, settings: Settings, bifurcation_step: float | None,
+    unit_bifurcation_step: float | None = None
 ) -> tuple[dict, pd.DataFrame | None]:
     """Summary metrics (steepest perplexity drop, its distance to the pooled and the per-unit
     bifurcation, CKA convergence) and the per-layer convergence table."""
@@ -312,7 +277,7 @@ def summarise(
             summary[f"final_{key}"] = float(table[key].iloc[-1])
     layers = None
     if "cka_mlp.0" in table:
-        threshold = float(cfg.evaluation.cka.threshold)
+        threshold = settings.evaluation.cka.threshold
         rows = []
         for layer in range(result.n_layers):
             row = {"layer": layer, "per_mlp": float(table[f"per_mlp.{layer}"].iloc[-1]),

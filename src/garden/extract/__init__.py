@@ -26,12 +26,11 @@ The layers, each importing only those above it:
 """
 
 from garden.extract.kernel import UnitLayout, Workspace, histogram_quantiles, step_statistics, unit_dips
-from garden.extract.plan import BAD_STEP_POLICIES, BadStep, ExtractionPlan
+from garden.extract.plan import BadStep, ExtractionPlan
 from garden.extract.records import quantile_column
 from garden.extract.stream import extract
 
 __all__ = [
-    "BAD_STEP_POLICIES",
     "BadStep",
     "ExtractionPlan",
     "UnitLayout",

@@ -17,18 +17,12 @@ from garden.errors import GardenError
 from garden.families import gpt_neox, olmo2  # noqa: F401  (they register the families)
 from garden.families.base import BLOCK_ROLES, FAMILIES, ROLES, Family, Revision, TensorSpec, register
 
-__all__ = ["BLOCK_ROLES", "FAMILIES", "ROLES", "Family", "Revision", "TensorSpec", "configured", "detect",
+__all__ = ["BLOCK_ROLES", "FAMILIES", "ROLES", "Family", "Revision", "TensorSpec", "detect",
            "get", "parse_revisions", "register", "require"]  # fmt: skip
 
 
 def get(name: str) -> Family:
     return FAMILIES.resolve(name)
-
-
-def configured(model_cfg) -> Family | None:
-    """The family `model.family` names; None where it names none (the series then tells, `detect`)."""
-    name = model_cfg.get("family")
-    return None if name is None else get(str(name))
 
 
 def detect(config: dict | None, tensor_names: Callable[[], Iterable[str]]) -> Family | None:

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from garden.errors import GardenError
+import numpy as np
+
 from garden.metrics import diffusion, distribution, events, units  # noqa: F401  (they register metrics)
 from garden.metrics.registry import METRICS, NAMESPACES, MetricContext, MetricResult, register_metric
+from garden.settings import MetricSettings, read_section
 from garden.trajectory import Trajectory
 
 __all__ = ["EVENT_TAGS", "HEADLINE", "METRICS", "NAMESPACES", "MetricContext", "MetricResult",
            "available_metrics", "compute_metrics", "namespace_of", "register_metric",
-           "validate_metric_names"]  # fmt: skip
+           "step_metrics", "validate_metric_names"]  # fmt: skip
 
 # A run's headline numbers (summary keys): the DVC study's metrics file and garden.compare's table.
 HEADLINE = (
@@ -39,18 +41,32 @@ def namespace_of(name: str) -> str:
     return METRICS[name].namespace
 
 
+def step_metrics(results: dict[str, MetricResult]) -> dict[str, np.ndarray]:
+    """Each reported metric's per-step series under its namespace: `diffusion/msd`, `units/...`."""
+    return {
+        f"{namespace_of(name)}/{key}": values
+        for name, result in results.items()
+        for key, values in result.per_step.items()
+    }
+
+
 def available_metrics() -> list[str]:
     return sorted(METRICS)
 
 
 def validate_metric_names(names: Iterable[str]) -> list[str]:
-    names = METRICS.check(names)
-    if not names:
-        raise GardenError(f"metrics.names is empty; valid: {', '.join(available_metrics())}")
-    return names
+    return METRICS.check(names)
 
 
-def compute_metrics(trajectory: Trajectory, names: Iterable[str], params=None) -> dict[str, MetricResult]:
-    """Compute the named metrics (and whatever they depend on, unreported) in order."""
-    context = MetricContext(trajectory, params)
+def compute_metrics(
+    trajectory: Trajectory, names: Iterable[str], settings: MetricSettings | dict | None = None, seed: int = 0
+) -> dict[str, MetricResult]:
+    """Compute the named metrics (and whatever they depend on, unreported) in order; `settings` are the
+    metric settings (a dict of some of them is checked by the schema, the rest at their defaults)."""
+    names = list(names)
+    if not isinstance(settings, MetricSettings):
+        given = dict(settings or {})
+        seed = int(given.pop("seed", seed))
+        settings = read_section(MetricSettings, {"names": names, **given}, "metrics.")
+    context = MetricContext(trajectory, settings, seed)
     return {name: context.get(name) for name in validate_metric_names(names)}

@@ -56,8 +56,8 @@ def alpha(traj: Trajectory, ctx: MetricContext) -> MetricResult:
     """Diffusion exponent: MSD ~ t^alpha over [alpha_min_step, alpha_max_step], plus the local slope."""
     steps = traj.steps.astype(float)
     values = traj.column("msd")
-    lo = ctx.param("alpha_min_step", 1)
-    hi = ctx.param("alpha_max_step", float(steps.max()))
+    lo = ctx.settings.alpha_min_step
+    hi = float(steps.max()) if ctx.settings.alpha_max_step is None else ctx.settings.alpha_max_step
     window = (steps >= lo) & (steps <= hi)
     local = np.full_like(values, np.nan)
     positive = (steps > 0) & (values > 0)
@@ -127,13 +127,13 @@ def msd_regimes(traj: Trajectory, ctx: MetricContext) -> MetricResult:
     `msd_regimes`, `msd_regime<k>_alpha` and `msd_break<k>_step` (the first step of regime k+1)."""
     steps, values = traj.steps.astype(float), traj.column("msd")
     keep = (steps > 0) & (values > 0) & np.isfinite(values)
-    min_points = int(ctx.param("msd_min_points", 4))
+    min_points = ctx.settings.msd_min_points
     result = MetricResult(tags={"garden.msd_regimes": "fitted"})
     if keep.sum() < min_points:
         result.tags["garden.msd_regimes"] = f"not fitted: {int(keep.sum())} positive MSD values"
         return result
     x, y = steps[keep], values[keep]
-    fit = segmented_power_law(x, y, int(ctx.param("msd_max_regimes", 3)), min_points)
+    fit = segmented_power_law(x, y, ctx.settings.msd_max_regimes, min_points)
     rows = []
     for k, (i, j, slope, intercept) in enumerate(fit["segments"], start=1):
         rows.append({"regime": k, "first_step": x[i], "last_step": x[j - 1], "alpha": slope,
@@ -166,7 +166,7 @@ def lag_msd(traj: Trajectory, ctx: MetricContext) -> MetricResult:
     """
     start, spacing = evenly_spaced_tail(traj.steps)
     values = traj.distribution_sample[start:]
-    max_lag = min(int(ctx.param("lag_msd_max_lag", 20)), len(values) - 1)
+    max_lag = min(ctx.settings.lag_msd_max_lag, len(values) - 1)
     rows = []
     for lag in range(1, max_lag + 1):
         diffs = values[lag:] - values[:-lag]

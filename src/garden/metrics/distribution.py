@@ -67,7 +67,7 @@ def fit_two_gaussians(sample: np.ndarray, seed: int) -> tuple[float, float, floa
 @register_metric("gmm", "bimodality")
 def gmm(traj: Trajectory, ctx: MetricContext) -> MetricResult:
     """Two-component Gaussian mixture per step on the distribution sample, summarised by Ashman's D."""
-    seed = int(ctx.param("seed", 0))
+    seed = ctx.seed
     fits = np.array(
         [fit_two_gaussians(np.asarray(row, dtype=np.float64), seed) for row in traj.distribution_sample]
     )

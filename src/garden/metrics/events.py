@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from garden.errors import GardenError
 from garden.metrics.registry import MetricContext, MetricResult, register_metric
 from garden.trajectory import Trajectory
-
-BIFURCATION_CRITERIA = ("bimodality_coefficient", "dip", "ashman_d")
 
 
 def onset_index(holds: np.ndarray) -> int | None:
@@ -27,23 +24,21 @@ def onset_index(holds: np.ndarray) -> int | None:
 def bimodal_mask(ctx: MetricContext, criterion: str) -> np.ndarray:
     if criterion == "bimodality_coefficient":
         bc = ctx.get("bimodality_coefficient").per_step["bimodality_coefficient"]
-        return bc > float(ctx.param("bimodality_threshold", 5 / 9))
+        return bc > ctx.settings.bimodality_threshold
     if criterion == "dip":
         pvalues = ctx.get("dip").per_step["dip_pvalue"]
-        return pvalues < float(ctx.param("dip_pvalue", 0.05))
+        return pvalues < ctx.settings.dip_pvalue
     if criterion == "ashman_d":
         fit = ctx.get("gmm").per_step
-        return (fit["ashman_d"] > float(ctx.param("ashman_d_threshold", 2.0))) & (
-            fit["gmm_minor_weight"] >= float(ctx.param("gmm_min_weight", 0.05))
+        return (fit["ashman_d"] > ctx.settings.ashman_d_threshold) & (
+            fit["gmm_minor_weight"] >= ctx.settings.gmm_min_weight
         )
-    raise GardenError(
-        f"unknown metrics.bifurcation_criterion {criterion!r}; valid: {', '.join(BIFURCATION_CRITERIA)}"
-    )
+    raise ValueError(f"no bimodal mask for criterion {criterion!r}")  # the schema admits only the three
 
 
 @register_metric("bifurcation", "bimodality")
 def bifurcation(traj: Trajectory, ctx: MetricContext) -> MetricResult:
-    criterion = str(ctx.param("bifurcation_criterion", "bimodality_coefficient"))
+    criterion = ctx.settings.bifurcation_criterion
     mask = bimodal_mask(ctx, criterion)
     index = onset_index(mask)
     result = MetricResult(
@@ -61,7 +56,7 @@ def bifurcation(traj: Trajectory, ctx: MetricContext) -> MetricResult:
 def stationary(traj: Trajectory, ctx: MetricContext) -> MetricResult:
     """First step from which the displacement rate stays below a fraction of its peak (working definition)."""
     relative = ctx.get("displacement").per_step["relative_displacement"]
-    threshold = float(ctx.param("stationary_threshold", 0.05))
+    threshold = ctx.settings.stationary_threshold
     defined = np.isfinite(relative)
     holds = np.where(defined, relative < threshold, False)
     # The first step has no displacement (nothing before it): it neither breaks nor starts the stretch.

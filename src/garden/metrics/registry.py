@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from garden.registry import Registry
+from garden.settings import MetricSettings
 from garden.trajectory import Trajectory
 
 
@@ -49,16 +50,14 @@ def register_metric(name: str, namespace: str) -> Callable[[MetricFn], MetricFn]
 
 
 class MetricContext:
-    """Holds the trajectory, the metric settings, and each metric's result once computed."""
+    """Holds the trajectory, the metric settings (garden.settings.MetricSettings: thresholds and windows,
+    each with its schema default), the job's seed, and each metric's result once computed."""
 
-    def __init__(self, trajectory: Trajectory, params):
+    def __init__(self, trajectory: Trajectory, settings: MetricSettings, seed: int = 0):
         self.trajectory = trajectory
-        self.params = params
+        self.settings = settings
+        self.seed = seed
         self._results: dict[str, MetricResult] = {}
-
-    def param(self, name: str, default=None):
-        value = self.params.get(name, default) if self.params is not None else default
-        return default if value is None else value
 
     def get(self, name: str) -> MetricResult:
         if name not in self._results:

@@ -59,8 +59,8 @@ def unit_bimodality(traj: Trajectory, ctx: MetricContext) -> MetricResult:
     units = traj.units
     if units is None:
         return MetricResult(tags={"garden.unit_bifurcation": "off", "garden.units": _why_off(traj)})
-    fdr = float(ctx.param("unit_fdr", 0.05))
-    threshold = float(ctx.param("unit_fraction_threshold", 0.1))
+    fdr = ctx.settings.unit_fdr
+    threshold = ctx.settings.unit_fraction_threshold
     mask = bimodal_units(units.stats["dip_pvalue"], fdr)
     fraction = mask.mean(axis=1)
     index = onset_index(fraction >= threshold)

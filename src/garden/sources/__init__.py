@@ -8,19 +8,18 @@ disk is listed. A new source is one module here (a function decorated with `@reg
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
-
 from garden.series import CheckpointSeries
+from garden.settings import Settings
 from garden.sources import hub, local, tiny  # noqa: F401  (they register the sources)
 from garden.sources.registry import CONTENT_IDS, SOURCES, Source, register
 
 __all__ = ["CONTENT_IDS", "SOURCES", "Source", "open_series", "register", "source_of"]
 
 
-def source_of(cfg: DictConfig) -> Source:
-    return SOURCES.resolve(cfg.model.get("source"))
+def source_of(settings: Settings) -> Source:
+    return SOURCES.resolve(settings.model.source)
 
 
-def open_series(cfg: DictConfig) -> CheckpointSeries:
+def open_series(settings: Settings) -> CheckpointSeries:
     """The series `model.source` names, opened as cheaply as it can be (nothing trained or fetched)."""
-    return source_of(cfg).open(cfg)
+    return source_of(settings).open(settings)

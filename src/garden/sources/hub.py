@@ -2,34 +2,34 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
-
 from garden.errors import GardenError
+from garden.settings import Settings
 from garden.sources.registry import register
 
 
-def hub_repo(cfg: DictConfig) -> str:
+def hub_repo(settings: Settings) -> str:
     """The repository of the chosen variant (`-deduped` repos hold the deduplicated-Pile runs)."""
-    repo = cfg.model.get("deduped_repo") if cfg.variant == "deduped" else cfg.model.get("repo")
+    model = settings.model
+    repo = model.deduped_repo if settings.variant == "deduped" else model.repo
     if not repo:
-        raise GardenError(f"model={cfg.model.name} names no repository for variant={cfg.variant}")
-    return str(repo)
+        raise GardenError(f"model={model.name} names no repository for variant={settings.variant}")
+    return repo
 
 
 @register("hub", caches=("hub_tensor",))
-def open_hub(cfg: DictConfig):
-    from garden import families
+def open_hub(settings: Settings):
     from garden.hub import HubSeries
 
+    series = settings.series
     return HubSeries(
-        hub_repo(cfg),
-        label=str(cfg.model.name),
-        cache_dir=cfg.paths.cache_dir,
-        hf_cache=cfg.paths.get("hf_cache"),
-        endpoint=cfg.series.get("endpoint"),
-        retries=int(cfg.series.retries),
-        backoff_seconds=float(cfg.series.backoff_seconds),
-        timeout_seconds=float(cfg.series.timeout_seconds),
-        family=families.configured(cfg.model),
-        revision_pattern=cfg.model.get("revision_pattern"),
+        hub_repo(settings),
+        label=settings.model.name,
+        cache_dir=settings.paths.cache_dir,
+        hf_cache=settings.paths.hf_cache,
+        endpoint=series.endpoint,
+        retries=series.retries,
+        backoff_seconds=series.backoff_seconds,
+        timeout_seconds=series.timeout_seconds,
+        family=settings.family,
+        revision_pattern=settings.model.revision_pattern,
     )

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
-
-from garden import families
 from garden.errors import GardenError
 from garden.series import LocalSeries
+from garden.settings import Settings
 from garden.sources.registry import CONTENT_IDS, register
 
 
 @register("local")
-def open_local(cfg: DictConfig) -> LocalSeries:
-    if not cfg.model.get("path"):
+def open_local(settings: Settings) -> LocalSeries:
+    model = settings.model
+    if not model.path:
         raise GardenError("model=local needs model.path=<directory holding step{N}/ folders>")
-    return LocalSeries(cfg.model.path, label=str(cfg.model.name),
-                       memo_dir=Path(cfg.paths.data_dir) / CONTENT_IDS,
-                       family=families.configured(cfg.model),
-                       revision_pattern=cfg.model.get("revision_pattern"))  # fmt: skip
+    return LocalSeries(model.path, label=model.name, memo_dir=Path(settings.paths.data_dir) / CONTENT_IDS,
+                       family=settings.family, revision_pattern=model.revision_pattern)  # fmt: skip

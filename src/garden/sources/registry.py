@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from omegaconf import DictConfig
-
 from garden.registry import Registry
 from garden.series import CheckpointSeries
 
@@ -17,7 +15,7 @@ CONTENT_IDS = "content-ids"
 @dataclass(frozen=True)
 class Source:
     name: str
-    open: Callable[[DictConfig], CheckpointSeries]
+    open: Callable[..., CheckpointSeries]  # Settings -> the series
     #: The keyed caches (garden.cache kinds) reads from this source fill; their code versions are tagged.
     caches: tuple[str, ...] = ()
 
@@ -26,5 +24,5 @@ SOURCES: Registry[Source] = Registry("source", "model.source")
 
 
 def register(name: str, caches: tuple[str, ...] = ()):
-    """Register a function opening the series of a model config as source `name`."""
+    """Register a function opening the series a job's Settings name as source `name`."""
     return SOURCES.register(name, lambda opener: Source(name, opener, caches))

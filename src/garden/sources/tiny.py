@@ -8,10 +8,9 @@ import threading
 from functools import cached_property
 from pathlib import Path
 
-from omegaconf import DictConfig
-
 from garden.families import Revision
 from garden.series import TRAIN_LOG, LocalSeries
+from garden.settings import Settings
 from garden.sources.registry import CONTENT_IDS, register
 
 log = logging.getLogger("garden")
@@ -21,32 +20,32 @@ class TinySeries(LocalSeries):
     """The tiny series' folder, trained (or resumed, or waited for while another job trains it) the first
     time anything needs its files; what the config already says is answered without training."""
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, settings: Settings):
         from garden.tiny import tiny_series_dir
 
-        self.cfg = cfg
-        self.data_dir = Path(cfg.paths.data_dir)
-        folder = tiny_series_dir(cfg.model, cfg.corpus, self.data_dir, str(cfg.variant))
+        self.settings = settings
+        self.data_dir = Path(settings.paths.data_dir)
+        folder = tiny_series_dir(settings.model, settings.corpus, self.data_dir, settings.variant)
         super().__init__(folder, label="tiny", memo_dir=self.data_dir / CONTENT_IDS, must_exist=False)
         self._training = threading.Lock()
 
     def prepare(self) -> None:
-        from garden.devices import resolve_device
         from garden.tiny import COMPLETE_MARKER, checkpoint_steps, ensure_tiny_series
 
-        cfg = self.cfg
+        settings = self.settings
+        model, corpus = settings.model, settings.corpus
         if not (self.root / COMPLETE_MARKER).is_file():  # say what is trained, and where, before the bar
-            arch, corpus = cfg.model.architecture, cfg.corpus
+            arch = model.architecture
             log.info(
                 "the tiny series is not trained yet: a GPT-NeoX of %d blocks, d_model %d, %d heads, vocab "
                 "%d, %d steps on %s (%s), %d checkpoints, on %s, into %s",
-                arch.num_hidden_layers, arch.hidden_size, arch.num_attention_heads, arch.vocab_size,
-                cfg.model.train.steps, corpus.get("path") or corpus.get("name"), cfg.variant,
-                len(checkpoint_steps(cfg.model.train)), resolve_device(str(cfg.device)), self.root,
+                arch["num_hidden_layers"], arch["hidden_size"], arch["num_attention_heads"],
+                arch["vocab_size"], model.train.steps, corpus.path or corpus.name, settings.variant,
+                len(checkpoint_steps(model.train)), settings.torch_device, self.root,
             )  # fmt: skip
         with self._training:
-            ensure_tiny_series(cfg.model, cfg.corpus, self.data_dir, str(cfg.device), bool(cfg.progress),
-                               str(cfg.variant))  # fmt: skip
+            ensure_tiny_series(model, corpus, self.data_dir, settings.torch_device, settings.progress,
+                               settings.variant)  # fmt: skip
 
     @cached_property
     def revisions(self) -> dict[int, Revision]:
@@ -56,22 +55,22 @@ class TinySeries(LocalSeries):
     def steps(self) -> list[int]:
         from garden.tiny import checkpoint_steps
 
-        return checkpoint_steps(self.cfg.model.train)
+        return checkpoint_steps(self.settings.model.train)
 
     def tensor_names(self, step: int) -> list[str]:
         from garden.tiny import tensor_names_on_disk
 
-        return tensor_names_on_disk(self.cfg.model)
+        return tensor_names_on_disk(self.settings.model)
 
     def tensor_shape(self, step: int, name: str) -> tuple[int, ...] | None:
         from garden.tiny import tensor_shapes_on_disk
 
-        return tensor_shapes_on_disk(self.cfg.model).get(name)
+        return tensor_shapes_on_disk(self.settings.model).get(name)
 
     def model_config(self) -> dict | None:
         from garden.tiny import neox_config
 
-        return neox_config(self.cfg.model).to_dict()
+        return neox_config(self.settings.model).to_dict()
 
     def artifacts(self) -> list[Path]:
         from garden.tiny import COMPLETE_MARKER
@@ -80,5 +79,5 @@ class TinySeries(LocalSeries):
 
 
 @register("tiny", caches=("tiny",))
-def open_tiny(cfg: DictConfig) -> TinySeries:
-    return TinySeries(cfg)
+def open_tiny(settings: Settings) -> TinySeries:
+    return TinySeries(settings)

@@ -9,14 +9,16 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from garden.settings import Settings, resolve
 from garden.tasks import cooccurrence, dynamics  # noqa: F401  (they register the tasks)
 from garden.tasks.registry import TASKS
 
 
-def task_of(cfg: DictConfig) -> Callable:
-    return TASKS.resolve(cfg.get("task", "dynamics"))
+def task_of(settings: Settings) -> Callable:
+    return TASKS.resolve(settings.task)
 
 
-def run(cfg: DictConfig, output_dir: Path | None = None):
-    """The job `cfg.task` names."""
-    return task_of(cfg)(cfg, output_dir)
+def run(cfg: DictConfig | Settings, output_dir: Path | None = None):
+    """The job `task` names, on the composed config read into Settings (bad input fails here)."""
+    settings = cfg if isinstance(cfg, Settings) else resolve(cfg)
+    return task_of(settings)(settings, output_dir)

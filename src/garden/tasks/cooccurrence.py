@@ -4,48 +4,41 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
-from omegaconf import DictConfig, open_dict
-
 from garden import cache
-from garden.errors import GardenError
 from garden.record import SUMMARY, aligned_rows, markdown_rows, run_params
+from garden.settings import ModelSettings, Settings
 from garden.tasks.dynamics import RunOutcome, output_folder, run_dynamics
 from garden.tasks.registry import register
 from garden.tracking import MlflowTracker, with_swept_overrides
-from garden.validation import check_config, check_environment
+from garden.validation import check_environment
 
 log = logging.getLogger("garden")
 
 
+def analysis_settings(settings: Settings, series_dir: Path) -> Settings:
+    """The follow-up dynamics job: the snapshots of `cooccurrence.analyse_tensor` as a local series."""
+    model = ModelSettings(name="cooccurrence", source="local", variants=("standard",), path=str(series_dir))
+    layer = replace(settings.layer, tensor=settings.cooccurrence.analyse_tensor)
+    evaluation = replace(settings.evaluation, stages=())
+    return replace(settings, task="dynamics", variant="standard", model=model, layer=layer,
+                   evaluation=evaluation, family=None)  # fmt: skip
+
+
 @register("cooccurrence")
-def run_cooccurrence(cfg: DictConfig, output_dir: Path | None = None) -> RunOutcome | None:
+def run_cooccurrence(settings: Settings, output_dir: Path | None = None) -> RunOutcome | None:
     """Train paper 003's model (logged as its own run), then analyse its snapshots like any series."""
     from garden import cooccurrence
 
-    co = cfg.cooccurrence
-    cooccurrence.validate(co)
-    check_environment(cfg)
-    series_dir = Path(cfg.paths.data_dir) / "series" / f"cooccurrence-{cooccurrence.run_config_hash(co)}"
-    tensor = co.get("analyse_tensor")
-    analysis = None
-    if tensor:  # the follow-up analysis is checked before training, like any bad input
-        if tensor not in cooccurrence.PARAMETERS:
-            raise GardenError(
-                f"cooccurrence.analyse_tensor={tensor!r} is not a snapshot tensor; "
-                f"valid: {', '.join(cooccurrence.PARAMETERS)} (or null)"
-            )
-        analysis = cfg.copy()
-        with open_dict(analysis):
-            analysis.task = "dynamics"
-            analysis.model = {"name": "cooccurrence", "source": "local", "variants": ["standard"],
-                              "path": str(series_dir)}  # fmt: skip
-            analysis.layer.tensor = str(tensor)
-            analysis.evaluation.stages = []
-        check_config(analysis)
-    output_dir = Path(output_dir) if output_dir is not None else output_folder(cfg)
-    tracker = MlflowTracker(str(cfg.tracking.uri), str(cfg.tracking.experiment))
+    co = settings.cooccurrence
+    cooccurrence.make_dataset(co.n, co.L, co.d, 0)  # the task's shape, checked before anything is logged
+    check_environment(settings)
+    series_dir = Path(settings.paths.data_dir) / "series" / f"cooccurrence-{cooccurrence.run_config_hash(co)}"
+    analysis = analysis_settings(settings, series_dir) if co.analyse_tensor else None
+    output_dir = Path(output_dir) if output_dir is not None else output_folder(settings)
+    tracker = MlflowTracker(settings.tracking.uri, settings.tracking.experiment)
     tags = {
         "garden.model": "cooccurrence",
         "garden.task": "cooccurrence",
@@ -55,21 +48,21 @@ def run_cooccurrence(cfg: DictConfig, output_dir: Path | None = None) -> RunOutc
     run_name = with_swept_overrides("cooccurrence/standard/train")
     with tracker.start(run_name, tags):
         resolved = {"device": "cpu", "output_dir": output_dir}  # paper 003's model is tiny: CPU always
-        tracker.log_params(run_params(cfg, TRAIN_GROUPS, resolved))
+        tracker.log_params(run_params(settings, TRAIN_GROUPS, resolved))
         tracker.set_description(f"**{run_name}**: paper 003 (arXiv 2410.09605), training. Running.")
-        record = cooccurrence.train(co, series_dir, progress=bool(cfg.progress))
+        record = cooccurrence.train(co, series_dir, progress=settings.progress)
         table = record.table
         tracker.log_table(table, "epoch", prefix="train/")
         tracker.log_summary({f"{SUMMARY}{key}": value for key, value in record.summary.items()})
         (output_dir / "tables").mkdir(parents=True, exist_ok=True)
         table.to_csv(output_dir / "tables" / "cooccurrence.csv", index=False)
-        if cfg.get("figures", True):
+        if settings.figures:
             from garden.figures import draw_cooccurrence
 
             draw_cooccurrence(table, record.summary, output_dir / "figures")
         tracker.log_artifacts(output_dir / "tables", "tables")
         tracker.log_artifacts(output_dir / "figures", "figures")
-        rows = outcome_rows(record.summary, int(co.epochs))
+        rows = outcome_rows(record.summary, co.epochs)
         tracker.set_description("\n".join([
             f"**{run_name}**: paper 003 (arXiv 2410.09605), the one-layer transformer trained on the "
             "word co-occurrence task; its snapshots are analysed in the child run.",

@@ -3,14 +3,15 @@
 Stage functions with typed results, called alike by `run` (the CLI, sweeps), the DVC stages
 (`garden.stages`) and the tests:
 
-    plan_dynamics(cfg) -> DynamicsJob       checks, the series opened, the tensor, the steps, duplicates
+    plan_dynamics(settings) -> DynamicsJob  checks, the series opened, the tensor, the steps, duplicates
     extract_trajectory(job) -> Trajectory   the streaming pass (resumable cache)
-    analyse(cfg, trajectory, counts) -> Analysis    the metric registry
+    analyse(settings, trajectory, counts) -> Analysis    the metric registry
     evaluate_models(job, ...) -> table, summary     the model-level stages (evaluation=...)
     write_dynamics / write_summary / log_results    tables, figures and the MLflow record
 
-Everything that can be checked without reading weights is checked first, so bad input fails in seconds
-with the valid choices, before any training, reading or run creation.
+The settings arrive checked and typed (garden.settings.resolve); what can be checked without reading
+weights (the folders garden writes to, the tensor, the steps) is checked first, so bad input fails in
+seconds with the valid choices, before any training, reading or run creation.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
 
 from garden import cache, families
 from garden.analysis import analyse, write_dynamics, write_summary
@@ -30,8 +30,8 @@ from garden.errors import GardenError
 from garden.evaluation.stage import EvaluationPlan, plan_evaluation
 from garden.extract import ExtractionPlan, extract
 from garden.layers import ResolvedLayer, resolve_layer
-from garden.metrics import MetricResult
-from garden.record import describe, log_outcome, log_results, log_training_history, run_params, step_metrics
+from garden.metrics import MetricResult, step_metrics
+from garden.record import describe, log_outcome, log_results, log_training_history, run_params
 from garden.schedule import select_steps
 from garden.series import (
     CheckpointSeries,
@@ -40,11 +40,11 @@ from garden.series import (
     find_duplicates,
     missing_tensor_error,
 )
-from garden.sources import open_series, source_of
+from garden.settings import Settings
 from garden.tasks.registry import register
 from garden.tracking import MlflowTracker, with_swept_overrides
 from garden.trajectory import Trajectory
-from garden.validation import check_config
+from garden.validation import check_environment
 
 log = logging.getLogger("garden")
 
@@ -60,21 +60,18 @@ class RunOutcome:
     tags: dict[str, str]
 
 
-def architecture_of(cfg: DictConfig, config: dict | None) -> dict:
+def architecture_of(settings: Settings, config: dict | None) -> dict:
     """model.architecture over the series' config.json: what roles and parameter counts need."""
-    known = (
-        OmegaConf.to_container(cfg.model.architecture, resolve=True) if cfg.model.get("architecture") else {}
-    )
-    return {**(config or {}), **known}  # type: ignore[dict-item]
+    return {**(config or {}), **(settings.model.architecture or {})}
 
 
-def resolve_tensor(cfg: DictConfig, series: CheckpointSeries, first_step: int, family: families.Family | None,
-                   architecture: dict) -> ResolvedLayer:  # fmt: skip
+def resolve_tensor(settings: Settings, series: CheckpointSeries, first_step: int,
+                   family: families.Family | None, architecture: dict) -> ResolvedLayer:  # fmt: skip
     """The configured layer in this series: a role in its family, or an exact name; every stored part
     must be in the first step's tensors."""
     layers = architecture.get("num_hidden_layers")
     num_layers = layers if isinstance(layers, int) else series.num_layers(first_step)
-    layer = resolve_layer(cfg.layer, family, num_layers, architecture)
+    layer = resolve_layer(settings.layer, family, num_layers, architecture)
     names = series.tensor_names(first_step)
     for part in layer.spec.parts:
         if part not in names:
@@ -115,12 +112,12 @@ def _write_fetch_manifest(series, selected, plan, duplicates, folder: Path) -> d
     }
 
 
-def output_folder(cfg: DictConfig) -> Path:
+def output_folder(settings: Settings) -> Path:
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
-    return Path("outputs") / str(cfg.model.name) / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+    return Path("outputs") / settings.model.name / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
 
 
 @dataclass
@@ -128,7 +125,7 @@ class DynamicsJob:
     """A dynamics job checked, planned and with its series open: everything before the first weight is
     analysed. The CLI runs it in one process; the DVC stages (`garden.stages`) run it piece by piece."""
 
-    cfg: DictConfig
+    settings: Settings
     series: CheckpointSeries
     family: families.Family | None  # None: not known, and not needed (layer.tensor, no stability stage)
     layer: ResolvedLayer
@@ -140,34 +137,34 @@ class DynamicsJob:
     tags: dict[str, str]
 
 
-def plan_dynamics(cfg: DictConfig) -> DynamicsJob:
+def plan_dynamics(settings: Settings) -> DynamicsJob:
     """Check and plan the job with its series open, then settle its duplicated steps."""
-    return settle_duplicates(open_dynamics(cfg))
+    return settle_duplicates(open_dynamics(settings))
 
 
-def open_dynamics(cfg: DictConfig) -> DynamicsJob:
+def open_dynamics(settings: Settings) -> DynamicsJob:
     """Check and plan the job with its series open: nothing trained or fetched yet (except the listing
     of a Hub repository), so bad input fails in seconds, before any run is created."""
-    check_config(cfg)
-    series = open_series(cfg)
+    check_environment(settings)
+    series = settings.source.open(settings)
     available = series.steps()
     config = series.model_config()  # config.json, read once
     names = lambda: series.tensor_names(available[0])  # noqa: E731  (read only when config.json says nothing)
-    family = families.configured(cfg.model) or families.detect(config, names)
-    layer = resolve_tensor(cfg, series, available[0], family, architecture_of(cfg, config))
-    steps = select_steps(available, OmegaConf.to_container(cfg.steps, resolve=True))
-    plan = ExtractionPlan.from_config(cfg.extract, layer.tensor, steps, str(cfg.series.on_bad_step))
+    family = settings.family or families.detect(config, names)
+    layer = resolve_tensor(settings, series, available[0], family, architecture_of(settings, config))
+    steps = select_steps(available, settings.steps)
+    plan = ExtractionPlan.from_settings(settings.extract, layer.tensor, steps, settings.series.on_bad_step)
     if plan.reference_step not in available:
         raise GardenError(f"extract.reference_step={plan.reference_step} is not a step of the series")
     shape = None if layer.spec.derived else series.tensor_shape(available[0], layer.tensor)
     if shape is not None:  # else checked on the first read, still before any statistics
         plan.resolve_unit_axis(shape)
-    eval_plan = plan_evaluation(cfg, available)
+    eval_plan = plan_evaluation(settings, available)
     if eval_plan is not None and "stability" in eval_plan.stages:
         families.require(family, "evaluation stage stability")
-    run_name = cfg.tracking.get("run_name") or with_swept_overrides(
-        f"{cfg.model.name}/{cfg.variant}/{layer.label}"
-    )
+    model = settings.model
+    default_name = f"{model.name}/{settings.variant}/{layer.label}"
+    run_name = settings.tracking.run_name or with_swept_overrides(default_name)
 
     if layer.spec.derived:
         series = DerivedTensors(series, layer.spec)
@@ -177,25 +174,25 @@ def open_dynamics(cfg: DictConfig) -> DynamicsJob:
             f"HF_HUB_OFFLINE is set and the cache lacks {plan.tensor} for steps {missing} of "
             f"{series.identity}; run once online, or select the cached steps (steps=list steps.values=[...])"
         )
-    caches = [*source_of(cfg).caches, "extract", *(["evaluate"] if eval_plan is not None else [])]
+    caches = [*settings.source.caches, "extract", *(["evaluate"] if eval_plan is not None else [])]
     tags = {
         "garden.task": "dynamics",
-        "garden.model": str(cfg.model.name),
-        "garden.variant": str(cfg.variant),
+        "garden.model": model.name,
+        "garden.variant": settings.variant,
         "garden.layer": layer.label,
         "garden.tensor": layer.tensor,
         "garden.family": family.name if family else "unknown",
         "garden.series": series.identity,
-        "garden.duplicates_policy": str(cfg.series.on_duplicate),
+        "garden.duplicates_policy": settings.series.on_duplicate,
         **cache.version_tags(*caches),
     }
-    return DynamicsJob(cfg, series, family, layer, plan, list(plan.steps), {}, eval_plan, run_name, tags)
+    return DynamicsJob(settings, series, family, layer, plan, list(plan.steps), {}, eval_plan, run_name, tags)
 
 
 def settle_duplicates(job: DynamicsJob) -> DynamicsJob:
     """Apply series.on_duplicate: this reads content ids (and so trains the tiny series, when it is not
     trained yet)."""
-    plan, duplicates = _drop_duplicates(job.series, job.plan, str(job.cfg.series.on_duplicate))
+    plan, duplicates = _drop_duplicates(job.series, job.plan, job.settings.series.on_duplicate)
     eval_plan = job.eval_plan
     if eval_plan is not None:
         eval_plan = replace(eval_plan, steps=tuple(s for s in eval_plan.steps if s not in duplicates))
@@ -204,26 +201,25 @@ def settle_duplicates(job: DynamicsJob) -> DynamicsJob:
                    tags={**job.tags, "garden.duplicates": listed})  # fmt: skip
 
 
-def used_groups(cfg: DictConfig) -> list[str]:
+def used_groups(settings: Settings) -> list[str]:
     """The config groups a dynamics job reads (its MLflow params): the training corpus only for the tiny
     series or a held-out evaluation text, `evaluation` only when a stage runs."""
     groups = ["task", "model", "variant", "layer", "metrics", "steps", "extract", "series", "seed", "device",
               "progress", "figures", "paths", "tracking"]  # fmt: skip
-    evaluating = bool(cfg.evaluation.get("stages"))
+    evaluating = bool(settings.evaluation.stages)
     if evaluating:
         groups.append("evaluation")
-    if cfg.model.get("source") == "tiny" or (evaluating and cfg.evaluation.text.source == "heldout"):
+    if settings.model.source == "tiny" or (evaluating and settings.evaluation.text.source == "heldout"):
         groups.append("corpus")
     return groups
 
 
 def extract_trajectory(job: DynamicsJob) -> Trajectory:
     """The streaming pass over the series, resumable through the per-step cache under paths.data_dir."""
-    from garden.devices import resolve_device
-
-    cfg = job.cfg
-    return extract(job.series, job.plan, Path(cfg.paths.data_dir) / "extract", progress=bool(cfg.progress),
-                   device=resolve_device(str(cfg.device)), prefetch=int(cfg.series.prefetch))  # fmt: skip
+    settings = job.settings
+    folder = Path(settings.paths.data_dir) / "extract"
+    return extract(job.series, job.plan, folder, progress=settings.progress, device=settings.torch_device,
+                   prefetch=settings.series.prefetch)  # fmt: skip
 
 
 def job_summary(job: DynamicsJob, output_dir: Path) -> dict[str, float]:
@@ -235,21 +231,20 @@ def job_summary(job: DynamicsJob, output_dir: Path) -> dict[str, float]:
 
 
 @register("dynamics")
-def run_dynamics(cfg: DictConfig, output_dir: Path | None = None,
+def run_dynamics(settings: Settings, output_dir: Path | None = None,
                  parent_run_id: str | None = None) -> RunOutcome:  # fmt: skip
     """The whole job in one process, in one MLflow run opened as soon as the input is checked: the tiny
     series' training (`train/...`) and the extraction (`extract/...`) show in it live, then the analysis,
     the evaluation and the record."""
-    from garden.devices import resolve_device
-
-    job = open_dynamics(cfg)
-    output_dir = Path(output_dir) if output_dir is not None else output_folder(cfg)
-    tracker = MlflowTracker(str(cfg.tracking.uri), str(cfg.tracking.experiment))
+    job = open_dynamics(settings)
+    output_dir = Path(output_dir) if output_dir is not None else output_folder(settings)
+    tracking = settings.tracking
+    tracker = MlflowTracker(tracking.uri, tracking.experiment)
     what = f"the dynamics of {job.layer.tensor} ({job.layer.label}) across {job.series.identity}"
     with tracker.start(job.run_name, job.tags, parent_run_id):
         output_dir.mkdir(parents=True, exist_ok=True)
-        resolved = {"device": resolve_device(str(cfg.device)), "output_dir": output_dir}
-        tracker.log_params(run_params(cfg, used_groups(cfg), resolved))
+        resolved = {"device": settings.torch_device, "output_dir": output_dir}
+        tracker.log_params(run_params(settings, used_groups(settings), resolved))
         tracker.set_description(f"**{job.run_name}**: {what}. Running: results appear here as it goes.")
         with tracker.live() as reported:
             job.series.prepare()  # the tiny series trains here, unless it is trained already
@@ -258,8 +253,8 @@ def run_dynamics(cfg: DictConfig, output_dir: Path | None = None,
             job = settle_duplicates(job)
             tracker.set_tags({"garden.duplicates": job.tags["garden.duplicates"]})
             trajectory = extract_trajectory(job)
-        analysis = analyse(cfg, trajectory, job_summary(job, output_dir))
-        write_dynamics(output_dir, analysis, job.run_name, cfg)
+        analysis = analyse(settings, trajectory, job_summary(job, output_dir))
+        write_dynamics(output_dir, analysis, job.run_name, settings)
         evaluation = None
         if job.eval_plan is not None:
             evaluation, eval_summary = evaluate_models(job, output_dir, analysis.summary,
@@ -271,8 +266,7 @@ def run_dynamics(cfg: DictConfig, output_dir: Path | None = None,
                     evaluation, analysis.summary, tags, job.series.artifacts())  # fmt: skip
         tracker.set_description(describe(job.run_name, what, analysis.summary, tags, output_dir))
         run_id = tracker.run_id
-    log_outcome(job.run_name, analysis.summary, tags, output_dir, run_id, str(cfg.tracking.uri),
-                str(cfg.tracking.experiment))  # fmt: skip
+    log_outcome(job.run_name, analysis.summary, tags, output_dir, run_id, tracking.uri, tracking.experiment)
     return RunOutcome(run_id, job.run_name, output_dir, trajectory, analysis.results, analysis.summary, tags)
 
 
@@ -283,21 +277,21 @@ def evaluate_models(job: DynamicsJob, output_dir: Path, dynamics: dict,
     from garden.evaluation.stage import evaluate, summarise
     from garden.figures import draw_evaluation
 
-    cfg = job.cfg
+    settings = job.settings
     excluded = {int(s) for s in excluded}  # steps the extraction excluded (series.on_bad_step)
     eval_plan = replace(job.eval_plan, steps=tuple(s for s in job.eval_plan.steps if s not in excluded))
-    result = evaluate(job.series, eval_plan, cfg, Path(cfg.paths.data_dir) / "evaluate", bool(cfg.progress),
-                      job.family)  # fmt: skip
+    result = evaluate(job.series, eval_plan, settings, Path(settings.paths.data_dir) / "evaluate",
+                      settings.progress, job.family)  # fmt: skip
     table = result.table
     bifurcation_step = dynamics.get("bifurcation_step")
-    summary, layers = summarise(result, cfg, bifurcation_step, dynamics.get("unit_bifurcation_step"))
+    summary, layers = summarise(result, settings, bifurcation_step, dynamics.get("unit_bifurcation_step"))
     tables = output_dir / "tables"
     tables.mkdir(parents=True, exist_ok=True)
     table.to_csv(tables / "evaluation.csv", index=False)
     if layers is not None:
         layers.to_csv(tables / "cka_convergence.csv", index=False)
-    if cfg.get("figures", True):
-        draw_evaluation(table, layers, result.n_layers, float(cfg.evaluation.cka.threshold), bifurcation_step,
-                        str(cfg.model.name), output_dir / "figures",
+    if settings.figures:
+        draw_evaluation(table, layers, result.n_layers, settings.evaluation.cka.threshold, bifurcation_step,
+                        settings.model.name, output_dir / "figures",
                         unit_bifurcation_step=dynamics.get("unit_bifurcation_step"))  # fmt: skip
     return table, summary
