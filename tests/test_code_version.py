@@ -42,11 +42,23 @@ def edited(monkeypatch):
     cache.clear_versions()
 
 
-def _keys(compose_config) -> dict[str, str]:
+@pytest.fixture(scope="module")
+def configs():
+    """The default settings and paper 003's, composed once (only the code changes between keys)."""
+    from hydra import compose, initialize_config_dir
+
+    from garden.config import config_dir
+    from garden.settings import resolve
+
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        return resolve(compose("config")), resolve(compose("config", ["experiment=cooccurrence"]))
+
+
+def _keys(configs) -> dict[str, str]:
     from garden.cooccurrence import run_config_hash
     from garden.tiny import series_fingerprint
 
-    cfg = compose_config()
+    cfg, paper = configs
     plan = ExtractionPlan(tensor="embed_out.weight", steps=(0, 1, 2), reference_step=0)
     scores = EvaluationPlan(("perplexity",), (0, 1), "cpu", "float32", 4, 16, None, None, 8, 0)
     ranks = EvaluationPlan(("stability",), (0, 1), "cpu", "float32", 4, 16, None, None, 8, 0)
@@ -56,7 +68,7 @@ def _keys(compose_config) -> dict[str, str]:
         "evaluate": scores.cache_key("local:/x", "data", "final"),
         "evaluate gpt_neox": ranks.cache_key("local:/x", "data", "final", families.get("gpt_neox")),
         "evaluate olmo2": ranks.cache_key("local:/x", "data", "final", families.get("olmo2")),
-        "cooccurrence": run_config_hash(compose_config("experiment=cooccurrence").cooccurrence),
+        "cooccurrence": run_config_hash(paper.cooccurrence),
         "hub_tensor": cache.code_version("hub_tensor"),
     }
 
@@ -122,12 +134,12 @@ def _ruff_formatted(text: str) -> str:
     "edit", [_comment_every_definition, _reworded, _unparsed, _ruff_formatted],
     ids=["comments", "docstrings-logs-annotations", "ast-unparse", "ruff-format"],
 )  # fmt: skip
-def test_edits_of_the_text_keep_every_key(compose_config, edited, edit):
-    before = _keys(compose_config)
+def test_edits_of_the_text_keep_every_key(configs, edited, edit):
+    before = _keys(configs)
     edited(dict.fromkeys(_producer_modules(), edit))
     tiny_module = importlib.import_module("garden.tiny")
     assert codehash.module_source("garden.tiny") != inspect.getsource(tiny_module)  # the text did change
-    assert _keys(compose_config) == before
+    assert _keys(configs) == before
 
 
 def _move(name: str, source_module: str, target_module: str) -> dict[str, Edit]:
@@ -143,17 +155,17 @@ def _move(name: str, source_module: str, target_module: str) -> dict[str, Edit]:
     }
 
 
-def test_a_move_between_producing_modules_keeps_every_key(compose_config, edited):
-    before = _keys(compose_config)
+def test_a_move_between_producing_modules_keeps_every_key(configs, edited):
+    before = _keys(configs)
     edited(_move("two_means_cuts", "garden.dip", "garden.dip_kernels"))
     assert "two_means_cuts" not in codehash.top_level_definitions("garden.dip")
     assert "two_means_cuts" in codehash.top_level_definitions("garden.dip_kernels")
-    assert _keys(compose_config) == before
+    assert _keys(configs) == before
 
 
-def test_a_refactor_of_a_loop_that_only_drives_keeps_every_key(compose_config, edited):
+def test_a_refactor_of_a_loop_that_only_drives_keeps_every_key(configs, edited):
     """The evaluation's step loop reads back, scores and saves; how it does that is not in the keys."""
-    before = _keys(compose_config)
+    before = _keys(configs)
 
     def refactor(text: str) -> str:
         changed = text.replace("records: dict[int, dict] = {}", "records: dict[int, dict] = dict()")
@@ -163,13 +175,13 @@ def test_a_refactor_of_a_loop_that_only_drives_keeps_every_key(compose_config, e
         return changed
 
     edited({"garden.evaluation.stage": refactor})
-    assert _keys(compose_config) == before
+    assert _keys(configs) == before
 
 
-def test_a_refactor_of_the_extraction_step_loop_keeps_every_key(compose_config, edited):
+def test_a_refactor_of_the_extraction_step_loop_keeps_every_key(configs, edited):
     """garden.extract.stream walks the steps (reuse, compute, exclude, prefetch) and decides no number."""
     assert not any(p.startswith("garden.extract.stream") for p in cache.PRODUCERS["extract"])
-    before = _keys(compose_config)
+    before = _keys(configs)
 
     def refactor(text: str) -> str:
         old = "planned, reusable = _planned_reads(series, plan, folder, ref_fp)"
@@ -178,7 +190,7 @@ def test_a_refactor_of_the_extraction_step_loop_keeps_every_key(compose_config, 
                                  "    planned, reusable = reads_planned[0], reads_planned[1]")  # fmt: skip
 
     edited({"garden.extract.stream": refactor})
-    assert _keys(compose_config) == before
+    assert _keys(configs) == before
 
 
 COMPUTATION_EDITS = [
@@ -200,19 +212,19 @@ COMPUTATION_EDITS = [
 
 @pytest.mark.parametrize("module, old, new, moved", COMPUTATION_EDITS,
                          ids=[f"{m}:{n}" for m, _, n, _ in COMPUTATION_EDITS])  # fmt: skip
-def test_an_edit_of_the_computation_moves_only_its_own_keys(compose_config, edited, module, old, new, moved):
-    before = _keys(compose_config)
+def test_an_edit_of_the_computation_moves_only_its_own_keys(configs, edited, module, old, new, moved):
+    before = _keys(configs)
     assert old in codehash.module_source(module)
     edited({module: lambda text: text.replace(old, new)})
-    after = _keys(compose_config)
+    after = _keys(configs)
     assert {k for k in before if before[k] != after[k]} == moved
 
 
-def test_a_new_family_moves_no_key(compose_config, edited):
+def test_a_new_family_moves_no_key(configs, edited):
     """A family added to garden.families (a new module registered there) retires no record."""
-    before = _keys(compose_config)
+    before = _keys(configs)
     edited({"garden.families": lambda text: text + "\n\nclass Gemma(Family):\n    name = 'gemma'\n"})
-    assert _keys(compose_config) == before
+    assert _keys(configs) == before
 
 
 # --------------------------------------------------------------------- the producer lists are complete

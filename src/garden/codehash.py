@@ -109,11 +109,11 @@ def _is_setup(node: ast.stmt) -> bool:
     return name in SETUP_CALLS
 
 
-def top_level_definitions(module_name: str) -> dict[str, ast.stmt]:
+def top_level_definitions(module_name: str, tree: ast.Module | None = None) -> dict[str, ast.stmt]:
     """name -> its defining statement: functions, classes and assigned constants (not imports, loggers,
     type variables or `__all__`)."""
     found: dict[str, ast.stmt] = {}
-    for node in _module_tree(module_name).body:
+    for node in (tree or _module_tree(module_name)).body:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
             found[node.name] = node
         elif isinstance(node, ast.Assign | ast.AnnAssign) and not _is_setup(node):
@@ -130,10 +130,10 @@ def _member(node: ast.stmt, name: str, producer: str) -> ast.stmt:
     raise LookupError(f"producer {producer!r}: no {name!r} in it")
 
 
-def definition_node(module_name: str, qualname: str) -> ast.stmt:
+def definition_node(module_name: str, qualname: str, top: dict[str, ast.stmt] | None = None) -> ast.stmt:
     """The statement defining `qualname` (`name` or `Class.method`) in a module."""
     head, *rest = qualname.split(".")
-    top = top_level_definitions(module_name)
+    top = top_level_definitions(module_name) if top is None else top
     if head not in top:
         raise LookupError(f"producer {module_name}:{qualname}: {module_name} defines no {head!r}")
     node = top[head]
@@ -142,12 +142,24 @@ def definition_node(module_name: str, qualname: str) -> ast.stmt:
     return node
 
 
+@cache
+def _normalised_definitions(module_name: str) -> dict[str, ast.stmt]:
+    """A module's top-level definitions, normalised once (a fresh parse, so no copy is needed)."""
+    tree = _Normaliser().visit(ast.parse(module_source(module_name)))
+    return top_level_definitions(module_name, tree)
+
+
+@cache
+def _dump(module_name: str, qualname: str) -> str:
+    node = definition_node(module_name, qualname, _normalised_definitions(module_name))
+    return ast.dump(node, include_attributes=False)
+
+
 def definitions(producer: str) -> dict[str, str]:
     """{qualified name: normalised tree} of what one producer names."""
     module_name, _, qualname = producer.partition(":")
-    if not qualname:
-        return {name: normalised(node) for name, node in top_level_definitions(module_name).items()}
-    return {qualname: normalised(definition_node(module_name, qualname))}
+    names = [qualname] if qualname else list(_normalised_definitions(module_name))
+    return {name: _dump(module_name, name) for name in names}
 
 
 def code_hash(producers: Iterable[str]) -> str:
@@ -163,3 +175,5 @@ def code_hash(producers: Iterable[str]) -> str:
 def clear() -> None:
     """Forget parsed modules (after a test replaced `module_source`)."""
     _module_tree.cache_clear()
+    _normalised_definitions.cache_clear()
+    _dump.cache_clear()

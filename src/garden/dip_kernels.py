@@ -9,12 +9,10 @@ from numba import njit
 
 
 @njit(cache=True, nogil=True, boundscheck=False)
-def dip_of_sorted(x, mn, mj, gcm, lcm):
-    """The dip of one ascending sample (1-based work arrays of length n + 2, as in AS 217)."""
+def _hull_links(x, mn, mj):
+    """For each index, the previous point of the greatest convex minorant (mn) and the next point of the
+    least concave majorant (mj) of the points before (after) it."""
     n = x.shape[0]
-    if n < 2 or x[n - 1] == x[0]:
-        return 0.0
-    # Indices over which the greatest convex minorant (mn) and least concave majorant (mj) combine.
     mn[1] = 1
     for j in range(2, n + 1):
         mn[j] = j - 1
@@ -33,85 +31,99 @@ def dip_of_sorted(x, mn, mj, gcm, lcm):
             if a == n or (x[k - 1] - x[a - 1]) * (a - b) < (x[a - 1] - x[b - 1]) * (k - a):
                 break
             mj[k] = b
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _change_points(low, high, mn, mj, gcm, lcm):
+    """The GCM's change points from high down to low, the LCM's from low up to high; their counts."""
+    gcm[1] = high
+    i = 1
+    while gcm[i] > low:
+        gcm[i + 1] = mn[gcm[i]]
+        i += 1
+    l_gcm = i
+    lcm[1] = low
+    i = 1
+    while lcm[i] < high:
+        lcm[i + 1] = mj[lcm[i]]
+        i += 1
+    return l_gcm, i
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _widest_gap(x, gcm, l_gcm, lcm, l_lcm):
+    """The largest distance between the GCM and the LCM on [low, high], and where it is (ig, ih)."""
+    ig, ih = l_gcm, l_lcm
+    ix, iv = l_gcm - 1, 2
+    d = 0.0
+    if l_gcm == 2 and l_lcm == 2:
+        return d, ig, ih
+    while True:
+        gx = gcm[ix]
+        lv = lcm[iv]
+        if gx > lv:
+            g1 = gcm[ix + 1]
+            dx = (lv - g1 + 1) - (x[lv - 1] - x[g1 - 1]) * (gx - g1) / (x[gx - 1] - x[g1 - 1])
+            iv += 1
+            if dx >= d:
+                d = dx
+                ig = ix + 1
+                ih = iv - 1
+        else:
+            l1 = lcm[iv - 1]
+            dx = (x[gx - 1] - x[l1 - 1]) * (lv - l1) / (x[lv - 1] - x[l1 - 1]) - (gx - l1 - 1)
+            ix -= 1
+            if dx >= d:
+                d = dx
+                ig = ix + 1
+                ih = iv
+        if ix < 1:
+            ix = 1
+        if iv > l_lcm:
+            iv = l_lcm
+        if gcm[ix] == lcm[iv]:
+            return d, ig, ih
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _hull_dip(x, points, first, count, concave):
+    """The largest distance of the sample to one hull (the convex minorant's change points, or with
+    `concave` the concave majorant's) over its segments from `first` on."""
+    dip = 0.0
+    for j in range(first, count):
+        best = 1.0
+        start, stop = (points[j], points[j + 1]) if concave else (points[j + 1], points[j])
+        if stop - start > 1 and x[stop - 1] != x[start - 1]:
+            slope = (stop - start) / (x[stop - 1] - x[start - 1])
+            base = x[start - 1]
+            for k in range(start, stop + 1):
+                if concave:
+                    t = (x[k - 1] - base) * slope - (k - start - 1)
+                else:
+                    t = (k - start + 1) - (x[k - 1] - base) * slope
+                if t > best:
+                    best = t
+        if best > dip:
+            dip = best
+    return dip
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def dip_of_sorted(x, mn, mj, gcm, lcm):
+    """The dip of one ascending sample (1-based work arrays of length n + 2, as in AS 217)."""
+    n = x.shape[0]
+    if n < 2 or x[n - 1] == x[0]:
+        return 0.0
+    _hull_links(x, mn, mj)
     low, high = 1, n
     dip = 0.0
     while True:
-        # Change points of the GCM from high down to low, and of the LCM from low up to high.
-        gcm[1] = high
-        i = 1
-        while gcm[i] > low:
-            gcm[i + 1] = mn[gcm[i]]
-            i += 1
-        l_gcm = i
-        ig = l_gcm
-        ix = ig - 1
-        lcm[1] = low
-        i = 1
-        while lcm[i] < high:
-            lcm[i + 1] = mj[lcm[i]]
-            i += 1
-        l_lcm = i
-        ih = l_lcm
-        iv = 2
-        # The largest distance between the GCM and the LCM from low to high.
-        d = 0.0
-        if l_gcm != 2 or l_lcm != 2:
-            while True:
-                gx = gcm[ix]
-                lv = lcm[iv]
-                if gx > lv:
-                    g1 = gcm[ix + 1]
-                    dx = (lv - g1 + 1) - (x[lv - 1] - x[g1 - 1]) * (gx - g1) / (x[gx - 1] - x[g1 - 1])
-                    iv += 1
-                    if dx >= d:
-                        d = dx
-                        ig = ix + 1
-                        ih = iv - 1
-                else:
-                    l1 = lcm[iv - 1]
-                    dx = (x[gx - 1] - x[l1 - 1]) * (lv - l1) / (x[lv - 1] - x[l1 - 1]) - (gx - l1 - 1)
-                    ix -= 1
-                    if dx >= d:
-                        d = dx
-                        ig = ix + 1
-                        ih = iv
-                if ix < 1:
-                    ix = 1
-                if iv > l_lcm:
-                    iv = l_lcm
-                if gcm[ix] == lcm[iv]:
-                    break
+        l_gcm, l_lcm = _change_points(low, high, mn, mj, gcm, lcm)
+        d, ig, ih = _widest_gap(x, gcm, l_gcm, lcm, l_lcm)
         if d < dip:
             break
-        # The dips of the convex minorant and of the concave majorant on [low, high].
-        dip_l = 0.0
-        for j in range(ig, l_gcm):
-            best = 1.0
-            jb = gcm[j + 1]
-            je = gcm[j]
-            if je - jb > 1 and x[je - 1] != x[jb - 1]:
-                slope = (je - jb) / (x[je - 1] - x[jb - 1])
-                base = x[jb - 1]
-                for jj in range(jb, je + 1):
-                    t = (jj - jb + 1) - (x[jj - 1] - base) * slope
-                    if t > best:
-                        best = t
-            if best > dip_l:
-                dip_l = best
-        dip_u = 0.0
-        for k in range(ih, l_lcm):
-            best = 1.0
-            kb = lcm[k]
-            ke = lcm[k + 1]
-            if ke - kb > 1 and x[ke - 1] != x[kb - 1]:
-                slope = (ke - kb) / (x[ke - 1] - x[kb - 1])
-                base = x[kb - 1]
-                for kk in range(kb, ke + 1):
-                    t = (x[kk - 1] - base) * slope - (kk - kb - 1)
-                    if t > best:
-                        best = t
-            if best > dip_u:
-                dip_u = best
+        dip_l = _hull_dip(x, gcm, ig, l_gcm, False)
+        dip_u = _hull_dip(x, lcm, ih, l_lcm, True)
         new = dip_l if dip_l > dip_u else dip_u
         if new > dip:
             dip = new

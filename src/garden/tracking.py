@@ -19,12 +19,16 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import mlflow
 import numpy as np
-from mlflow.entities import Metric
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
+
+# MLflow takes about a second to import: each function imports it where it is used, so that jobs and DVC
+# stages which log nothing do not pay for it.
+if TYPE_CHECKING:
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
 
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch request
 
@@ -47,6 +51,8 @@ def flatten(config: Mapping | DictConfig, prefix: str = "") -> dict[str, str]:
 
 class MlflowTracker:
     def __init__(self, uri: str, experiment: str):
+        from mlflow.tracking import MlflowClient
+
         self.uri = uri
         self.experiment = experiment
         self.client = MlflowClient(tracking_uri=uri)
@@ -64,6 +70,8 @@ class MlflowTracker:
     @contextmanager
     def _open(self, run_name: str, tags: Mapping[str, str] | None,
               parent_run_id: str | None) -> Iterator[MlflowTracker]:  # fmt: skip
+        import mlflow
+
         mlflow.set_tracking_uri(self.uri)
         experiment = mlflow.set_experiment(self.experiment)
         end_dead_runs(self.client, [experiment.experiment_id])
@@ -80,10 +88,14 @@ class MlflowTracker:
                 raise
 
     def log_params(self, params: Mapping[str, str]) -> None:
+        import mlflow
+
         mlflow.log_params({k: v[:6000] for k, v in params.items()})
 
     def log_step_metrics(self, steps: np.ndarray, series: Mapping[str, np.ndarray]) -> None:
         """One value per (metric, training step); NaN and inf are skipped, not logged as gaps."""
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         batch = [
             Metric(key=name, value=float(v), timestamp=now, step=int(step))
@@ -95,6 +107,7 @@ class MlflowTracker:
 
     def _send(self, metrics: list[Metric]) -> None:
         """Metrics to the run, in batches of at most MAX_BATCH (the REST API's limit per request)."""
+
         for start in range(0, len(metrics), MAX_BATCH):
             self.client.log_batch(self.run_id, metrics=metrics[start : start + MAX_BATCH])
 
@@ -106,6 +119,8 @@ class MlflowTracker:
 
     def log_summary(self, values: Mapping[str, float]) -> None:
         """Scalars as they are: NaN included (MLflow stores it), so a key is present even when undefined."""
+        import mlflow
+
         if values:
             mlflow.log_metrics({k: float(v) for k, v in values.items()})
 
@@ -114,6 +129,8 @@ class MlflowTracker:
         """While open, every progress report (`garden.progress`) is logged as `<kind>/<name>` at its
         step, in batches every `flush_seconds`, so the run's charts grow as training and extraction go.
         Yields the set of kinds reported so far."""
+        from mlflow.entities import Metric
+
         from garden import progress
 
         pending: list[Metric] = []
@@ -141,16 +158,24 @@ class MlflowTracker:
 
     def set_description(self, text: str) -> None:
         """The run's description (MLflow's note, shown on the run page and as the runs table's tooltip)."""
+        import mlflow
+
         mlflow.set_tag("mlflow.note.content", text)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
+        import mlflow
+
         mlflow.set_tags(dict(tags))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        import mlflow
+
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
     def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
         """Everything under `folder` (nothing when there is no such folder: figures=false)."""
+        import mlflow
+
         if Path(folder).is_dir():
             mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
 
@@ -297,6 +322,8 @@ _open_sweep: tuple[str, str] | None = None
 def end_open_sweep(error: BaseException | None) -> None:
     """End the sweep parent this process opened: FAILED when the sweep raised (a job failed), KILLED when
     it was interrupted. Called by the CLI around Hydra, since Hydra skips `on_multirun_end` on failure."""
+    from mlflow.tracking import MlflowClient
+
     global _open_sweep
     if _open_sweep is None:
         return
@@ -313,6 +340,8 @@ class MlflowSweepCallback:
     """Hydra callback: one MLflow parent run per sweep (`-m`); each job's run is its child."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
+        from mlflow.tracking import MlflowClient
+
         global _open_sweep
         from garden.validation import check_tracking_store
 
@@ -343,6 +372,8 @@ class MlflowSweepCallback:
         (sweep_dir / PARENT_RUN_FILE).write_text(run.info.run_id)
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        from mlflow.tracking import MlflowClient
+
         global _open_sweep
         marker = Path(str(config.hydra.sweep.dir)) / PARENT_RUN_FILE
         if marker.is_file():
