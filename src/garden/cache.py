@@ -70,7 +70,6 @@ PRODUCERS: dict[str, tuple[str, ...]] = {
         "garden.evaluation.perplexity",
         "garden.evaluation.stability",
         "garden.evaluation.scorers",
-        "garden.evaluation.stage:DTYPES",
         "garden.evaluation.stage:load_model",
         "garden.evaluation.stage:_final_activations",
         # What the stability stage asks of a family (the family's own module is added per family).

@@ -80,11 +80,6 @@ def stripped(node: ast.AST) -> ast.AST:
     return _Normaliser().visit(copy.deepcopy(node))
 
 
-def normalised(node: ast.AST) -> str:
-    """`stripped` as text: what is hashed."""
-    return ast.dump(stripped(node), include_attributes=False)
-
-
 @cache
 def _module_tree(module_name: str) -> ast.Module:
     return ast.parse(module_source(module_name))

@@ -34,8 +34,6 @@ from garden.schedule import select_steps
 from garden.series import CheckpointSeries
 from garden.settings import Settings
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass(frozen=True)
 class EvaluationPlan:
@@ -100,7 +98,7 @@ def load_model(series: CheckpointSeries, step: int, plan: EvaluationPlan):
     hf_logging.disable_progress_bar()
     folder = series.checkpoint_folder(step)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[plan.dtype])
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, plan.dtype))
     except Exception as err:
         raise GardenError(f"step {step}: cannot load the model from {folder}: {err}") from err
     return model.to(plan.device).eval()

@@ -43,10 +43,6 @@ __all__ = ["CkaSettings", "CooccurrenceSettings", "CorpusSettings", "EvaluationS
            "TinyArchitecture", "TinyTraining", "TrackingSettings", "as_plain", "from_values",
            "read_section", "resolve"]  # fmt: skip
 
-#: Sections whose keys are free-form (checked by a schema only where one applies: model.architecture).
-FREE_FORM = {"model.architecture"}
-
-
 @dataclass(frozen=True, kw_only=True)
 class Settings(GardenConfig):
     """The checked settings of one job, and what they resolve to."""
@@ -54,12 +50,6 @@ class Settings(GardenConfig):
     torch_device: torch.device  # `device` resolved: auto is cuda when present
     evaluation_device: torch.device  # `evaluation.device` resolved (the models of the evaluation stages)
     family: Any = None  # the Family `model.family` names (None: detected from the series, or not needed)
-
-    @property
-    def source(self):
-        from garden.sources.registry import SOURCES
-
-        return SOURCES[self.model.source]
 
 
 def _invalid(key: str, value: object, valid: str, why: str = "") -> GardenError:

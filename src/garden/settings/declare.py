@@ -15,10 +15,9 @@ BAD_STEP_POLICIES = ("error", "exclude")
 DUPLICATE_POLICIES = ("exclude", "keep", "error")
 STEP_SELECTIONS = ("all", "eval", "every", "list", "log")
 BIFURCATION_CRITERIA = ("bimodality_coefficient", "dip", "ashman_d")
-EVALUATION_DTYPES = ("float32", "bfloat16", "float16")
 TEXT_SOURCES = ("heldout", "file")
 LAMBADA_SOURCES = ("heldout", "file", "hub")
-SAVE_DTYPES = ("float32", "float16", "bfloat16")
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")  # torch dtypes by name: checkpoints saved, models evaluated
 CO_TENSORS = ("W_Q", "W_K", "W_V", "W")
 
 

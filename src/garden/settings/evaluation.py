@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from garden.settings.declare import (
-    EVALUATION_DTYPES,
+    FLOAT_DTYPES,
     LAMBADA_SOURCES,
     TEXT_SOURCES,
     _stages,
@@ -100,7 +100,7 @@ class EvaluationSettings:
     device: str = setting(
         "auto", DEVICE, "Where the models run (auto = cuda when present).", yaml="${device}"
     )
-    dtype: str = setting("float32", choice(*EVALUATION_DTYPES), "The models' dtype.")
+    dtype: str = setting("float32", choice(*FLOAT_DTYPES), "The models' dtype.")
     batch_size: int = setting(16, integer(1), "Sequences per forward pass.")
     seq_len: int = setting(128, integer(2), "Token windows for perplexity and the CKA sequences.")
     max_windows: int | None = setting(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import MISSING, dataclass
 
-from garden.settings.declare import CO_TENSORS, SAVE_DTYPES, VARIANTS, _families, _sources, section, setting
+from garden.settings.declare import CO_TENSORS, FLOAT_DTYPES, VARIANTS, _families, _sources, section, setting
 from garden.settings.rules import (
     BOOLEAN,
     MAPPING,
@@ -59,7 +59,7 @@ class TinyTraining:
     )
     grad_clip: float = setting(MISSING, POSITIVE, "Gradient norm clipping.")
     heldout_fraction: float = setting(MISSING, PROBABILITY, "Corpus tail kept out of training.")
-    save_dtype: str = setting(MISSING, choice(*SAVE_DTYPES), "dtype the checkpoints are stored in.")
+    save_dtype: str = setting(MISSING, choice(*FLOAT_DTYPES), "dtype the checkpoints are stored in.")
     seed: int = setting(MISSING, integer(0), "Seed of the initialisation and the batches.")
 
 

@@ -41,6 +41,7 @@ from garden.series import (
     missing_tensor_error,
 )
 from garden.settings import Settings
+from garden.sources import open_series, source_of
 from garden.tasks.registry import register
 from garden.tracking import MlflowTracker, with_swept_overrides
 from garden.trajectory import Trajectory
@@ -146,7 +147,7 @@ def open_dynamics(settings: Settings) -> DynamicsJob:
     """Check and plan the job with its series open: nothing trained or fetched yet (except the listing
     of a Hub repository), so bad input fails in seconds, before any run is created."""
     check_environment(settings)
-    series = settings.source.open(settings)
+    series = open_series(settings)
     available = series.steps()
     config = series.model_config()  # config.json, read once
     names = lambda: series.tensor_names(available[0])  # noqa: E731  (read only when config.json says nothing)
@@ -174,7 +175,7 @@ def open_dynamics(settings: Settings) -> DynamicsJob:
             f"HF_HUB_OFFLINE is set and the cache lacks {plan.tensor} for steps {missing} of "
             f"{series.identity}; run once online, or select the cached steps (steps=list steps.values=[...])"
         )
-    caches = [*settings.source.caches, "extract", *(["evaluate"] if eval_plan is not None else [])]
+    caches = [*source_of(settings).caches, "extract", *(["evaluate"] if eval_plan is not None else [])]
     tags = {
         "garden.task": "dynamics",
         "garden.model": model.name,
