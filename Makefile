@@ -19,11 +19,16 @@ $(STAMP): pyproject.toml
 run: install
 	$(PY) -m garden $(ARGS)
 
+# Two workers, one test file each at a time (a file's module fixtures, such as test_dvc's study, stay in one
+# worker); WORKERS=0 runs the suite in this process (for pdb), WORKERS=auto on one per core.
+WORKERS ?= 2
+XDIST := $(if $(filter 0,$(WORKERS)),-p no:xdist,-n $(WORKERS) --dist loadfile)
+
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 bench: install
 	$(PY) benchmarks/bench.py $(ARGS)
