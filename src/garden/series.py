@@ -189,7 +189,8 @@ def read_training_log(path: Path):
 
 class LocalSeries(CheckpointSeries):
     """A directory of checkpoint folders, each a Hugging Face checkpoint (any of the four layouts), named
-    like its family's revisions: `step{N}/` (GPT-NeoX), `stage1-step{N}-tokens{M}B/` (OLMo-2)."""
+    like its family's revisions: `step{N}/` (GPT-NeoX), `stage1-step{N}-tokens{M}B/` (OLMo-2), or as a
+    Hugging Face `Trainer` saves them in its `output_dir`: `checkpoint-{N}/` (any family)."""
 
     def __init__(self, root: str | Path, label: str = "local", memo_dir: Path | None = None,
                  family: families.Family | None = None, revision_pattern: str | None = None,
@@ -217,12 +218,14 @@ class LocalSeries(CheckpointSeries):
     def revisions(self) -> dict[int, Revision]:
         """{step: the folder's name parsed}: its step, and its tokens where the name has them."""
         names = [child.name for child in self.root.iterdir() if child.is_dir()]
-        found = families.parse_revisions(names, self.family, self.revision_pattern, f"model.path {self.root}")
+        found = families.parse_revisions(names, self.family, self.revision_pattern, f"model.path {self.root}",
+                                         trainer_folders=True)  # fmt: skip
         if not found:
             named = self.revision_pattern or (self.family.revision_pattern if self.family else None)
             raise GardenError(
-                f"model.path {self.root} holds no checkpoint folders (e.g. step0/, step1000/, or "
-                f"stage1-step1000-tokens5B/){f' matching {named!r}' if named else ''}"
+                f"model.path {self.root} holds no checkpoint folders (e.g. step0/, step1000/, "
+                f"stage1-step1000-tokens5B/, or a Trainer's checkpoint-500/)"
+                f"{f' matching {named!r}' if named else ''}"
             )
         return found
 

@@ -11,6 +11,7 @@ model configs under conf/model/ (`family: <name>`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 
 from garden.errors import GardenError
@@ -48,15 +49,31 @@ def require(family: Family | None, what: str) -> Family:
     )
 
 
+#: The folders a Hugging Face `Trainer` saves in its `output_dir`, whatever the model: `checkpoint-{N}`, N the
+#: optimizer step (`TrainerState.global_step`).
+TRAINER_CHECKPOINT = re.compile(r"checkpoint-(?P<step>\d+)")
+
+
 def parse_revisions(
-    names: Iterable[str], family: Family | None, pattern: str | None, where: str
+    names: Iterable[str],
+    family: Family | None,
+    pattern: str | None,
+    where: str,
+    trainer_folders: bool = False,
 ) -> dict[int, Revision]:
     """{step: revision} of the names that are checkpoints (of `family`, or of any family when it is not
-    known yet); two names for one step are an error naming both (narrow it with model.revision_pattern)."""
+    known yet; with `trainer_folders` and no `pattern`, also a `Trainer`'s `checkpoint-{N}` folders); two
+    names for one step are an error naming both (narrow it with model.revision_pattern)."""
     candidates = [family] if family is not None else list(FAMILIES.values())
+
+    def parse(name: str) -> Revision | None:
+        if trainer_folders and pattern is None and (match := TRAINER_CHECKPOINT.fullmatch(name)):
+            return Revision(name, int(match.group("step")), None)
+        return next((r for f in candidates if (r := f.parse_revision(name, pattern))), None)
+
     found: dict[int, Revision] = {}
     for name in sorted(names):
-        revision = next((r for f in candidates if (r := f.parse_revision(name, pattern))), None)
+        revision = parse(name)
         if revision is None:
             continue
         if revision.step in found:
