@@ -60,6 +60,29 @@ def test_same_seed_same_weights_and_loadable(tmp_path, small_corpus):
     torch.testing.assert_close(loaded.get_output_embeddings().weight, weights(a, 12)["embed_out.weight"])
 
 
+def test_the_series_is_byte_identical_whatever_threads_the_process_has(tmp_path, small_corpus):
+    """A Hydra joblib worker runs torch on 1 thread, a shell on 2 (2 cores): the training pins
+    model.train.threads, so both write the same bytes; trained on another pinned count, they differ."""
+    from dataclasses import replace
+
+    model, corpus_cfg = small_model(small_corpus, steps=24, interval=8)
+    before = torch.get_num_threads()
+    written = {}
+    try:
+        for process_threads, pinned in ((1, 2), (2, 2), (2, 1)):
+            torch.set_num_threads(process_threads)
+            settings = replace(model, train=replace(model.train, threads=pinned))
+            folder = tmp_path / f"process{process_threads}-pinned{pinned}"
+            tiny.train_series(settings, corpus_cfg, folder, tmp_path, torch.device("cpu"), progress=False)
+            assert torch.get_num_threads() == process_threads  # the process gets its own count back
+            checkpoints = folder.glob("step*/model.safetensors")
+            written[process_threads, pinned] = {p.parent.name: p.read_bytes() for p in checkpoints}
+    finally:
+        torch.set_num_threads(before)
+    assert len(written[1, 2]) == 7 and written[1, 2] == written[2, 2]  # steps 0, 1, 2, 4, 8, 16, 24
+    assert written[2, 1]["step24"] != written[2, 2]["step24"]
+
+
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path, small_corpus, monkeypatch):
     model, corpus_cfg = small_model(small_corpus)
     clean = tiny.ensure_tiny_series(model, corpus_cfg, tmp_path / "clean", "cpu", progress=False)

@@ -20,6 +20,8 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -313,9 +315,31 @@ def train_series(
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(".*.tmp"):  # left by a killed job (we hold the folder's lock)
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    tokenizer, train_ids, heldout_ids = _tokens(model_settings, corpus, folder, data_dir, variant)
+    with pinned_threads(int(train.threads)):
+        _train(model_settings, corpus, folder, variant, device, progress, tokenizer, train_ids, heldout_ids)
+
+
+@contextmanager
+def pinned_threads(count: int) -> Iterator[None]:
+    """torch's CPU kernels split their reductions by thread count, so one training on 1 and on 2 threads
+    differs in the last bits from the first step (a Hydra joblib worker gets 1, a shell 2 on 2 cores):
+    the training runs on `count` threads in every process, and the process gets its own back after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(model_settings: ModelSettings, corpus: CorpusSettings, folder: Path, variant: str,
+           device: torch.device, progress: bool, tokenizer, train_ids: np.ndarray,
+           heldout_ids: np.ndarray) -> None:  # fmt: skip
+    """The training loop of `train_series`, from where the saved trainer state left it."""
+    train = model_settings.train
     save_dtype = getattr(torch, str(train.save_dtype))
     total, saves = int(train.steps), set(checkpoint_steps(train))
-    tokenizer, train_ids, heldout_ids = _tokens(model_settings, corpus, folder, data_dir, variant)
     trainer = build_trainer(model_settings, device)
     model = trainer[0]
     state_path = folder / STATE_FILE

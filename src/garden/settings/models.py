@@ -61,6 +61,12 @@ class TinyTraining:
     heldout_fraction: float = setting(MISSING, PROBABILITY, "Corpus tail kept out of training.")
     save_dtype: str = setting(MISSING, choice(*FLOAT_DTYPES), "dtype the checkpoints are stored in.")
     seed: int = setting(MISSING, integer(0), "Seed of the initialisation and the batches.")
+    threads: int = setting(
+        MISSING,
+        integer(1),
+        "CPU threads the training runs on, whatever the process was given (torch splits its sums by "
+        "thread count, so another count gives other last bits: the series would not reproduce).",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
