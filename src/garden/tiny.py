@@ -20,8 +20,6 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,7 @@ from tqdm.auto import tqdm
 
 from garden import cache
 from garden.corpus import load_corpus, text_content_id
-from garden.devices import resolve_device
+from garden.devices import pinned_threads, resolve_device
 from garden.errors import GardenError
 from garden.progress import report as progress_report
 from garden.schedule import log_linear_schedule
@@ -315,57 +313,39 @@ def train_series(
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(".*.tmp"):  # left by a killed job (we hold the folder's lock)
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    tokenizer, train_ids, heldout_ids = _tokens(model_settings, corpus, folder, data_dir, variant)
-    with pinned_threads(int(train.threads)):
-        _train(model_settings, corpus, folder, variant, device, progress, tokenizer, train_ids, heldout_ids)
-
-
-@contextmanager
-def pinned_threads(count: int) -> Iterator[None]:
-    """torch's CPU kernels split their reductions by thread count, so one training on 1 and on 2 threads
-    differs in the last bits from the first step (a Hydra joblib worker gets 1, a shell 2 on 2 cores):
-    the training runs on `count` threads in every process, and the process gets its own back after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _train(model_settings: ModelSettings, corpus: CorpusSettings, folder: Path, variant: str,
-           device: torch.device, progress: bool, tokenizer, train_ids: np.ndarray,
-           heldout_ids: np.ndarray) -> None:  # fmt: skip
-    """The training loop of `train_series`, from where the saved trainer state left it."""
-    train = model_settings.train
     save_dtype = getattr(torch, str(train.save_dtype))
     total, saves = int(train.steps), set(checkpoint_steps(train))
-    trainer = build_trainer(model_settings, device)
-    model = trainer[0]
-    state_path = folder / STATE_FILE
-    start, log = _resume(state_path, device, *trainer)
-    if start == 0 and 0 in saves:
-        _save_checkpoint(model, tokenizer, folder, 0, save_dtype)
+    tokenizer, train_ids, heldout_ids = _tokens(model_settings, corpus, folder, data_dir, variant)
+    # torch's CPU kernels split their reductions by thread count, so one training on 1 and on 2 threads
+    # differs in the last bits from the first step (a Hydra joblib worker gets 1, a shell 2 on 2 cores):
+    # the training runs on model.train.threads in every process.
+    with pinned_threads(int(train.threads)):
+        trainer = build_trainer(model_settings, device)
+        model = trainer[0]
+        state_path = folder / STATE_FILE
+        start, log = _resume(state_path, device, *trainer)
+        if start == 0 and 0 in saves:
+            _save_checkpoint(model, tokenizer, folder, 0, save_dtype)
 
-    data = torch.from_numpy(train_ids.astype(np.int64))
-    logger.info("training the tiny series in %s: steps %d..%d of %d", folder, start + 1, total, total)
-    model.train()
-    began = time.perf_counter()
-    bar = tqdm(range(start + 1, total + 1), desc="train tiny GPT-NeoX", unit="step", disable=not progress,
-               initial=start, total=total)  # fmt: skip
-    for step in bar:
-        log.append({"step": step, **train_step(*trainer, data, train, device)})
-        progress_report("train", step, {"loss": log[-1]["loss"], "lr": log[-1]["lr"]})
-        bar.set_postfix(loss=f"{log[-1]['loss']:.3f}", refresh=False)
-        if step in saves:
-            _save_checkpoint(model, tokenizer, folder, step, save_dtype)
-            _save_state(state_path, step, log, *trainer)
-    bar.close()
-    elapsed = time.perf_counter() - began
-    trained_tokens = (total - start) * int(train.batch_size) * int(train.seq_len)
-    _write_completion(model_settings, corpus, folder, variant, log, (train_ids, heldout_ids),
-                      trained_tokens / elapsed if elapsed > 0 else None, device)  # fmt: skip
-    state_path.unlink(missing_ok=True)
+        data = torch.from_numpy(train_ids.astype(np.int64))
+        logger.info("training the tiny series in %s: steps %d..%d of %d", folder, start + 1, total, total)
+        model.train()
+        began = time.perf_counter()
+        bar = tqdm(range(start + 1, total + 1), desc="train tiny GPT-NeoX", unit="step",
+                   disable=not progress, initial=start, total=total)  # fmt: skip
+        for step in bar:
+            log.append({"step": step, **train_step(*trainer, data, train, device)})
+            progress_report("train", step, {"loss": log[-1]["loss"], "lr": log[-1]["lr"]})
+            bar.set_postfix(loss=f"{log[-1]['loss']:.3f}", refresh=False)
+            if step in saves:
+                _save_checkpoint(model, tokenizer, folder, step, save_dtype)
+                _save_state(state_path, step, log, *trainer)
+        bar.close()
+        elapsed = time.perf_counter() - began
+        trained_tokens = (total - start) * int(train.batch_size) * int(train.seq_len)
+        _write_completion(model_settings, corpus, folder, variant, log, (train_ids, heldout_ids),
+                          trained_tokens / elapsed if elapsed > 0 else None, device)  # fmt: skip
+        state_path.unlink(missing_ok=True)
 
 
 def _write_completion(model_settings: ModelSettings, corpus: CorpusSettings, folder: Path, variant: str,

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from garden import cache
+from garden.devices import pinned_threads
 from garden.extract import records
 from garden.extract.kernel import UnitLayout, Workspace, pass_blocks, unit_dips, with_dips
 from garden.extract.plan import BadStep, ExtractionPlan, check_shape
@@ -106,15 +107,13 @@ def _extract(series: CheckpointSeries, plan: ExtractionPlan, folder: Path, progr
 @contextlib.contextmanager
 def _cores_for_helpers(device: torch.device) -> Iterator[None]:
     """Torch's intra-op threads for the pass, restored after it."""
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        # The sums, the histogram helper and the dip worker run at once: leave those two a core each
-        # rather than let torch's intra-op threads oversubscribe the machine.
-        torch.set_num_threads(max(1, threads - 2))
-    try:
+    if device.type != "cpu":
         yield
-    finally:
-        torch.set_num_threads(threads)
+        return
+    # The sums, the histogram helper and the dip worker run at once: leave those two a core each rather
+    # than let torch's intra-op threads oversubscribe the machine.
+    with pinned_threads(max(1, torch.get_num_threads() - 2)):
+        yield
 
 
 class _Progress:
