@@ -55,10 +55,12 @@ class UnitLayout:
         self._positions_t = torch.from_numpy(self.positions)
 
     def samples(self, tensor: torch.Tensor) -> torch.Tensor:
-        """[units, sample] in the stored dtype: each unit's entries at the sampled positions."""
+        """[units, sample] in the stored dtype: each unit's entries at the sampled positions (on the
+        tensor's device: a live monitor's weights may be on a GPU)."""
+        positions = self._positions_t.to(tensor.device)
         if self.axis == 1:
-            return tensor.index_select(0, self._positions_t).t().contiguous()
-        return tensor.index_select(1, self._positions_t).contiguous()
+            return tensor.index_select(0, positions).t().contiguous()
+        return tensor.index_select(1, positions).contiguous()
 
     def unit_values(self, tensor: torch.Tensor, unit: int) -> torch.Tensor:
         return (tensor[:, unit] if self.axis == 1 else tensor[unit]).float()
@@ -384,8 +386,9 @@ def histogram_quantiles(
 
 
 def unit_dips(units: UnitLayout, tensor: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Every unit's dip statistic and two-means cut on its seeded sample (see `garden.dip`)."""
-    return dips_and_cuts(units.samples(tensor), threads=DIP_THREADS)
+    """Every unit's dip statistic and two-means cut on its seeded sample (see `garden.dip`: a CPU kernel,
+    so only the samples come to the host)."""
+    return dips_and_cuts(units.samples(tensor).cpu(), threads=DIP_THREADS)
 
 
 def with_dips(record: dict, units: UnitLayout, dips: np.ndarray) -> dict:

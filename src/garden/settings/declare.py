@@ -19,6 +19,8 @@ TEXT_SOURCES = ("heldout", "file")
 LAMBADA_SOURCES = ("heldout", "file", "hub")
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")  # torch dtypes by name: checkpoints saved, models evaluated
 CO_TENSORS = ("W_Q", "W_K", "W_V", "W")
+#: What a live monitor may stop a training on (garden.monitor): its two causal events.
+STOP_RULES = ("stationary", "unit_bifurcation")
 
 
 def setting(default: object = MISSING, rule: Rule = ANYTHING, doc: str = "", *, yaml: object = MISSING):

@@ -3,16 +3,28 @@ paper 003's synthetic task and the DVC study's matrix."""
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass
+from dataclasses import MISSING, dataclass, fields
 
-from garden.settings.declare import CO_TENSORS, FLOAT_DTYPES, VARIANTS, _families, _sources, section, setting
+from garden.settings.declare import (
+    CO_TENSORS,
+    FLOAT_DTYPES,
+    STOP_RULES,
+    VARIANTS,
+    _families,
+    _sources,
+    section,
+    setting,
+)
+from garden.settings.pipeline import ExtractSettings, MetricSettings
 from garden.settings.rules import (
     BOOLEAN,
+    FRACTION,
     MAPPING,
     NONNEGATIVE,
     POSITIVE,
     PROBABILITY,
     STEP_REGEX,
+    UNIT_AXIS,
     Rule,
     choice,
     integer,
@@ -36,6 +48,14 @@ class TinyArchitecture:
     max_position_embeddings: int = setting(MISSING, integer(2), "Longest sequence.")
     rotary_pct: float = setting(MISSING, number(0.0, 1.0, low_open=True), "Share of each head rotated.")
     use_parallel_residual: bool = setting(MISSING, BOOLEAN, "Pythia's parallel attention and MLP.")
+
+
+EVERY = integer(1, nullable=True)
+STOP_ON = choice(*STOP_RULES, nullable=True)
+STOP_ON_DOC = ("Stop the training when the live monitor declares this event (causal: from the past only); "
+               "null = train to the end.")  # fmt: skip
+MIN_STEP_DOC = "Observations before this optimizer step count for no live event."
+PATIENCE_DOC = "Consecutive observations an event's condition must hold before it is declared."
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +87,65 @@ class TinyTraining:
         "CPU threads the training runs on, whatever the process was given (torch splits its sums by "
         "thread count, so another count gives other last bits: the series would not reproduce).",
     )
+    every: int | None = setting(
+        None,
+        EVERY,
+        "The live monitor (garden.monitor, on the unembedding) observes every this many steps; null = at "
+        "each checkpoint, where its numbers are the offline pass's.",
+    )
+    stop_on: str | None = setting(None, STOP_ON, STOP_ON_DOC)
+    min_step: int = setting(0, integer(0), MIN_STEP_DOC)
+    patience: int = setting(3, integer(1), PATIENCE_DOC)
+
+
+def _default(cls: type, name: str) -> object:
+    """A setting's schema default (each default is written once; the monitor shares the pass's)."""
+    spec = {f.name: f for f in fields(cls)}[name]
+    return spec.default_factory() if spec.default is MISSING else spec.default
+
+
+@dataclass(frozen=True, kw_only=True)
+class MonitorSettings:
+    """`garden.monitor.WeightMonitor` and the trainer callbacks: what they watch, how often, and when a
+    training stops. The statistics' settings default to the offline pass's (`extract.*`, `metrics.*`), so
+    the live numbers are the offline ones."""
+
+    layers: tuple[str, ...] = setting(
+        ["unembedding"],
+        list_of(text(), "a list of roles (role.index for a block role) or parameter names", min_length=1),
+        "What to watch: roles the model's family resolves (unembedding, mlp_out.3, ...) or parameter names.",
+    )
+    every: int = setting(20, integer(1), "Optimizer steps between two observations.")
+    stop_on: str | None = setting(None, STOP_ON, STOP_ON_DOC)
+    min_step: int = setting(0, integer(0), MIN_STEP_DOC)
+    patience: int = setting(3, integer(1), PATIENCE_DOC)
+    stationary_threshold: float = setting(
+        _default(MetricSettings, "stationary_threshold"), PROBABILITY,
+        "Live stationary: the displacement rate over its largest value so far stays below this.",
+    )  # fmt: skip
+    unit_fraction_threshold: float = setting(
+        _default(MetricSettings, "unit_fraction_threshold"), FRACTION,
+        "Live unit bifurcation: the bimodal-unit fraction stays at or above this.",
+    )  # fmt: skip
+    unit_fdr: float = setting(_default(MetricSettings, "unit_fdr"), PROBABILITY,
+                              "Benjamini-Hochberg level of the units' dip tests at each step.")  # fmt: skip
+    unit_axis: str | int | None = setting(
+        _default(ExtractSettings, "unit_axis"), UNIT_AXIS, "Per-unit statistics (as extract.unit_axis)."
+    )
+    unit_sample: int = setting(
+        _default(ExtractSettings, "unit_sample"), integer(4),
+        "Entries of each unit its dip test runs on (as extract.unit_sample).",
+    )  # fmt: skip
+    quantiles: tuple[float, ...] = setting(
+        _default(ExtractSettings, "quantiles"), list_of(PROBABILITY, "a list of numbers in (0, 1)"),
+        "The quantiles recorded per observation.",
+    )  # fmt: skip
+    quantile_bins: int = setting(_default(ExtractSettings, "quantile_bins"), integer(2),
+                                 "Bins of the fine histogram the quantiles are read off.")  # fmt: skip
+    chunk_size: int = setting(_default(ExtractSettings, "chunk_size"), integer(1024),
+                              "Elements per chunk of the statistics pass.")  # fmt: skip
+    seed: int = setting(0, integer(0), "Seed of the units' dip samples (as extract.seed).")
+    log: bool = setting(True, BOOLEAN, "Log to MLflow: the active run, else a run the monitor opens.")
 
 
 @dataclass(frozen=True, kw_only=True)
