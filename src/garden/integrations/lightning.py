@@ -41,7 +41,7 @@ class GardenCallback(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self._saved is not None:
-            self.monitor.load_state_dict(self._saved)
+            self.monitor.load_state_dict(self._saved, trainer.global_step)
             self._saved = None
         elif trainer.global_step == 0 and self.monitor.last_step is None:
             self.monitor.observe(0)

@@ -35,7 +35,14 @@ class GardenCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.monitor = WeightMonitor(model, self.layers, self.every, **self.settings)
         if state.global_step > 0:
-            self.monitor.load_state_dict(self._saved_state(args, state.global_step))
+            try:
+                self.monitor.load_state_dict(self._saved_state(args, state.global_step), state.global_step)
+            except GardenError as error:
+                raise GardenError(
+                    f"{error} (transformers 5's Trainer resumes GPT-NeoX without its `embed_out`, stored as "
+                    "`lm_head` in memory: pass Trainer(model=AutoModelForCausalLM.from_pretrained(<the "
+                    "checkpoint folder>)) so the weights are loaded with their names converted)"
+                ) from error
         else:
             self.monitor.observe(0)
         return control

@@ -8,6 +8,7 @@ import threading
 from functools import cached_property
 from pathlib import Path
 
+from garden import cache
 from garden.families import Revision
 from garden.series import TRAIN_LOG, LocalSeries
 from garden.settings import Settings
@@ -53,9 +54,12 @@ class TinySeries(LocalSeries):
         return super().revisions
 
     def steps(self) -> list[int]:
-        from garden.tiny import checkpoint_steps
+        """The schedule (a training with a stop rule: the checkpoints it wrote, once trained; the job
+        plans on the schedule and plans again after the training)."""
+        from garden.tiny import COMPLETE_MARKER, series_steps
 
-        return checkpoint_steps(self.settings.model.train)
+        completion = cache.read_json(self.root / COMPLETE_MARKER, "tiny series marker")
+        return series_steps(self.settings.model.train, completion)
 
     def tensor_names(self, step: int) -> list[str]:
         from garden.tiny import tensor_names_on_disk
@@ -71,6 +75,13 @@ class TinySeries(LocalSeries):
         from garden.tiny import neox_config
 
         return neox_config(self.settings.model).to_dict()
+
+    def training_stop(self) -> tuple[int, str] | None:
+        from garden.tiny import COMPLETE_MARKER
+
+        completion = cache.read_json(self.root / COMPLETE_MARKER, "tiny series marker") or {}
+        reason = (completion.get("monitor") or {}).get("stop_reason")
+        return None if reason is None else (int(completion["steps"][-1]), reason)
 
     def artifacts(self) -> list[Path]:
         from garden.tiny import COMPLETE_MARKER

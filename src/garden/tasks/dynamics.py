@@ -251,6 +251,8 @@ def run_dynamics(settings: Settings, output_dir: Path | None = None,
             job.series.prepare()  # the tiny series trains here, unless it is trained already
             if "train" not in reported:
                 log_training_history(tracker, job.series.training_history())
+            if not set(job.selected) <= set(job.series.steps()):  # a training its monitor stopped early
+                job = open_dynamics(settings)
             job = settle_duplicates(job)
             tracker.set_tags({"garden.duplicates": job.tags["garden.duplicates"]})
             trajectory = extract_trajectory(job)
@@ -262,6 +264,10 @@ def run_dynamics(settings: Settings, output_dir: Path | None = None,
                                                        trajectory.meta.get("excluded_steps", {}))  # fmt: skip
             analysis.summary.update(eval_summary)
         tags = {**job.tags, **analysis.tags}
+        stopped = job.series.training_stop()
+        if stopped is not None:
+            analysis.summary["stopped_step"] = float(stopped[0])
+            tags["garden.stop_reason"] = stopped[1]
         write_summary(output_dir, job.run_name, analysis.summary, tags)
         log_results(tracker, output_dir, analysis.trajectory.steps, step_metrics(analysis.results),
                     evaluation, analysis.summary, tags, job.series.artifacts())  # fmt: skip
