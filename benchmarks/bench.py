@@ -16,7 +16,10 @@ measures, in one run so that every ratio compares figures taken on the same mach
 * the Hub source on a fake Hub (127.0.0.1, `bench_hub.py`): bytes fetched for the head against its own
   bytes in every weight layout, and `extract` over a throttled Hub with and without fetching ahead;
 * LAMBADA perplexity throughput of the batched scorer against a one-example-at-a-time loop over the same
-  texts (a pythia-14m-shaped model), with the numbers compared.
+  texts (a pythia-14m-shaped model), with the numbers compared;
+* the live monitor (`bench_monitor.py`): the tiny GPT-NeoX's training time with it (every 20 steps and every
+  step) against without it, its memory against the watched tensor's, and its numbers against the offline
+  pass on checkpoints saved at its observations.
 
 Peak RSS is the child's VmHWM (/proc/self/status): on Linux a child's `ru_maxrss` starts from the
 parent's high-water mark (it survives fork and exec), so it would report the bench process, not garden.
@@ -89,6 +92,9 @@ MAX_HUB_BYTES_RATIO = 1.05
 MAX_PREFETCH_OVER_SLOWEST = 1.25
 MIN_PREFETCH_SPEEDUP = 1.6
 MIN_PERPLEXITY_SPEEDUP = 3.0
+MAX_MONITOR_TIME_RATIO = 1.10
+MAX_MONITOR_MEMORY_RATIO = 2.0 * 1.10  # 2x the watched tensor's float32 size, plus 10%
+MAX_LIVE_OFFLINE_REL = 1e-6
 MAX_PERPLEXITY_REL_DIFF = 1e-4
 HUB_REPO = "bench/pythia-160m-shaped"
 
@@ -541,6 +547,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--hub-latency", type=float, default=0.02, help="throttled Hub: seconds per request")
     parser.add_argument("--hub-prefetch", type=int, default=4, help="series.prefetch of the throttled runs")
+    parser.add_argument(
+        "--monitor-repeats", type=int, default=3, help="monitor: trainings per kind, processes per memory run"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     parser.add_argument("--rss-child", nargs=2, metavar=("ROOT", "N_STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -751,6 +760,19 @@ def measure_hub(args: argparse.Namespace, root: Path, steps: list[int], workdir:
     return Hub(formats, prefetch)
 
 
+def measure_monitor(args: argparse.Namespace, workdir: Path) -> dict:
+    """The live monitor's time, memory and agreement with the offline pass (`bench_monitor.py`)."""
+    import bench_monitor
+
+    found = {
+        "agreement": bench_monitor.agreement(workdir),
+        "overhead": bench_monitor.overhead(workdir, args.monitor_repeats),
+        "memory": bench_monitor.memory(workdir, args.monitor_repeats),
+    }
+    print(f"monitor: {json.dumps(found, default=float)}", flush=True)
+    return found
+
+
 @dataclass
 class Figures:
     machine: str
@@ -763,6 +785,7 @@ class Figures:
     rss: PeakRss
     hub: Hub
     ppl: dict
+    monitor: dict
 
 
 def run_bench(args: argparse.Namespace, workdir: Path) -> Figures:
@@ -784,7 +807,8 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> Figures:
     rss = measure_rss(args, workdir, caches)
     hub = measure_hub(args, root, steps, workdir)
     ppl = perplexity_routes()
-    return Figures(machine, steps, build_s, extraction, units, dips, notebook, rss, hub, ppl)
+    monitor = measure_monitor(args, workdir)
+    return Figures(machine, steps, build_s, extraction, units, dips, notebook, rss, hub, ppl, monitor)
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -962,6 +986,39 @@ def perplexity_checks(ppl: dict) -> list[Check]:
     ]
 
 
+def monitor_checks(m: dict) -> list[Check]:
+    o, mem, agreement = m["overhead"], m["memory"], m["agreement"]
+    grows = mem["grows_with_tensor_bytes"] / mem["watched_float32_bytes"]
+    worst = max(agreement["max_rel_diff"].values())
+    return [
+        Check(
+            f"monitor every 20 (units on, MLflow) / no monitor, tiny training of {o['steps']} steps",
+            o["every20_over_off"],
+            f"{o['every20_over_off']:.3f} ({o['seconds']['every20']:.2f} / {o['seconds']['off']:.2f} s; own "
+            f"{o['monitor_own_s']['every20']:.2f} s)",
+            at_most(MAX_MONITOR_TIME_RATIO),
+        ),
+        Check(
+            "monitor every step / no monitor",
+            o["every1_over_off"],
+            f"{o['every1_over_off']:.3f} (own {o['monitor_own_s']['every1']:.2f} s)",
+        ),
+        Check(
+            "monitor: extra peak RSS growing with the watched tensor / its float32 size",
+            grows,
+            f"{grows:.3f} ({mem['grows_with_tensor_bytes'] / 2**20:.1f} MiB for "
+            f"{mem['watched_float32_bytes'] / 2**20:.0f} MiB; fixed {mem['fixed_bytes'] / 2**20:.1f} MiB)",
+            at_most(MAX_MONITOR_MEMORY_RATIO, "<= 2x + 10%"),
+        ),
+        Check(
+            "monitor: live MSD, displacement, BC, bimodal-unit fraction vs offline, max rel diff",
+            worst,
+            f"{worst:.1e} ({len(agreement['steps'])} observations)",
+            at_most(MAX_LIVE_OFFLINE_REL),
+        ),
+    ]
+
+
 def bench_checks(f: Figures, args: argparse.Namespace) -> list[Check]:
     """The one list the table and the verdict are made from."""
     return [
@@ -971,6 +1028,7 @@ def bench_checks(f: Figures, args: argparse.Namespace) -> list[Check]:
         *rss_checks(f.rss),
         *hub_checks(f.hub, args, len(f.steps)),
         *perplexity_checks(f.ppl),
+        *monitor_checks(f.monitor),
     ]
 
 
@@ -984,6 +1042,7 @@ def results_of(f: Figures) -> dict:
         "build_head_s": r.build_s,
         "hub_formats": f.hub.formats,
         "hub_prefetch": f.hub.prefetch,
+        "monitor": f.monitor,
         **f.ppl,
         "floor_s_per_step": e.floor_step_s,
         "garden_s_per_step": e.garden_step_s,

@@ -122,6 +122,10 @@ def test_a_stop_rule_ends_the_series_at_its_live_event_and_the_run_analyses_what
     logged = client.get_run(outcome.run_id).data
     assert logged.metrics["summary/stopped_step"] == stopped and "garden.stop_reason" in logged.tags
     assert logged.metrics["monitor/events"] >= 1
+    # Both definitions on one run: the live event (declared at the stop) and the offline one on the series.
+    assert outcome.summary["live_stationary_declared_step"] == stopped
+    assert outcome.summary["live_stationary_step"] < stopped
+    assert "stationary_step" in outcome.summary or outcome.tags["garden.stationary"] == "none"
 
 
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path, small_corpus, monkeypatch):

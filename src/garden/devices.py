@@ -30,3 +30,16 @@ def pinned_threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextmanager
+def pass_threads(device: torch.device) -> Iterator[None]:
+    """torch's intra-op threads for the statistics pass, the offline extraction's and the live monitor's
+    alike (float32 block sums are split by thread count: the same count gives the same last bits). On the
+    CPU the sums, the histogram helper and the dip worker run at once: those two get a core each rather
+    than let torch's threads oversubscribe the machine."""
+    if device.type != "cpu":
+        yield
+        return
+    with pinned_threads(max(1, torch.get_num_threads() - 2)):
+        yield

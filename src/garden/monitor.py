@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from garden.devices import pass_threads
 from garden.errors import GardenError
 from garden.extract.kernel import (
     UnitLayout,
@@ -154,12 +155,12 @@ class _Watched:
             raise GardenError(f"step {step}: {self.spec.name} holds non-finite values (NaN or inf)")
         half = 1.25 * extent if extent > 0 else 1.0  # the pass's rule, on the step's own extremes
         width = pass_blocks(tuple(x.shape), self.plan.chunk_size, self.units)[1]
-        workspace = Workspace(
-            width, self.plan.quantile_bins, x.device
-        )  # on the weights' device, for this step
+        workspace = Workspace(width, self.plan.quantile_bins, x.device)  # on the weights' device
         try:
-            stats = step_statistics(x, self.reference, self.previous, -half, half, self.plan.quantile_bins,
-                                    self.plan.chunk_size, workspace, self.units)  # fmt: skip
+            with pass_threads(x.device):  # the offline pass's thread count, so its sums' order
+                stats = step_statistics(x, self.reference, self.previous, -half, half,
+                                        self.plan.quantile_bins, self.plan.chunk_size, workspace,
+                                        self.units)  # fmt: skip
         finally:
             workspace.close()
         quantiles = histogram_quantiles(stats["fine_hist"], -half, half, self.plan.quantiles, stats["min"],

@@ -139,6 +139,14 @@ def headline(summary: Mapping[str, float | None], tags: Mapping[str, str]) -> li
     else:
         rows.append(("unit bifurcation", tags.get("garden.units", "not computed")))
     rows.append(("stationary", event("stationary_step")))
+    for name in ("stationary", "unit_bifurcation"):  # the live monitor's, where one watched the training
+        declared = summary.get(f"live_{name}_declared_step")
+        if declared is not None:
+            found = f"declared at {_step(declared)} (from {_step(summary[f'live_{name}_step'])})"
+            rows.append((f"{name.replace('_', ' ')}, live", found if declared >= 0 else "not declared"))
+    if summary.get("stopped_step") is not None:
+        reason = tags.get("garden.stop_reason")
+        rows.append(("training stopped", f"at {_step(summary['stopped_step'])}: {reason}"))
     regimes = summary.get("msd_regimes")
     if regimes:
         slopes = " → ".join(f"t^{summary[f'msd_regime{i}_alpha']:.2f}" for i in range(1, int(regimes) + 1))

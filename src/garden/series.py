@@ -76,9 +76,9 @@ class CheckpointSeries(ABC):
         """The training log of the series (a table of step, loss, lr), where it has one."""
         return None
 
-    def training_stop(self) -> tuple[int, str] | None:
-        """(step, reason) where a live monitor stopped the series' training early (the tiny series with
-        model.train.stop_on); None otherwise."""
+    def training_monitor(self) -> dict | None:
+        """What a live monitor saw while the series trained (the tiny series: its summary, events and stop
+        reason); None where nothing watched the training."""
         return None
 
     def tensor_shape(self, step: int, name: str) -> tuple[int, ...] | None:
@@ -382,8 +382,8 @@ class DerivedTensors(CheckpointSeries):
     def training_history(self):
         return self.inner.training_history()
 
-    def training_stop(self) -> tuple[int, str] | None:
-        return self.inner.training_stop()
+    def training_monitor(self) -> dict | None:
+        return self.inner.training_monitor()
 
     def bytes_fetched(self) -> int:
         return self.inner.bytes_fetched()

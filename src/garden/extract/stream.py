@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from garden import cache
-from garden.devices import pinned_threads
+from garden.devices import pass_threads
 from garden.extract import records
 from garden.extract.kernel import UnitLayout, Workspace, pass_blocks, unit_dips, with_dips
 from garden.extract.plan import BadStep, ExtractionPlan, check_shape
@@ -93,7 +92,7 @@ def _extract(series: CheckpointSeries, plan: ExtractionPlan, folder: Path, progr
         cleanup.callback(walk.close)
         status = _Progress(series, plan, progress)
         cleanup.callback(status.bar.close)
-        cleanup.enter_context(_cores_for_helpers(device))
+        cleanup.enter_context(pass_threads(device))
         walk.run(status)
     log.info("extract %s: %d of %d steps computed, %d reused from the cache (%s)", plan.tensor, walk.computed,
              len(walk.records), len(walk.records) - walk.computed, folder)  # fmt: skip
@@ -102,18 +101,6 @@ def _extract(series: CheckpointSeries, plan: ExtractionPlan, folder: Path, progr
     trajectory = records.assemble(walk.records, plan, basis)
     trajectory.meta["excluded_steps"] = {str(step): reason for step, reason in walk.excluded.items()}
     return trajectory
-
-
-@contextlib.contextmanager
-def _cores_for_helpers(device: torch.device) -> Iterator[None]:
-    """Torch's intra-op threads for the pass, restored after it."""
-    if device.type != "cpu":
-        yield
-        return
-    # The sums, the histogram helper and the dip worker run at once: leave those two a core each rather
-    # than let torch's intra-op threads oversubscribe the machine.
-    with pinned_threads(max(1, torch.get_num_threads() - 2)):
-        yield
 
 
 class _Progress:

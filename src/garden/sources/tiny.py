@@ -76,12 +76,11 @@ class TinySeries(LocalSeries):
 
         return neox_config(self.settings.model).to_dict()
 
-    def training_stop(self) -> tuple[int, str] | None:
+    def training_monitor(self) -> dict | None:
         from garden.tiny import COMPLETE_MARKER
 
         completion = cache.read_json(self.root / COMPLETE_MARKER, "tiny series marker") or {}
-        reason = (completion.get("monitor") or {}).get("stop_reason")
-        return None if reason is None else (int(completion["steps"][-1]), reason)
+        return completion.get("monitor")
 
     def artifacts(self) -> list[Path]:
         from garden.tiny import COMPLETE_MARKER

@@ -231,6 +231,19 @@ def job_summary(job: DynamicsJob, output_dir: Path) -> dict[str, float]:
     }
 
 
+def live_summary(monitor: dict | None, tags: dict[str, str]) -> dict[str, float]:
+    """The live monitor's events beside the offline ones (`live_stationary_step`: dated from,
+    `live_stationary_declared_step`: declared at; -1 when not declared), and the step the training stopped
+    at (its reason in the tag `garden.stop_reason`)."""
+    if not monitor:
+        return {}
+    summary = {key: value for key, value in monitor["summary"].items() if key.startswith("live_")}
+    if monitor.get("stop_reason"):
+        summary["stopped_step"] = monitor["summary"]["stopped_step"]
+        tags["garden.stop_reason"] = monitor["stop_reason"]
+    return summary
+
+
 @register("dynamics")
 def run_dynamics(settings: Settings, output_dir: Path | None = None,
                  parent_run_id: str | None = None) -> RunOutcome:  # fmt: skip
@@ -264,10 +277,7 @@ def run_dynamics(settings: Settings, output_dir: Path | None = None,
                                                        trajectory.meta.get("excluded_steps", {}))  # fmt: skip
             analysis.summary.update(eval_summary)
         tags = {**job.tags, **analysis.tags}
-        stopped = job.series.training_stop()
-        if stopped is not None:
-            analysis.summary["stopped_step"] = float(stopped[0])
-            tags["garden.stop_reason"] = stopped[1]
+        analysis.summary.update(live_summary(job.series.training_monitor(), tags))
         write_summary(output_dir, job.run_name, analysis.summary, tags)
         log_results(tracker, output_dir, analysis.trajectory.steps, step_metrics(analysis.results),
                     evaluation, analysis.summary, tags, job.series.artifacts())  # fmt: skip
