@@ -65,6 +65,20 @@ PRODUCERS: dict[str, tuple[str, ...]] = {
         "garden.dip",
         "garden.dip_kernels",
     ),
+    # What decides where a live monitor stops a training (garden.tiny keys a series with a stop rule by it).
+    "monitor": (
+        "garden.monitor",
+        "garden.extract.kernel",
+        "garden.extract.plan:ExtractionPlan",
+        "garden.extract.plan:_default",
+        "garden.extract.records:quantile_column",
+        "garden.dip",
+        "garden.dip_kernels",
+        "garden.metrics.units:bimodal_units",
+        "garden.metrics.events:onset_index",
+        "garden.families:detect",
+        "garden.families.base:TensorSpec",
+    ),
     # The family's own module is added per family (family_version): a new family retires nothing.
     "evaluate": (
         "garden.evaluation.perplexity",

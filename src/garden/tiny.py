@@ -65,7 +65,7 @@ def series_fingerprint(model: ModelSettings, corpus: CorpusSettings, variant: st
     if variant != "standard":
         payload["variant"] = variant
     if stop["stop_on"] is not None:  # the monitor changes the weights only where it stops the training
-        payload["stop"] = {**stop, "monitor": MONITORED, "thresholds": "monitor defaults"}
+        payload["stop"] = {**stop, "monitor": MONITORED, "code": cache.code_version("monitor")}
     return cache.cache_key("tiny", **payload)[:12]
 
 
