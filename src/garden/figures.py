@@ -474,3 +474,21 @@ def save_figures(figures: dict, folder: Path) -> list[Path]:
         plt.close(fig)
         paths.append(folder / f"{stem}.png")
     return paths
+
+
+def draw_early_stop(table: pd.DataFrame, folder: Path) -> list[Path]:
+    """task=early_stop: one point per seed and rule, the share of training compute its stop saves against
+    the held-out perplexity lost at the stop (relative to the end of training); rules that never stopped
+    sit at 0 saved."""
+    fig, ax = plt.subplots(figsize=(7.0, 4.5))
+    markers = {"stationary": "o", "unit_bifurcation": "s", "validation_loss": "^"}
+    for rule, rows in table.groupby("rule", sort=False):
+        ax.scatter(100 * rows["compute_saved"], 100 * rows["perplexity_lost"], s=60, alpha=0.8,
+                   marker=markers.get(str(rule), "o"), label=f"{rule} ({len(rows)} seeds)")  # fmt: skip
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xlabel("training compute saved by the stop (%)")
+    ax.set_ylabel("held-out perplexity at the stop vs the end (%)")
+    ax.set_title("Early stopping on the tiny series: what each rule saves and costs", fontsize=11)
+    ax.legend(fontsize=9)
+    fig.tight_layout()
+    return save_figures({"early_stop.png": fig}, folder)

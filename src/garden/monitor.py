@@ -450,14 +450,19 @@ class MlflowSink:
 
 class ProgressSink:
     """The monitor's metrics as `garden.progress` reports (`diffusion/msd` is kind `diffusion`, name `msd`):
-    garden's own trainer uses it, and the job's MLflow run logs whatever is reported while it trains."""
+    garden's own trainer uses it, and the job's MLflow run logs whatever is reported while it trains.
+    `prefix` (e.g. `live/`) keeps them apart from the offline record's keys where they are not its numbers
+    (observations between the checkpoints)."""
+
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix
 
     def metrics(self, step: int, values: Mapping[str, float]) -> None:
         from garden.progress import report
 
         kinds: dict[str, dict[str, float]] = {}
         for key, value in values.items():
-            kind, _, name = key.partition("/")
+            kind, _, name = (self.prefix + key).partition("/")
             kinds.setdefault(kind, {})[name] = value
         for kind, named in kinds.items():
             report(kind, step, named)

@@ -378,11 +378,13 @@ def train_series(
 
 
 def _monitor(model, train: TinyTraining):
-    """The live monitor of the tiny training: the unembedding, at each checkpoint (or every
-    `model.train.every` steps), its numbers reported through `garden.progress` under the offline keys."""
+    """The live monitor of the tiny training: the unembedding, at each checkpoint, its numbers reported
+    through `garden.progress` under the offline keys (they are the offline pass's); or every
+    `model.train.every` steps, under `live/...` (their displacement spans other intervals)."""
     from garden.monitor import ProgressSink, WeightMonitor
 
-    return WeightMonitor(model, MONITORED, int(train.every or 1), family="gpt_neox", sink=ProgressSink(),
+    sink = ProgressSink("" if train.every is None else "live/")
+    return WeightMonitor(model, MONITORED, int(train.every or 1), family="gpt_neox", sink=sink,
                          stop_on=train.stop_on, min_step=int(train.min_step),
                          patience=int(train.patience))  # fmt: skip
 

@@ -89,6 +89,46 @@ class MlflowTracker:
                 mlflow.end_run("KILLED")
                 raise
 
+    @contextmanager
+    def parent(self, run_name: str, tags: Mapping[str, str] | None = None) -> Iterator[str]:
+        """A run that this process's own runs nest under while it stays open (MLflow's fluent API holds one
+        active run per thread, so this one is made and logged with the client: `log_to`). It ends
+        FINISHED, FAILED when the block raises, KILLED when interrupted."""
+        experiment = self.client.get_experiment_by_name(self.experiment)
+        experiment_id = (
+            experiment.experiment_id if experiment else self.client.create_experiment(self.experiment)
+        )
+        end_dead_runs(self.client, [experiment_id])
+        run = self.client.create_run(
+            experiment_id, run_name=run_name, tags={**(tags or {}), **process_tags()}
+        )
+        status = "FAILED"
+        try:
+            with terminate_as_interrupt():
+                yield run.info.run_id
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            self.client.set_terminated(run.info.run_id, status)
+
+    def log_to(self, run_id: str, summary: Mapping[str, float] = {}, params: Mapping[str, str] = {},
+               tags: Mapping[str, str] = {}, artifacts: Mapping[str, Path] = {}) -> None:  # fmt: skip
+        """Scalars, params, tags and folders (artifact path -> folder) into a run by id (a `parent`)."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()],
+            params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+            tags=[RunTag(k, str(v)) for k, v in tags.items()],
+        )
+        for artifact_path, folder in artifacts.items():
+            if Path(folder).is_dir():
+                self.client.log_artifacts(run_id, str(folder), artifact_path)
+
     def log_params(self, params: Mapping[str, str]) -> None:
         import mlflow
 

@@ -246,3 +246,37 @@ class StudySettings:
         list_of(choice(*VARIANTS), "a list of variants", min_length=1),
         "The variants of the sweep stage.",
     )
+
+
+#: The rules `task=early_stop` compares: the monitor's two and validation-loss early stopping.
+EARLY_STOP_RULES = (*STOP_RULES, "validation_loss")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EarlyStopSettings:
+    """task=early_stop (the paper's open check): on the tiny series, for each seed, the training to the end
+    against where each stop rule would have stopped it, with the held-out perplexity and LAMBADA-format
+    accuracy at the stop and at the end."""
+
+    seeds: tuple[int, ...] = setting(
+        [0, 1, 2], list_of(integer(0), "a list of seeds", min_length=1), "One training per seed."
+    )
+    rules: tuple[str, ...] = setting(
+        list(EARLY_STOP_RULES),
+        list_of(choice(*EARLY_STOP_RULES), "a list of stop rules", min_length=1),
+        "The rules compared: the live monitor's events, and validation-loss early stopping.",
+    )
+    patience: int = setting(3, integer(1), "The monitor's rules: " + PATIENCE_DOC)
+    min_step: int = setting(0, integer(0), "The monitor's rules: " + MIN_STEP_DOC)
+    val_patience: int = setting(
+        3, integer(1),
+        "validation_loss: evaluations without improvement before the stop (early_stopping_patience).",
+    )  # fmt: skip
+    val_threshold: float = setting(
+        0.0, NONNEGATIVE,
+        "validation_loss: the least improvement of the held-out loss that counts (early_stopping_threshold).",
+    )  # fmt: skip
+    verify: bool = setting(
+        True, BOOLEAN, "Train the first seed once more with each monitor rule, stopping for real, and check "
+        "that it stops where the rule applied to the full training says.",
+    )  # fmt: skip

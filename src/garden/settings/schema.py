@@ -30,6 +30,7 @@ from garden.settings.evaluation import CkaSettings, EvaluationSettings, LambadaS
 from garden.settings.models import (
     CooccurrenceSettings,
     CorpusSettings,
+    EarlyStopSettings,
     ModelSettings,
     StudySettings,
     TinyArchitecture,
@@ -83,6 +84,7 @@ class GardenConfig:
     corpus: CorpusSettings = section(CorpusSettings)
     evaluation: EvaluationSettings = section(EvaluationSettings)
     cooccurrence: CooccurrenceSettings = section(CooccurrenceSettings)
+    early_stop: EarlyStopSettings = section(EarlyStopSettings)
     study: StudySettings | None = section(
         StudySettings, "Only in the DVC study's params.yaml.", optional=True
     )

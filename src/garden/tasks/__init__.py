@@ -1,6 +1,7 @@
 """Tasks, registered by name: `task=` picks what a job does with its config, and `run(cfg)` dispatches
 to it the way `python -m garden` does. `dynamics` analyses a checkpoint series (papers 001 and 002);
-`cooccurrence` trains paper 003's synthetic task, then analyses its snapshots as a series."""
+`cooccurrence` trains paper 003's synthetic task, then analyses its snapshots as a series; `early_stop`
+compares the live monitor's stop rules with validation-loss early stopping on the tiny series."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from garden.settings import Settings, resolve
-from garden.tasks import cooccurrence, dynamics  # noqa: F401  (they register the tasks)
+from garden.tasks import cooccurrence, dynamics, early_stop  # noqa: F401  (they register the tasks)
 from garden.tasks.registry import TASKS
 
 
