@@ -90,5 +90,5 @@ def test_early_stop_needs_the_tiny_series(compose_config, tmp_path):
 
     cfg = compose_config("experiment=early_stop", "model=local", f"model.path={tmp_path}",
                          f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")  # fmt: skip
-    with pytest.raises(GardenError, match=r"task=early_stop trains the tiny series.*valid: model=tiny"):
+    with pytest.raises(GardenError, match=r"model=.local. is not valid; valid: tiny \(task=early_stop"):
         run(cfg, output_dir=tmp_path / "out")

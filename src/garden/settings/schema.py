@@ -168,9 +168,16 @@ def _file_sources_have_paths(c: GardenConfig) -> tuple[str, object, str] | None:
     return None
 
 
+def _early_stop_trains_tiny(c: GardenConfig) -> tuple[str, object, str] | None:
+    if c.task == "early_stop" and c.model.source != "tiny":
+        return "model", c.model.name, "tiny (task=early_stop trains the tiny series, once per seed)"
+    return None
+
+
 #: Checks that involve two settings or more; each returns (key, value, what is valid) when it fails.
 RELATIONS: tuple[Callable[[GardenConfig], tuple[str, object, str] | None], ...] = (
     _tiny_is_configured,
+    _early_stop_trains_tiny,
     _multiple_of_heads,
     _sequence_fits,
     _alpha_window,

@@ -173,11 +173,6 @@ def _row(
 @register("early_stop")
 def run_early_stop(settings: Settings, output_dir: Path | None = None) -> pd.DataFrame:
     """Every seed's full training and each rule's stop on it, under one parent run; returns the table."""
-    if settings.model.source != "tiny":
-        raise GardenError(
-            f"task=early_stop trains the tiny series; model={settings.model.name} is not one "
-            "(valid: model=tiny)"
-        )
     rules = settings.early_stop
     output_dir = Path(output_dir) if output_dir is not None else output_folder(settings)
     tracker = MlflowTracker(settings.tracking.uri, settings.tracking.experiment)
