@@ -100,6 +100,11 @@ def test_the_monitor_leaves_the_weights_alone_and_keys_the_series_only_when_it_s
     stopping = replace(model, train=replace(model.train, stop_on="stationary"))
     later = replace(model, train=replace(model.train, stop_on="stationary", min_step=3))
     assert len({key(model, corpus_cfg), key(stopping, corpus_cfg), key(later, corpus_cfg)}) == 3
+    from garden.settings import MetricSettings
+
+    stricter = MetricSettings(stationary_threshold=0.01)  # the live event's threshold is the offline one's
+    assert key(stopping, corpus_cfg, metrics=stricter) != key(stopping, corpus_cfg)
+    assert key(model, corpus_cfg, metrics=stricter) == key(model, corpus_cfg)  # no stop: no threshold
 
 
 def test_a_stop_rule_ends_the_series_at_its_live_event_and_the_run_analyses_what_was_written(

@@ -85,7 +85,8 @@ def tiny_series_path(settings: Settings) -> Path:
     interrupted training and a changed config starts a new folder."""
     from garden.tiny import tiny_series_dir
 
-    return tiny_series_dir(settings.model, settings.corpus, data_dir(settings), settings.variant)
+    return tiny_series_dir(settings.model, settings.corpus, data_dir(settings), settings.variant,
+                           settings.metrics)  # fmt: skip
 
 
 def _write_json(path: Path, payload: dict) -> None:

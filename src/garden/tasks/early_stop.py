@@ -76,6 +76,7 @@ def monitor_stops(
     tiny training's own monitor has: what `verify` trains with); None where never declared."""
     from garden.monitor import WeightMonitor
     from garden.sources import open_series
+    from garden.tiny import stop_thresholds
 
     series = open_series(seed_run)
     holder = torch.nn.Module()
@@ -89,6 +90,7 @@ def monitor_stops(
         log=False,
         patience=rules.patience,
         min_step=rules.min_step,
+        **stop_thresholds(settings.metrics),
     )
     for step in steps:
         holder.embed_out.weight.data = series.read_tensor(step, HEAD)
