@@ -1,0 +1,66 @@
+"""The whole-model scan's selection (garden.scan): roles x blocks x globs, checked before any read."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from garden.config import config_dir
+from garden.errors import GardenError
+from garden.families import FAMILIES
+from garden.scan import select_tensors
+
+
+@pytest.fixture(scope="module")
+def tiny_names() -> list[str]:
+    from garden.settings import ModelSettings, read_section
+    from garden.tiny import tensor_names_on_disk
+
+    values = OmegaConf.to_container(OmegaConf.load(config_dir() / "model" / "tiny.yaml"))
+    values["train"]["seed"] = 0
+    return tensor_names_on_disk(read_section(ModelSettings, values, "model."))
+
+
+CONFIG = {"num_attention_heads": 4}
+
+
+def test_by_default_every_stored_role_in_every_block_each_read_once(tiny_names):
+    chosen = select_tensors(FAMILIES["gpt_neox"], CONFIG, tiny_names, num_layers=4)
+    assert [(t.role, t.block) for t in chosen[:2]] == [("unembedding", None), ("embedding", None)]
+    assert len(chosen) == 2 + 4 * 4  # qkv, attn_out, mlp_in, mlp_out per block; no derived q/k/v rows
+    assert {t.name for t in chosen} == {n for n in tiny_names if n.endswith(".weight") and "norm" not in n}
+    assert all(t.role != "attn_q" for t in chosen)
+
+
+def test_roles_blocks_and_globs_narrow_and_widen_the_selection(tiny_names):
+    family = FAMILIES["gpt_neox"]
+    chosen = select_tensors(family, CONFIG, tiny_names, 4, roles=["mlp_out", "attn_v"], blocks=[1, 3])
+    assert [(t.role, t.block) for t in chosen] == [
+        ("mlp_out", 1),
+        ("mlp_out", 3),
+        ("attn_v", 1),
+        ("attn_v", 3),
+    ]
+    assert chosen[2].name == "gpt_neox.layers.1.attention.query_key_value.weight[v]"
+    biases = select_tensors(family, CONFIG, tiny_names, 4, roles=["mlp_out"], blocks=[0], include=["*.bias"],
+                            exclude=["*norm*"])  # fmt: skip
+    assert biases[0].name == "gpt_neox.layers.0.mlp.dense_4h_to_h.weight"
+    extra = sorted(t.name for t in biases[1:])  # block 0's biases only (scan.blocks), norms excluded
+    assert extra == sorted(
+        f"gpt_neox.layers.0.{m}.bias"
+        for m in ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+    )
+    assert {t.block for t in biases} == {0}
+
+
+def test_bad_selections_are_named_with_what_exists(tiny_names):
+    family = FAMILIES["gpt_neox"]
+    with pytest.raises(GardenError, match=r"scan.blocks \[4, 7\] are out of range: the model has 4 blocks"):
+        select_tensors(family, CONFIG, tiny_names, 4, blocks=[0, 4, 7])
+    with pytest.raises(
+        GardenError, match=r"the scan selects no tensor .*the checkpoints hold: embed_out.weight"
+    ):
+        select_tensors(family, CONFIG, tiny_names, 4, roles=[], include=["*.nothing"])
+    without_head = [n for n in tiny_names if n != "embed_out.weight"]
+    with pytest.raises(GardenError, match=r"names no 'unembedding' tensor .*its roles: embedding, attn_qkv"):
+        select_tensors(family, CONFIG, without_head, 4, roles=["unembedding"])
