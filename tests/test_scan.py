@@ -64,3 +64,29 @@ def test_bad_selections_are_named_with_what_exists(tiny_names):
     without_head = [n for n in tiny_names if n != "embed_out.weight"]
     with pytest.raises(GardenError, match=r"names no 'unembedding' tensor .*its roles: embedding, attn_qkv"):
         select_tensors(family, CONFIG, without_head, 4, roles=["unembedding"])
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "sharded_safetensors", "bin", "sharded_bin"])
+def test_a_checkpoint_is_read_once_for_all_its_selected_tensors(tmp_path, layout, monkeypatch):
+    import torch
+
+    from conftest import write_series
+    from garden import formats
+    from garden.series import LocalSeries
+
+    gen = torch.Generator().manual_seed(0)
+    state = {f"layer{i}.weight": torch.randn(8, 4, generator=gen).half() for i in range(6)}
+    series = LocalSeries(write_series(tmp_path / layout, {0: state}, layout))
+    opened = []
+    for name in ("safe_open", "load_bin"):
+        real = getattr(formats, name)
+        monkeypatch.setattr(
+            formats, name, lambda path, *a, real=real, **k: (opened.append(str(path)), real(path, *a, **k))[1]
+        )
+    wanted = ["layer5.weight", "layer0.weight", "layer3.weight"]
+    found = series.read_tensors(0, wanted)
+    assert list(found) == wanted
+    assert all(torch.equal(found[n], state[n]) and found[n].dtype == torch.float16 for n in wanted)
+    assert len(opened) == len(set(opened)) == (2 if layout.startswith("sharded") else 1)  # each file once
+    with pytest.raises(GardenError, match=r"step 0.*'nothing.weight'"):
+        series.read_tensors(0, ["layer0.weight", "nothing.weight"])

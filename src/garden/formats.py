@@ -230,6 +230,34 @@ def read_tensor_from(files: WeightFiles, tensor: str) -> torch.Tensor:
     return read_tensor_file(files.step, path, files.fmt, tensor)
 
 
+def read_tensors_from(files: WeightFiles, names: list[str]) -> dict[str, torch.Tensor]:
+    """Several tensors (stored dtypes) of one checkpoint, each file opened once for all of its tensors:
+    what a whole-model scan reads per step. Errors name the step, the path and the missing tensor."""
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        path = files.file_for(name)
+        if path is None:
+            raise missing_tensor_error(files.step, name, files.tensor_names())
+        by_file.setdefault(path, []).append(name)
+    found: dict[str, torch.Tensor] = {}
+    for path, wanted in by_file.items():
+        with _failing_as(f"step {files.step}: cannot read {wanted[0]!r} from {path}"):
+            if files.fmt == "safetensors":
+                with safe_open(str(path), framework="pt") as handle:
+                    stored = set(handle.keys())
+                    for name in wanted:
+                        if name not in stored:
+                            raise missing_tensor_error(files.step, name, sorted(stored))
+                        found[name] = handle.get_tensor(name)
+            else:
+                state = load_bin(path)
+                for name in wanted:
+                    if name not in state:
+                        raise missing_tensor_error(files.step, name, list(state))
+                    found[name] = state[name]
+    return {name: found[name] for name in names}
+
+
 def tensor_content_id(files: WeightFiles, tensor: str) -> str:
     """A content id of a tensor: its dtype, shape and stored bytes. For safetensors only its byte range
     is hashed (located by the header, through a memory map), so it costs a fraction of reading it."""

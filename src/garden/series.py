@@ -29,6 +29,7 @@ from garden.formats import (  # the checkpoint formats, shared with the Hub sour
     find_weight_files,
     missing_tensor_error,
     read_tensor_from,
+    read_tensors_from,
     tensor_content_id,
 )
 
@@ -60,6 +61,11 @@ class CheckpointSeries(ABC):
     @abstractmethod
     def fingerprint(self, step: int, tensor: str) -> str:
         """Changes whenever the stored weights holding `tensor` change (invalidates cached statistics)."""
+
+    def read_tensors(self, step: int, names: list[str]) -> dict[str, torch.Tensor]:
+        """Several tensors of one step ({name: tensor}, in the order asked); a source that can, reads each
+        file once for all of them (a whole-model scan reads a checkpoint once)."""
+        return {name: self.read_tensor(step, name) for name in names}
 
     def model_config(self) -> dict | None:
         """The Hugging Face config.json of the series, when it has one."""
@@ -258,6 +264,9 @@ class LocalSeries(CheckpointSeries):
 
     def read_tensor(self, step: int, name: str) -> torch.Tensor:
         return read_tensor_from(self.weight_files(step), name)
+
+    def read_tensors(self, step: int, names: list[str]) -> dict[str, torch.Tensor]:
+        return read_tensors_from(self.weight_files(step), names)
 
     def tensor_shape(self, step: int, name: str) -> tuple[int, ...] | None:
         """From the safetensors header, or the memory-mapped `.bin`'s pickle (no values are read)."""
