@@ -75,7 +75,10 @@ PRODUCERS: dict[str, tuple[str, ...]] = {
         "garden.dip",
         "garden.dip_kernels",
         "garden.metrics.units:bimodal_units",
+        "garden.metrics.units:unit_step_series",
         "garden.metrics.events:onset_index",
+        "garden.metrics.events:stationary_onset",
+        "garden.metrics.diffusion:relative_displacement",
         "garden.families:detect",
         "garden.families.base:TensorSpec",
     ),
@@ -146,6 +149,7 @@ NOT_PRODUCERS = (
     "garden.formats:missing_tensor_error",  # the wording of an error
     "garden.formats:_failing_as",  # the wording of an error
     "garden.corpus:text_content_id",
+    "garden.tracking:send_metrics",  # where the monitor's numbers are logged, not what they are
 )
 
 

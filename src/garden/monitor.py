@@ -48,16 +48,17 @@ from garden.extract.kernel import (
 from garden.extract.plan import ExtractionPlan
 from garden.extract.records import quantile_column
 from garden.families import BLOCK_ROLES, ROLES, Family, TensorSpec, detect
-from garden.metrics.events import onset_index
-from garden.metrics.units import bimodal_units
+from garden.metrics.diffusion import relative_displacement
+from garden.metrics.events import onset_index, stationary_onset
+from garden.metrics.units import unit_step_series
 from garden.settings import read_section
+from garden.settings.declare import STOP_RULES
 from garden.settings.models import MonitorSettings
+from garden.tracking import send_metrics
 from garden.trajectory import sarle_bimodality
 
 log = logging.getLogger("garden")
 
-#: The live events, and the summary keys the offline run gives the same events.
-EVENTS = {"stationary": "stationary_step", "unit_bifurcation": "unit_bifurcation_step"}
 SUPPORTED = (
     "the monitor reads each watched weight whole: supported are one process and DDP (replicated weights, "
     "rank 0 computes); sharded parameters (FSDP, DeepSpeed ZeRO-3, DTensor) and meta or empty ones are not"
@@ -131,7 +132,7 @@ class _Watched:
         self.previous_step: int | None = None
         self.peak_displacement = -math.inf
         self.history = _History()
-        self.streaks = {name: _Streak() for name in EVENTS}
+        self.streaks = {name: _Streak() for name in STOP_RULES}
         self.events: dict[str, LiveEvent] = {}
 
     def current(self) -> torch.Tensor:
@@ -188,16 +189,12 @@ class _Watched:
         return values
 
     def _unit_values(self, x: torch.Tensor, unit_stats: dict, settings: MonitorSettings) -> dict[str, float]:
+        """The offline unit metric's per-step numbers (`unit_step_series`) of this one step."""
         dips, _ = unit_dips(self.units, x)
         record = with_dips({}, self.units, dips)
-        bimodal = bimodal_units(record["unit_dip_pvalue"], settings.unit_fdr)[0]
         bc = sarle_bimodality(unit_stats["skewness"], unit_stats["kurtosis"], self.units.length)
-        return {
-            "units/bimodal_unit_fraction": float(bimodal.mean()),
-            "units/bimodal_units": float(bimodal.sum()),
-            "units/median_unit_bimodality_coefficient": float(np.median(bc)),
-            "units/median_unit_dip": float(np.median(dips)),
-        }
+        series, _ = unit_step_series(record["unit_dip_pvalue"][None], dips[None], bc[None], settings.unit_fdr)
+        return {f"units/{key}": float(values[0]) for key, values in series.items()}
 
     def update_events(
         self, step: int, values: Mapping[str, float], settings: MonitorSettings
@@ -223,14 +220,9 @@ class _Watched:
     def offline_events(self, settings: MonitorSettings) -> dict[str, float | None]:
         """The offline definitions (through the end of what was observed) on the observed history."""
         steps = np.asarray(self.history.steps)
-        out: dict[str, float | None] = {}
         rate = np.asarray(self.history.values.get("diffusion/displacement", []), dtype=float)
-        defined = np.isfinite(rate)
-        index = None
-        if defined.any():
-            relative = rate[defined] / np.nanmax(rate)
-            index = onset_index(relative < settings.stationary_threshold)
-        out["stationary_step"] = None if index is None else float(steps[defined][index])
+        relative = relative_displacement(rate)
+        out = {"stationary_step": stationary_onset(steps, relative, settings.stationary_threshold)}
         fraction = self.history.values.get("units/bimodal_unit_fraction")
         if fraction is not None:
             index = onset_index(np.asarray(fraction) >= settings.unit_fraction_threshold)
@@ -420,11 +412,7 @@ class MlflowSink:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, int(step)) for k, v in values.items() if math.isfinite(float(v))]
         self.pending = [f for f in self.pending if not f.done()]
-        self.pending.append(self.sender.submit(self._send, batch))
-
-    def _send(self, batch: list) -> None:
-        for start in range(0, len(batch), 1000):  # MLflow's limit per request
-            self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+        self.pending.append(self.sender.submit(send_metrics, self.client, self.run_id, batch))
 
     def tags(self, tags: Mapping[str, str]) -> None:
         self._ensure_run()
@@ -477,12 +465,14 @@ class ProgressSink:
 # ------------------------------------------------------------------------------------------ the monitor
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _is_logging_rank() -> bool:
     """Rank 0 of a distributed run (or a run that is not distributed): weights are replicated under DDP,
     so one rank computes and logs."""
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
-        torch.distributed.get_rank() == 0
-    )
+    return not _distributed() or torch.distributed.get_rank() == 0
 
 
 class WeightMonitor:
@@ -566,7 +556,7 @@ class WeightMonitor:
 
     def _share_stop(self) -> None:
         """Under DDP every rank stops together: rank 0's decision is broadcast."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if not _distributed():
             return
         decision = [self.should_stop, self.stopped_step, self.stop_reason]
         torch.distributed.broadcast_object_list(decision, src=0)
@@ -593,7 +583,7 @@ class WeightMonitor:
         prefix = len(self.watched) > 1
         for watched in self.watched:
             head = f"{watched.label}/" if prefix else ""
-            for name in EVENTS:
+            for name in STOP_RULES:
                 event = watched.events.get(name)
                 out[f"{head}live_{name}_step"] = -1.0 if event is None else float(event.from_step)
                 out[f"{head}live_{name}_declared_step"] = (

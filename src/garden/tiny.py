@@ -352,7 +352,7 @@ def train_series(
     with pinned_threads(int(train.threads)):
         trainer = build_trainer(model_settings, device)
         model = trainer[0]
-        monitor = _monitor(model, train, metrics) if monitored or train.stop_on is not None else None
+        monitor = live_monitor(model, train, metrics) if monitored or train.stop_on is not None else None
         state_path = folder / STATE_FILE
         start, log = _resume(state_path, device, monitor, *trainer)
         if start == 0 and 0 in saves:
@@ -390,14 +390,15 @@ def train_series(
         state_path.unlink(missing_ok=True)
 
 
-def _monitor(model, train: TinyTraining, metrics: MetricSettings | None):
+def live_monitor(model, train: TinyTraining, metrics: MetricSettings | None, report: bool = True):
     """The live monitor of the tiny training: the unembedding, at each checkpoint, its numbers reported
     through `garden.progress` under the offline keys (they are the offline pass's); or every
-    `model.train.every` steps, under `live/...` (their displacement spans other intervals)."""
+    `model.train.every` steps, under `live/...` (their displacement spans other intervals). `report=False`:
+    nothing logged (`task=early_stop` replays it on a trained series)."""
     from garden.monitor import ProgressSink, WeightMonitor
 
-    sink = ProgressSink("" if train.every is None else "live/")
-    return WeightMonitor(model, MONITORED, int(train.every or 1), family="gpt_neox", sink=sink,
+    sink = ProgressSink("" if train.every is None else "live/") if report else None
+    return WeightMonitor(model, MONITORED, int(train.every or 1), family="gpt_neox", sink=sink, log=report,
                          stop_on=train.stop_on, min_step=int(train.min_step), patience=int(train.patience),
                          **stop_thresholds(metrics))  # fmt: skip
 

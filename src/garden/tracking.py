@@ -49,6 +49,18 @@ def flatten(config: Mapping | DictConfig, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def send_metrics(client: MlflowClient, run_id: str, metrics: list[Metric]) -> None:
+    """Metrics to a run, in batches of at most MAX_BATCH (the REST API's limit per request)."""
+    for start in range(0, len(metrics), MAX_BATCH):
+        client.log_batch(run_id, metrics=metrics[start : start + MAX_BATCH])
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of the experiment `name`, created when the store has none."""
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name)
+
+
 class MlflowTracker:
     def __init__(self, uri: str, experiment: str):
         from mlflow.tracking import MlflowClient
@@ -94,14 +106,9 @@ class MlflowTracker:
         """A run that this process's own runs nest under while it stays open (MLflow's fluent API holds one
         active run per thread, so this one is made and logged with the client: `log_to`). It ends
         FINISHED, FAILED when the block raises, KILLED when interrupted."""
-        experiment = self.client.get_experiment_by_name(self.experiment)
-        experiment_id = (
-            experiment.experiment_id if experiment else self.client.create_experiment(self.experiment)
-        )
-        end_dead_runs(self.client, [experiment_id])
-        run = self.client.create_run(
-            experiment_id, run_name=run_name, tags={**(tags or {}), **process_tags()}
-        )
+        experiment = experiment_id(self.client, self.experiment)
+        end_dead_runs(self.client, [experiment])
+        run = self.client.create_run(experiment, run_name=run_name, tags={**(tags or {}), **process_tags()})
         status = "FAILED"
         try:
             with terminate_as_interrupt():
@@ -148,10 +155,7 @@ class MlflowTracker:
         self._send(batch)
 
     def _send(self, metrics: list[Metric]) -> None:
-        """Metrics to the run, in batches of at most MAX_BATCH (the REST API's limit per request)."""
-
-        for start in range(0, len(metrics), MAX_BATCH):
-            self.client.log_batch(self.run_id, metrics=metrics[start : start + MAX_BATCH])
+        send_metrics(self.client, self.run_id, metrics)
 
     def log_table(self, table, step_column: str, prefix: str = "") -> None:
         """Every other column of a per-step table as a metric `<prefix><column>` at the step in
@@ -390,17 +394,12 @@ class MlflowSweepCallback:
 
         check_tracking_store(str(config.tracking.uri))
         client = MlflowClient(tracking_uri=str(config.tracking.uri))
-        experiment = client.get_experiment_by_name(str(config.tracking.experiment))
-        experiment_id = (
-            experiment.experiment_id
-            if experiment
-            else client.create_experiment(str(config.tracking.experiment))
-        )
-        end_dead_runs(client, [experiment_id])
+        experiment = experiment_id(client, str(config.tracking.experiment))
+        end_dead_runs(client, [experiment])
         overrides = " ".join(config.hydra.overrides.task)
         sweep_dir = Path(str(config.hydra.sweep.dir))
         run = client.create_run(
-            experiment_id,
+            experiment,
             run_name=f"sweep/{sweep_dir.name}",
             tags={
                 "garden.sweep": "parent",

@@ -21,11 +21,16 @@ def msd(traj: Trajectory, ctx: MetricContext) -> MetricResult:
     return MetricResult(per_step={"msd": values}, summary={"final_msd": float(values[-1])})
 
 
+def relative_displacement(rate: np.ndarray) -> np.ndarray:
+    """The displacement rate over its peak (NaN throughout when there is no positive peak)."""
+    peak = np.nanmax(rate) if np.isfinite(rate).any() else np.nan
+    return rate / peak if peak and np.isfinite(peak) and peak > 0 else np.full_like(rate, np.nan)
+
+
 @register_metric("displacement", "diffusion")
 def displacement(traj: Trajectory, ctx: MetricContext) -> MetricResult:
     rate = traj.column("displacement")
-    peak = np.nanmax(rate) if np.isfinite(rate).any() else np.nan
-    relative = rate / peak if peak and np.isfinite(peak) and peak > 0 else np.full_like(rate, np.nan)
+    relative = relative_displacement(rate)
     return MetricResult(
         per_step={
             "displacement": rate,

@@ -56,12 +56,16 @@ def bifurcation(traj: Trajectory, ctx: MetricContext) -> MetricResult:
 def stationary(traj: Trajectory, ctx: MetricContext) -> MetricResult:
     """First step from which the displacement rate stays below a fraction of its peak (working definition)."""
     relative = ctx.get("displacement").per_step["relative_displacement"]
-    threshold = ctx.settings.stationary_threshold
-    defined = np.isfinite(relative)
-    holds = np.where(defined, relative < threshold, False)
-    # The first step has no displacement (nothing before it): it neither breaks nor starts the stretch.
-    index = onset_index(holds[defined]) if defined.any() else None
-    result = MetricResult(tags={"garden.stationary": "none" if index is None else "detected"})
-    if index is not None:
-        result.summary["stationary_step"] = float(traj.steps[defined][index])
+    step = stationary_onset(traj.steps, relative, ctx.settings.stationary_threshold)
+    result = MetricResult(tags={"garden.stationary": "none" if step is None else "detected"})
+    if step is not None:
+        result.summary["stationary_step"] = step
     return result
+
+
+def stationary_onset(steps: np.ndarray, relative: np.ndarray, threshold: float) -> float | None:
+    """The first step from which the relative displacement stays below `threshold` through the end."""
+    defined = np.isfinite(relative)
+    # The first step has no displacement (nothing before it): it neither breaks nor starts the stretch.
+    index = onset_index(relative[defined] < threshold) if defined.any() else None
+    return None if index is None else float(np.asarray(steps)[defined][index])

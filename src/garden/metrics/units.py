@@ -28,6 +28,20 @@ def bimodal_units(pvalues: np.ndarray, fdr: float) -> np.ndarray:
     return np.stack([false_discovery_control(row, method="bh") <= fdr for row in pvalues])
 
 
+def unit_step_series(pvalues: np.ndarray, dips: np.ndarray, bimodality: np.ndarray,
+                     fdr: float) -> tuple[dict[str, np.ndarray], np.ndarray]:  # fmt: skip
+    """Per step ([steps, units] in): the bimodal-unit fraction and count, the median unit BC and dip;
+    and the [steps, units] bimodal mask. The offline metric and the live monitor both report these."""
+    mask = bimodal_units(pvalues, fdr)
+    series = {
+        "bimodal_unit_fraction": mask.mean(axis=1),
+        "bimodal_units": mask.sum(axis=1).astype(float),
+        "median_unit_bimodality_coefficient": np.median(bimodality, axis=1),
+        "median_unit_dip": np.median(dips, axis=1),
+    }
+    return series, mask
+
+
 def unit_table(traj: Trajectory, mask: np.ndarray) -> pd.DataFrame:
     """One row per unit: its first step of lasting bimodality (empty when none), its final statistics
     and its two groups at the final step."""
@@ -61,17 +75,13 @@ def unit_bimodality(traj: Trajectory, ctx: MetricContext) -> MetricResult:
         return MetricResult(tags={"garden.unit_bifurcation": "off", "garden.units": _why_off(traj)})
     fdr = ctx.settings.unit_fdr
     threshold = ctx.settings.unit_fraction_threshold
-    mask = bimodal_units(units.stats["dip_pvalue"], fdr)
-    fraction = mask.mean(axis=1)
+    per_step, mask = unit_step_series(units.stats["dip_pvalue"], units.stats["dip"],
+                                      units.bimodality_coefficient, fdr)  # fmt: skip
+    fraction = per_step["bimodal_unit_fraction"]
     index = onset_index(fraction >= threshold)
     kind = "columns" if units.axis == 1 else "rows"
     result = MetricResult(
-        per_step={
-            "bimodal_unit_fraction": fraction,
-            "bimodal_units": mask.sum(axis=1).astype(float),
-            "median_unit_bimodality_coefficient": np.median(units.bimodality_coefficient, axis=1),
-            "median_unit_dip": np.median(units.stats["dip"], axis=1),
-        },
+        per_step=per_step,
         summary={
             "final_bimodal_unit_fraction": float(fraction[-1]),
             "max_bimodal_unit_fraction": float(fraction.max()),

@@ -57,10 +57,15 @@ class TinySeries(LocalSeries):
     def steps(self) -> list[int]:
         """The schedule (a training with a stop rule: the checkpoints it wrote, once trained; the job
         plans on the schedule and plans again after the training)."""
-        from garden.tiny import COMPLETE_MARKER, series_steps
+        from garden.tiny import series_steps
 
-        completion = cache.read_json(self.root / COMPLETE_MARKER, "tiny series marker")
-        return series_steps(self.settings.model.train, completion)
+        return series_steps(self.settings.model.train, self._completion())
+
+    def _completion(self) -> dict | None:
+        """The completion marker (series.json) of a trained series; None before."""
+        from garden.tiny import COMPLETE_MARKER
+
+        return cache.read_json(self.root / COMPLETE_MARKER, "tiny series marker")
 
     def tensor_names(self, step: int) -> list[str]:
         from garden.tiny import tensor_names_on_disk
@@ -78,10 +83,7 @@ class TinySeries(LocalSeries):
         return neox_config(self.settings.model).to_dict()
 
     def training_monitor(self) -> dict | None:
-        from garden.tiny import COMPLETE_MARKER
-
-        completion = cache.read_json(self.root / COMPLETE_MARKER, "tiny series marker") or {}
-        return completion.get("monitor")
+        return (self._completion() or {}).get("monitor")
 
     def artifacts(self) -> list[Path]:
         from garden.tiny import COMPLETE_MARKER

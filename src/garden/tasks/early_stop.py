@@ -33,14 +33,14 @@ import torch
 
 from garden.errors import GardenError
 from garden.record import SUMMARY, aligned_rows, run_params
-from garden.settings import Settings, StepSettings
+from garden.settings import Settings, StepSettings, TinyTraining
+from garden.settings.declare import STOP_RULES
 from garden.tasks.dynamics import output_folder, run_dynamics
 from garden.tasks.registry import register
 from garden.tracking import MlflowTracker, with_swept_overrides
 
 log = logging.getLogger("garden")
-MONITOR_RULES = ("stationary", "unit_bifurcation")
-HEAD = "embed_out.weight"
+HEAD = "embed_out.weight"  # the tiny series' unembedding, as its checkpoints store it
 
 
 def seed_settings(settings: Settings, seed: int) -> Settings:
@@ -68,37 +68,35 @@ def seed_settings(settings: Settings, seed: int) -> Settings:
     )
 
 
+def rule_training(settings: Settings, seed_run: Settings, rule: str | None) -> TinyTraining:
+    """The seed's training with a monitor rule: the monitor every checkpoint interval, the rules' patience
+    and min_step (what the replay observes and what `verify` trains)."""
+    rules = settings.early_stop
+    train = seed_run.model.train
+    return replace(train, stop_on=rule, every=int(train.interval), patience=rules.patience,
+                   min_step=rules.min_step)  # fmt: skip
+
+
 def monitor_stops(
     settings: Settings, seed_run: Settings, steps: list[int]
 ) -> dict[str, tuple[int, int] | None]:
-    """{rule: (declared at, dated from)} of the live monitor run over the full training's checkpoints at
-    `steps` (the unembedding, units on, the rules' patience and min_step, and otherwise the settings the
-    tiny training's own monitor has: what `verify` trains with); None where never declared."""
-    from garden.monitor import WeightMonitor
+    """{rule: (declared at, dated from)} of the tiny training's own live monitor (`rule_training`) run over
+    the full training's checkpoints at `steps`; None where never declared."""
     from garden.sources import open_series
-    from garden.tiny import stop_thresholds
+    from garden.tiny import live_monitor
 
     series = open_series(seed_run)
     holder = torch.nn.Module()
     holder.embed_out = torch.nn.Module()
     holder.embed_out.weight = torch.nn.Parameter(series.read_tensor(steps[0], HEAD), requires_grad=False)
-    rules = settings.early_stop
-    monitor = WeightMonitor(
-        holder,
-        [HEAD],
-        1,
-        log=False,
-        patience=rules.patience,
-        min_step=rules.min_step,
-        **stop_thresholds(settings.metrics),
-    )
+    monitor = live_monitor(holder, rule_training(settings, seed_run, None), settings.metrics, report=False)
     for step in steps:
         holder.embed_out.weight.data = series.read_tensor(step, HEAD)
         monitor.observe(step)
     events = monitor.watched[0].events
     return {
         rule: (events[rule].declared_step, events[rule].from_step) if rule in events else None
-        for rule in MONITOR_RULES
+        for rule in STOP_RULES
     }
 
 
@@ -120,22 +118,16 @@ def validation_loss_stop(
 
 
 def verify_stop(settings: Settings, seed_run: Settings, rule: str, expected: int | None) -> int:
-    """Train the seed with `rule` for real (the monitor every interval) and check where it stops."""
+    """Train the seed with `rule` for real (`rule_training`) and check that it stops at `expected` (the
+    end of the schedule when the replay declared nothing)."""
     from garden.sources import open_series
+    from garden.tiny import checkpoint_steps
 
-    rules = settings.early_stop
-    train = replace(
-        seed_run.model.train,
-        stop_on=rule,
-        every=int(seed_run.model.train.interval),
-        patience=rules.patience,
-        min_step=rules.min_step,
-    )
-    stopping = replace(seed_run, model=replace(seed_run.model, train=train))
-    series = open_series(stopping)
+    train = rule_training(settings, seed_run, rule)
+    series = open_series(replace(seed_run, model=replace(seed_run.model, train=train)))
     series.prepare()
     stopped = series.steps()[-1]
-    wanted = expected if expected is not None else series.steps()[-1]
+    wanted = expected if expected is not None else checkpoint_steps(train)[-1]
     if stopped != wanted:
         raise GardenError(
             f"early_stop.verify: the training with stop_on={rule} stopped at step {stopped}, the "
@@ -194,7 +186,7 @@ def run_early_stop(settings: Settings, output_dir: Path | None = None) -> pd.Dat
         rows: list[dict] = []
         for index, seed in enumerate(rules.seeds):
             verify = rules.verify and index == 0
-            rows += _one_seed(settings, seed, output_dir / f"seed{seed}", parent, verify)
+            rows += _one_seed(settings, seed, output_dir / f"seed{seed}", tracker, parent, verify)
         table = pd.DataFrame(rows)
         tables.mkdir(parents=True, exist_ok=True)
         table.to_csv(tables / "early_stop.csv", index=False)
@@ -228,7 +220,8 @@ def run_early_stop(settings: Settings, output_dir: Path | None = None) -> pd.Dat
     return table
 
 
-def _one_seed(settings: Settings, seed: int, folder: Path, parent: str, verify: bool) -> list[dict]:
+def _one_seed(settings: Settings, seed: int, folder: Path, tracker: MlflowTracker, parent: str,
+              verify: bool) -> list[dict]:  # fmt: skip
     """The seed's full training (a dynamics child run), then each rule's stop on it (a child run each)."""
     rules = settings.early_stop
     seed_run = seed_settings(settings, seed)
@@ -245,14 +238,14 @@ def _one_seed(settings: Settings, seed: int, folder: Path, parent: str, verify: 
         list(after_start["step"]), losses, rules.val_patience, rules.val_threshold
     )
     rows = []
-    tracker = MlflowTracker(settings.tracking.uri, settings.tracking.experiment)
     for rule in rules.rules:
-        event = stops.get(rule) if rule in MONITOR_RULES else ((val_stop, val_stop) if val_stop else None)
+        validation = None if val_stop is None else (val_stop, val_stop)
+        event = stops.get(rule) if rule in STOP_RULES else validation
         stop, dated = (None, None) if event is None else event
-        if verify and rule in MONITOR_RULES:
+        if verify and rule in STOP_RULES:
             verify_stop(settings, seed_run, rule, stop)
         row = _row(seed, rule, stop, dated, evaluation, total, offline)
-        row["verified"] = verify and rule in MONITOR_RULES
+        row["verified"] = verify and rule in STOP_RULES
         rows.append(row)
         with tracker.start(
             f"early_stop/seed{seed}/{rule}", {"garden.task": "early_stop", "garden.rule": rule}, parent
@@ -262,7 +255,7 @@ def _one_seed(settings: Settings, seed: int, folder: Path, parent: str, verify: 
                 {
                     f"{SUMMARY}{k}": float(v)
                     for k, v in row.items()
-                    if isinstance(v, int | float) and not isinstance(v, bool) and v is not None
+                    if isinstance(v, int | float) and not isinstance(v, bool)
                 }
             )
     return rows
