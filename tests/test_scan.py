@@ -90,3 +90,65 @@ def test_a_checkpoint_is_read_once_for_all_its_selected_tensors(tmp_path, layout
     assert len(opened) == len(set(opened)) == (2 if layout.startswith("sharded") else 1)  # each file once
     with pytest.raises(GardenError, match=r"step 0.*'nothing.weight'"):
         series.read_tensors(0, ["layer0.weight", "nothing.weight"])
+
+
+# ------------------------------------------------------------------------------------ the scan's pass
+
+
+def _walk_series(tmp_path, steps=(0, 10, 20, 40, 80), layout="safetensors"):
+    """A GPT-NeoX-named series of 2 blocks whose every weight random-walks."""
+    from conftest import random_walk, write_series
+
+    shapes = {"gpt_neox.embed_in.weight": (32, 8), "embed_out.weight": (32, 8)}
+    for i in range(2):
+        p = f"gpt_neox.layers.{i}."
+        shapes.update({p + "attention.query_key_value.weight": (24, 8), p + "attention.dense.weight": (8, 8),
+                       p + "mlp.dense_h_to_4h.weight": (32, 8),
+                       p + "mlp.dense_4h_to_h.weight": (8, 32)})  # fmt: skip
+    walks = {name: random_walk(list(steps), shape, 1e-4, seed=k)
+             for k, (name, shape) in enumerate(shapes.items())}  # fmt: skip
+    tensors = {step: {name: walks[name][step] for name in shapes} for step in steps}
+    return write_series(tmp_path / "series", tensors, layout), list(shapes)
+
+
+def _plans(names, steps, **extract):
+    from garden.extract import ExtractionPlan
+
+    return [ExtractionPlan(tensor=name, steps=tuple(steps), reference_step=steps[0], n_distribution_sample=64,
+                           unit_sample=16, **extract) for name in names]  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "bin"])
+def test_a_scan_writes_the_records_a_one_tensor_extraction_writes_and_each_reuses_the_other(
+    tmp_path, layout, monkeypatch
+):
+    import numpy as np
+
+    from garden.extract import extract
+    from garden.extract.stream import extract_scan
+    from garden.series import LocalSeries
+
+    root, names = _walk_series(tmp_path, layout=layout)
+    series = LocalSeries(root)
+    steps = series.steps()
+    plans = _plans(names, steps)
+    scanned = extract_scan(series, plans, tmp_path / "scan", progress=False)
+    assert sum(s.computed for s in scanned) == len(names) * len(steps)
+    for plan, tensor in zip(plans, scanned, strict=True):
+        alone = extract(series, plan, tmp_path / "alone", progress=False)
+        together = tensor.trajectory()
+        assert together.table.equals(alone.table), plan.tensor
+        np.testing.assert_array_equal(together.hist, alone.hist)
+        np.testing.assert_array_equal(together.units.stats["dip"], alone.units.stats["dip"])
+    # The same cache both ways: a scan after one-tensor runs computes nothing, and the reverse.
+    again = extract_scan(series, plans, tmp_path / "alone", progress=False)
+    assert sum(s.computed for s in again) == 0
+    from garden.extract import records
+
+    def computes(*args, **kwargs):
+        raise AssertionError("a record was computed")
+
+    monkeypatch.setattr(records, "step_record", computes)
+    monkeypatch.setattr(records, "make_meta", computes)
+    reused = extract(series, plans[3], tmp_path / "scan", progress=False)
+    assert reused.table.equals(scanned[3].trajectory().table)

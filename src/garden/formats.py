@@ -10,6 +10,7 @@ any range reader), and one tensor read out of a whole file.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import zipfile
 from collections.abc import Callable, Iterator
@@ -173,6 +174,46 @@ def safetensors_tensor(read: ReadRange, size: int, header: dict, name: str, step
     if not raw:
         return torch.empty(entry["shape"], dtype=dtype)
     return torch.frombuffer(raw, dtype=dtype).reshape(entry["shape"])
+
+
+class MappedSafetensors:
+    """One safetensors file opened once (its header read once) whose tensors are mapped from the file's
+    pages when asked: no copy, and a tensor's pages are let go when it is dropped, so a pass that takes one
+    tensor at a time holds one tensor's pages whatever the file's size. `safe_open().get_tensor` copies
+    each tensor into memory of its own, which a whole-model scan re-reading the reference and the previous
+    step for every tensor cannot afford."""
+
+    def __init__(self, path: Path | str, step: int):
+        self.path, self.step = Path(path), step
+        self._fd = os.open(self.path, os.O_RDONLY)
+        try:
+            self.size = os.fstat(self._fd).st_size
+            self.header = safetensors_header(lambda a, b: os.pread(self._fd, b - a + 1, a), self.size, step,
+                                             self.path)  # fmt: skip
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def tensor(self, name: str) -> torch.Tensor:
+        first, stop = safetensors_extent(self.header, name, self.size, self.step, self.path)
+        entry = self.header[name]
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise GardenError(f"step {self.step}: {name} has an unsupported dtype {entry['dtype']}")
+        if stop == first:
+            return torch.empty(entry["shape"], dtype=dtype)
+        base = first - first % mmap.ALLOCATIONGRANULARITY
+        # A private (copy-on-write) map: writable as torch wants its buffers, while reads share the page
+        # cache; the map lives as long as the tensor (torch.frombuffer holds it).
+        pages = mmap.mmap(self._fd, stop - base, offset=base, access=mmap.ACCESS_COPY)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        flat = torch.frombuffer(pages, dtype=dtype, count=(stop - first) // itemsize, offset=first - base)
+        return flat.reshape(entry["shape"])
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 # ------------------------------------------------------------------------------------------ .bin

@@ -7,13 +7,14 @@ materialises only the requested tensor) and zip-format `.bin` files are memory-m
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
 import re
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
@@ -25,6 +26,7 @@ from garden.cache import ContentMemo, file_content_id
 from garden.errors import GardenError
 from garden.families import Revision, TensorSpec
 from garden.formats import (  # the checkpoint formats, shared with the Hub source
+    MappedSafetensors,
     WeightFiles,
     find_weight_files,
     missing_tensor_error,
@@ -66,6 +68,17 @@ class CheckpointSeries(ABC):
         """Several tensors of one step ({name: tensor}, in the order asked); a source that can, reads each
         file once for all of them (a whole-model scan reads a checkpoint once)."""
         return {name: self.read_tensor(step, name) for name in names}
+
+    @contextlib.contextmanager
+    def holding_ids(self) -> Iterator[None]:
+        """Content ids computed inside are remembered on disk once, at the end, instead of after each one
+        (a scan fingerprints thousands of tensors); nothing to do for most series."""
+        yield
+
+    def open_step(self, step: int) -> StepTensors:
+        """One checkpoint held open for many reads of its tensors, one at a time (a whole-model scan reads
+        the reference, the previous and the current step for each tensor in turn); close it when done."""
+        return StepTensors(self, step)
 
     def model_config(self) -> dict | None:
         """The Hugging Face config.json of the series, when it has one."""
@@ -128,6 +141,43 @@ class CheckpointSeries(ABC):
             return config["num_hidden_layers"]
         blocks = {int(m.group(1)) for name in self.tensor_names(step) if (m := BLOCK_TENSOR.search(name))}
         return max(blocks) + 1 if blocks else None
+
+
+class StepTensors:
+    """A checkpoint open for reads of its tensors: here each read is `read_tensor`'s (a copy the caller
+    owns); a series that can maps them instead (`MappedStep`)."""
+
+    def __init__(self, series: CheckpointSeries, step: int):
+        self.series, self.step = series, step
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.series.read_tensor(self.step, name)
+
+    def close(self) -> None:
+        """Let go of the files (tensors already handed out stay valid)."""
+
+
+class MappedStep(StepTensors):
+    """A checkpoint of safetensors files on disk, each file opened once and its header read once; every
+    tensor is mapped from the page cache (no copy) and its pages let go when the tensor is dropped."""
+
+    def __init__(self, series: CheckpointSeries, files: WeightFiles):
+        super().__init__(series, files.step)
+        self.files = files
+        self._open: dict[Path, MappedSafetensors] = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        path = self.files.file_for(name)
+        if path is None:
+            raise missing_tensor_error(self.step, name, self.files.tensor_names())
+        if path not in self._open:
+            self._open[path] = MappedSafetensors(path, self.step)
+        return self._open[path].tensor(name)
+
+    def close(self) -> None:
+        for handle in self._open.values():
+            handle.close()
+        self._open.clear()
 
 
 class Prefetcher:
@@ -220,6 +270,7 @@ class LocalSeries(CheckpointSeries):
         self.identity = f"local:{self.root.resolve()}"
         name = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:16]
         self.memo = ContentMemo(None if memo_dir is None else Path(memo_dir) / f"{name}.json")
+        self._holding = 0
 
     def training_history(self):
         """The folder's `TRAIN_LOG` (a series garden trained, analysed as itself or as `model=local`)."""
@@ -268,6 +319,11 @@ class LocalSeries(CheckpointSeries):
     def read_tensors(self, step: int, names: list[str]) -> dict[str, torch.Tensor]:
         return read_tensors_from(self.weight_files(step), names)
 
+    def open_step(self, step: int) -> StepTensors:
+        """Safetensors are mapped (`MappedStep`); a `.bin` is read a tensor at a time."""
+        files = self.weight_files(step)
+        return MappedStep(self, files) if files.fmt == "safetensors" else StepTensors(self, step)
+
     def tensor_shape(self, step: int, name: str) -> tuple[int, ...] | None:
         """From the safetensors header, or the memory-mapped `.bin`'s pickle (no values are read)."""
         return formats.tensor_shape(self.weight_files(step), name)
@@ -279,8 +335,19 @@ class LocalSeries(CheckpointSeries):
         if holder is None:
             raise missing_tensor_error(step, tensor, files.tensor_names())
         found = self.memo.get(holder, tensor, lambda: tensor_content_id(files, tensor))
-        self.memo.save()
+        if not self._holding:
+            self.memo.save()
         return found
+
+    @contextlib.contextmanager
+    def holding_ids(self) -> Iterator[None]:
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+            if not self._holding:
+                self.memo.save()
 
     def content_id(self, step: int, tensor: str) -> str | None:
         """The tensor's content hash: a step with an earlier step's id may repeat that checkpoint

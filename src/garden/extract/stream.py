@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from garden import cache
 from garden.devices import pass_threads
+from garden.errors import GardenError
 from garden.extract import records
 from garden.extract.kernel import UnitLayout, Workspace, pass_blocks, unit_dips, with_dips
 from garden.extract.plan import BadStep, ExtractionPlan, check_shape
@@ -50,10 +52,11 @@ def extract(
         )
 
 
-def _planned_reads(series: CheckpointSeries, plan: ExtractionPlan, folder: Path,
-                   ref_fp: str) -> tuple[list[int], Reusable]:  # fmt: skip
+def _planned_reads(series: CheckpointSeries, plan: ExtractionPlan, folder: Path, ref_fp: str,
+                   keep_records: bool = True) -> tuple[list[int], Reusable]:  # fmt: skip
     """The records the pass can reuse (with the dependency string each was checked against), and the
-    tensors it will read, in order, for the rest: what the prefetcher fetches ahead."""
+    tensors it will read, in order, for the rest: what the prefetcher fetches ahead. Without
+    `keep_records` (a scan of many tensors) a reusable record is noted, not held."""
     reads: list[int] = []
     reusable: Reusable = {}
     prev_step, prev_fp, reference_read, prev_in_memory = None, "", False, False
@@ -70,7 +73,7 @@ def _planned_reads(series: CheckpointSeries, plan: ExtractionPlan, folder: Path,
             reads.append(step)
             prev_in_memory = True
         else:
-            reusable[step] = (depends, record)
+            reusable[step] = (depends, record if keep_records else {"step": step, "depends": depends})
             prev_in_memory = False
         prev_step, prev_fp = step, fingerprint
     return reads, reusable
@@ -130,31 +133,34 @@ class _Pending:
 
     record: dict
     path: Path
+    units: UnitLayout
     dips: Future
+    keep: Callable[[dict], None]
 
 
 class _DipQueue:
     """Each step's unit dips run in a background thread (`garden.dip`, GIL released) while the next
-    checkpoint is read and reduced: at most one step waits for them, its record saved once they are done."""
+    checkpoint (or, in a scan, the next tensor) is read and reduced: at most one step waits for them, its
+    record saved and kept (`keep`) once they are done."""
 
-    def __init__(self, units: UnitLayout):
-        self.units = units
+    def __init__(self):
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="garden-dip")
         self.pending: _Pending | None = None
 
-    def submit(self, record: dict, path: Path, tensor: torch.Tensor) -> None:
-        self.pending = _Pending(record, path, self.worker.submit(unit_dips, self.units, tensor))
+    def submit(self, record: dict, path: Path, tensor: torch.Tensor, units: UnitLayout,
+               keep: Callable[[dict], None]) -> None:  # fmt: skip
+        self.pending = _Pending(record, path, units, self.worker.submit(unit_dips, units, tensor), keep)
 
-    def finish(self) -> dict:
-        """Wait for the pending step's unit dips, complete its record and write it to the cache."""
-        dips, _ = self.pending.dips.result()
-        record = with_dips(self.pending.record, self.units, dips)
-        records.save_record(self.pending.path, record)
-        self.pending = None
-        return record
+    def finish(self) -> None:
+        """Wait for the pending step's unit dips, complete its record, write it to the cache, keep it."""
+        pending, self.pending = self.pending, None
+        dips, _ = pending.dips.result()
+        record = with_dips(pending.record, pending.units, dips)
+        records.save_record(pending.path, record)
+        pending.keep(record)
 
     def salvage(self) -> None:
-        """Interrupted while the step before was still in the background: keep its finished work."""
+        """Interrupted while a step was still in the background: keep its finished work."""
         if self.pending is not None and not self.pending.dips.cancelled():
             with contextlib.suppress(Exception):
                 self.finish()
@@ -168,14 +174,25 @@ class _Walk:
     last good step), holding at most three tensors: the reference, the predecessor and the current one."""
 
     def __init__(self, series: CheckpointSeries, plan: ExtractionPlan, folder: Path, basis: Basis,
-                 reads: Prefetcher, ref_fp: str, reusable: Reusable, device: torch.device):  # fmt: skip
+                 reads: Prefetcher, ref_fp: str, reusable: Reusable, device: torch.device,
+                 workspace: Workspace | None = None, dips: _DipQueue | None = None,
+                 keep_records: bool = True):  # fmt: skip
+        """A scan passes one `workspace` and one dip queue to all its tensors' walks, and keeps only which
+        steps were kept (`kept`), each record staying on disk (`keep_records=False`)."""
         self.series, self.plan, self.folder, self.basis = series, plan, folder, basis
         self.reads, self.ref_fp, self.reusable = reads, ref_fp, reusable
-        shape = (basis.sampling.n,) if basis.units is None else tuple(basis.meta["shape"])
-        width = pass_blocks(shape, plan.chunk_size, basis.units)[1]
-        self.workspace = Workspace(width, plan.quantile_bins, device)
-        self.dips = None if basis.units is None else _DipQueue(basis.units)
+        self._owned: list = []
+        if workspace is None:
+            workspace = Workspace(walk_width(basis, plan), plan.quantile_bins, device)
+            self._owned.append(workspace)
+        self.workspace = workspace
+        if basis.units is not None and dips is None:
+            dips = _DipQueue()
+            self._owned.append(dips)
+        self.dips = None if basis.units is None else dips
+        self.keep_records = keep_records
         self.records: list[dict] = []
+        self.kept: list[tuple[int, str]] = []  # (step, depends) of every kept step, in order
         self.computed = 0
         self.excluded: dict[int, str] = {}
         self.reference: torch.Tensor | None = None
@@ -195,9 +212,18 @@ class _Walk:
             raise
 
     def close(self) -> None:
-        self.workspace.close()
-        if self.dips is not None:
-            self.dips.close()
+        for owned in self._owned:
+            owned.close()
+
+    def release(self) -> None:
+        """Let go of the reference and the predecessor (read again when a later step is computed): a scan
+        holds one tensor's at a time."""
+        self.reference = self.prev = None
+
+    def _keep(self, record: dict) -> None:
+        if self.keep_records:
+            self.records.append(record)
+        self.kept.append((int(record["step"]), str(record["depends"])))
 
     def _visit(self, step: int) -> bool:
         """The step's record, reused or computed; False when the step is excluded."""
@@ -211,7 +237,7 @@ class _Walk:
                 return False  # the next step's predecessor stays the last good one
         else:
             self._finish_pending()
-            self.records.append(record)
+            self._keep(record)
             self.prev = None  # read again only if a later step needs recomputing
         self.prev_step, self.prev_fp = step, fingerprint
         return True
@@ -241,9 +267,9 @@ class _Walk:
         self._finish_pending()
         if self.dips is None or final is not None:
             records.save_record(path, record)
-            self.records.append(record)
+            self._keep(record)
         else:
-            self.dips.submit(record, path, current)
+            self.dips.submit(record, path, current, self.basis.units, self._keep)
         self.prev = current
         return True
 
@@ -259,4 +285,137 @@ class _Walk:
 
     def _finish_pending(self) -> None:
         if self._waiting():
-            self.records.append(self.dips.finish())
+            self.dips.finish()
+
+
+def walk_width(basis: Basis, plan: ExtractionPlan) -> int:
+    """The largest block of the pass over the basis' tensor: what its workspace must hold."""
+    shape = (basis.sampling.n,) if basis.units is None else tuple(basis.meta["shape"])
+    return pass_blocks(shape, plan.chunk_size, basis.units)[1]
+
+
+# ------------------------------------------------------------------------------- a whole-model scan
+
+
+@dataclass
+class ScannedTensor:
+    """One tensor of a scan after the pass: its plan, cache folder and basis, and the steps kept (each
+    record stays on disk until its trajectory is asked for, so a scan holds one tensor's at a time)."""
+
+    plan: ExtractionPlan
+    folder: Path
+    basis: Basis
+    kept: list[tuple[int, str]]
+    excluded: dict[int, str]
+    computed: int
+
+    def trajectory(self) -> Trajectory:
+        loaded = [records.load_record(records.step_path(self.folder, step), depends)
+                  for step, depends in self.kept]  # fmt: skip
+        lost = [step for (step, _), record in zip(self.kept, loaded, strict=True) if record is None]
+        if lost:
+            raise GardenError(f"the records of steps {lost} in {self.folder} changed during the scan")
+        trajectory = records.assemble(loaded, self.plan, self.basis)  # type: ignore[arg-type]
+        trajectory.meta["excluded_steps"] = {str(step): reason for step, reason in self.excluded.items()}
+        return trajectory
+
+
+class _StepReader:
+    """The checkpoints a scan has open (`CheckpointSeries.open_step`): each opened once, kept while a
+    tensor's walk may still read it (the reference, the predecessors, the current step)."""
+
+    def __init__(self, series: CheckpointSeries):
+        self.series = series
+        self.open: dict[int, object] = {}
+
+    def get(self, step: int, name: str) -> torch.Tensor:
+        if step not in self.open:
+            self.open[step] = self.series.open_step(step)
+        return self.open[step].get(name)
+
+    def keep_only(self, steps: set[int]) -> None:
+        for step in [s for s in self.open if s not in steps]:
+            self.open.pop(step).close()
+
+    def close(self) -> None:
+        self.keep_only(set())
+
+
+class _TensorReads:
+    """One tensor's reads through the scan's open checkpoints (what `_Walk` reads from)."""
+
+    def __init__(self, reader: _StepReader, name: str):
+        self.reader, self.name = reader, name
+
+    def get(self, step: int) -> torch.Tensor:
+        return self.reader.get(step, self.name)
+
+
+def extract_scan(
+    series: CheckpointSeries,
+    plans: list[ExtractionPlan],
+    cache_dir: Path,
+    progress: bool = True,
+    device: torch.device | str = "cpu",
+) -> list[ScannedTensor]:
+    """Every plan's tensor (same steps, same reference) in one pass over the checkpoints, step by step: a
+    checkpoint is opened once for all its tensors, each tensor's record written to the very cache folder a
+    one-tensor extraction of it uses (`plan.cache_key`), so either reuses the other's. Each folder is
+    locked while this job fills it (in a fixed order: two scans never wait on each other in a cycle)."""
+    folders = [Path(cache_dir) / plan.cache_key(series.identity) for plan in plans]
+    with contextlib.ExitStack() as locks:
+        for folder, plan in sorted(zip(folders, plans, strict=True), key=lambda pair: str(pair[0])):
+            what = f"the extraction of {plan.tensor} from {series.identity}"
+            locks.enter_context(cache.producing(folder, what))
+        with series.holding_ids():
+            return _scan(series, plans, folders, progress, torch.device(device))
+
+
+def _scan(series: CheckpointSeries, plans: list[ExtractionPlan], folders: list[Path], progress: bool,
+          device: torch.device) -> list[ScannedTensor]:  # fmt: skip
+    steps = plans[0].steps
+    if any(plan.steps != steps or plan.reference_step != plans[0].reference_step for plan in plans):
+        raise ValueError("a scan's plans share their steps and reference step")
+    reader = _StepReader(series)
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(reader.close)
+        walks: list[_Walk] = []
+        bases, fingerprints = [], []
+        for plan, folder in zip(plans, folders, strict=True):
+            meta = records.current_meta(series, plan, folder)
+            reads = _TensorReads(reader, plan.tensor)
+            bases.append(records.open_basis(series, plan, folder, meta, reads.get))
+            fingerprints.append(series.fingerprint(plan.reference_step, plan.tensor))
+            reader.keep_only({plan.reference_step})
+        width = max(walk_width(basis, plan) for basis, plan in zip(bases, plans, strict=True))
+        workspace = Workspace(width, plans[0].quantile_bins, device)
+        cleanup.callback(workspace.close)
+        dips = _DipQueue()
+        cleanup.callback(dips.close)
+        for plan, folder, basis, ref_fp in zip(plans, folders, bases, fingerprints, strict=True):
+            _, reusable = _planned_reads(series, plan, folder, ref_fp, keep_records=False)
+            reads = _TensorReads(reader, plan.tensor)
+            walks.append(_Walk(series, plan, folder, basis, reads, ref_fp, reusable, device, workspace, dips,
+                               keep_records=False))  # fmt: skip
+        bar = tqdm(steps, desc=f"scan {len(plans)} tensors", unit="step", disable=not progress)
+        cleanup.callback(bar.close)
+        cleanup.enter_context(pass_threads(device))
+        started = time.perf_counter()
+        try:
+            for done, step in enumerate(bar, 1):
+                for walk in walks:
+                    walk._visit(step)
+                    walk.release()
+                needed = {w.prev_step for w in walks if w.prev_step is not None}
+                reader.keep_only(needed | {plans[0].reference_step})
+                progress_report("extract", step, {"checkpoints_done": float(done),
+                                                  "seconds": time.perf_counter() - started})  # fmt: skip
+            if dips.pending is not None:
+                dips.finish()
+        except BaseException:
+            dips.salvage()
+            raise
+    computed = sum(walk.computed for walk in walks)
+    log.info("scan of %d tensors: %d of %d records computed, %d reused from the cache", len(walks), computed,
+             sum(len(w.kept) for w in walks), sum(len(w.kept) for w in walks) - computed)  # fmt: skip
+    return [ScannedTensor(w.plan, w.folder, w.basis, w.kept, w.excluded, w.computed) for w in walks]
