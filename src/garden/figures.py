@@ -465,7 +465,8 @@ def save_figures(figures: dict, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, fig in figures.items():
-        fig.tight_layout()
+        if fig.get_layout_engine() is None:  # a figure laid out by its own engine keeps it
+            fig.tight_layout()
         stem = Path(name).stem
         for kind in FORMATS:
             fig.savefig(
@@ -492,3 +493,118 @@ def draw_early_stop(table: pd.DataFrame, folder: Path) -> list[Path]:
     ax.legend(fontsize=9)
     fig.tight_layout()
     return save_figures({"early_stop.png": fig}, folder)
+
+
+# ------------------------------------------------------------------------------------- task=scan
+
+#: The scan's heatmaps: per-step metric -> (file, colour bar label, normalised per tensor to its peak).
+SCAN_HEATMAPS = {
+    "relative_displacement": ("scan_relative_displacement", "displacement rate / its peak", False),
+    "bimodal_unit_fraction": ("scan_bimodal_unit_fraction", "share of units bimodal (BH)", False),
+    "msd": ("scan_msd", "MSD from the reference / its largest value", True),
+}
+OUTSIDE = "outside the blocks"
+
+
+def scan_panels(summary: pd.DataFrame) -> dict[str, list[tuple[str, str]]]:
+    """{panel: [(row label, tensor name)]}: a role's tensors by block, a glob's block tensors by pattern,
+    the tensors outside the blocks (embedding, unembedding, others) in a panel of their own."""
+    from garden.families import BLOCK_ROLES
+
+    panels: dict[str, list[tuple[str, str]]] = {}
+    for row in summary.itertuples(index=False):
+        role, block, name = row.role, row.block, row.tensor
+        has_block = block is not None and not pd.isna(block)
+        if isinstance(role, str) and role in BLOCK_ROLES and has_block:
+            key, label = role, str(int(block))
+        elif has_block:
+            key, label = name.replace(f".{int(block)}.", ".*.", 1), str(int(block))
+        else:
+            key, label = OUTSIDE, role if isinstance(role, str) and role else name
+        panels.setdefault(key, []).append((label, name))
+    return panels
+
+
+def draw_scan(summary: pd.DataFrame, steps_table: pd.DataFrame, title: str, folder: Path) -> list[Path]:
+    """The scan's heatmaps (blocks x checkpoints on the log step axis, a panel per role) and its fork and
+    stationary maps (role x block, the event's step in each cell, none marked)."""
+    panels = scan_panels(summary)
+    figures = {}
+    for metric, (name, label, normalise) in SCAN_HEATMAPS.items():
+        chosen = steps_table[steps_table["metric"] == metric]
+        if chosen.empty or not np.isfinite(chosen["value"].to_numpy(dtype=float)).any():
+            continue
+        grid = chosen.pivot_table(index="tensor", columns="step", values="value", aggfunc="first")
+        grid = grid.loc[:, grid.notna().any(axis=0)]  # (the displacement has no value at the first step)
+        if normalise:
+            peak = grid.abs().max(axis=1).replace(0, np.nan)
+            grid = grid.div(peak, axis=0)
+        figures[f"{name}.png"] = _scan_heatmap(grid, panels, f"{title}: {metric.replace('_', ' ')}", label)
+    for column, name, what in (("unit_bifurcation_step", "scan_fork_map", "unit bifurcation (fork)"),
+                               ("stationary_step", "scan_stationary_map", "stationary")):  # fmt: skip
+        if column in summary:
+            figures[f"{name}.png"] = _event_map(summary, panels, column, f"{title}: {what} step")
+    return save_figures(figures, folder)
+
+
+def _scan_heatmap(grid: pd.DataFrame, panels: dict[str, list[tuple[str, str]]], title: str, label: str):
+    steps = grid.columns.to_numpy(dtype=float)
+    heights = [max(len(rows), 1) for rows in panels.values()]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9.0, 1.2 + 0.28 * sum(heights) + 0.5 * len(panels)),
+                             sharex=True, squeeze=False, gridspec_kw={"height_ratios": heights},
+                             layout="constrained")  # fmt: skip
+    image = None
+    for ax, (panel, rows) in zip(axes[:, 0], panels.items(), strict=True):
+        values = np.array([grid.loc[name].to_numpy(dtype=float) if name in grid.index
+                           else np.full(len(steps), np.nan) for _, name in rows])  # fmt: skip
+        image = ax.pcolormesh(_step_edges(steps), np.arange(len(rows) + 1), np.ma.masked_invalid(values),
+                              shading="flat", cmap="viridis", vmin=0, vmax=1, rasterized=True)  # fmt: skip
+        ax.set_yticks(np.arange(len(rows)) + 0.5, [label_ for label_, _ in rows], fontsize=7)
+        ax.set_ylabel(panel if panel == OUTSIDE else f"{panel}\nblock", fontsize=8)
+        step_axis(ax)
+    for ax in axes[:-1, 0]:
+        ax.set_xlabel("")
+    axes[0, 0].set_title(title, fontsize=10)
+    fig.colorbar(image, ax=axes[:, 0].tolist(), label=label, aspect=40)
+    return fig
+
+
+def _event_map(summary: pd.DataFrame, panels: dict[str, list[tuple[str, str]]], column: str, title: str):
+    """A role x block grid (and the tensors outside the blocks beside it), coloured by the event's step on
+    a log scale; cells where the event did not happen read `none`."""
+    from matplotlib.colors import SymLogNorm
+
+    step_of = dict(zip(summary["tensor"], pd.to_numeric(summary[column], errors="coerce"), strict=True))
+    block_panels = {k: v for k, v in panels.items() if k != OUTSIDE}
+    outside = panels.get(OUTSIDE, [])
+    blocks = sorted({int(label) for rows in block_panels.values() for label, _ in rows})
+    present = [v for v in step_of.values() if np.isfinite(v)]
+    norm = SymLogNorm(linthresh=1.0, vmin=0.0, vmax=max(present) if present else 1.0)
+    cmap = plt.get_cmap("plasma").with_extremes(bad="#dddddd")
+    widths = [max(len(blocks), 1)] + ([len(outside)] if outside else [])
+    size = (2.5 + 0.55 * sum(widths), 1.6 + 0.4 * max(len(block_panels), 2))
+    fig, axes = plt.subplots(1, len(widths), figsize=size, squeeze=False, layout="constrained",
+                             gridspec_kw={"width_ratios": widths})  # fmt: skip
+    annotate = sum(widths) <= 24
+    image = None
+    groups = [(axes[0, 0], list(block_panels), [str(b) for b in blocks],
+               lambda panel, col: dict(block_panels[panel]).get(col))]
+    if outside:
+        groups.append((axes[0, 1], [OUTSIDE], [label for label, _ in outside],
+                       lambda panel, col: dict(outside).get(col)))  # fmt: skip
+    for ax, rows, cols, name_at in groups:
+        values = np.array([[step_of.get(name_at(r, c), np.nan) if name_at(r, c) else np.nan for c in cols]
+                           for r in rows], dtype=float)  # fmt: skip
+        image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, norm=norm, aspect="auto")
+        ax.set_xticks(range(len(cols)), cols, fontsize=8, rotation=0 if ax is axes[0, 0] else 30)
+        ax.set_yticks(range(len(rows)), rows if ax is axes[0, 0] else [""] * len(rows), fontsize=8)
+        if annotate:
+            for (i, j), value in np.ndenumerate(values):
+                has = name_at(rows[i], cols[j]) is not None
+                text = f"{value:g}" if np.isfinite(value) else ("none" if has else "")
+                dark = np.isfinite(value) and norm(value) <= 0.5
+                ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black")
+    axes[0, 0].set_xlabel("block")
+    axes[0, 0].set_title(title, fontsize=10, loc="left")
+    fig.colorbar(image, ax=axes[0, :].tolist(), label="training step")
+    return fig

@@ -13,6 +13,9 @@ import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
+import numpy as np
+import pandas as pd
+
 from garden.errors import GardenError
 from garden.families import BLOCK_ROLES, ROLES, Family, TensorSpec
 
@@ -78,3 +81,96 @@ def _has(family: Family, role: str, config: dict, available: set[str]) -> bool:
     except GardenError:
         return False
     return all(part in available for part in spec.parts)
+
+
+def block_list(blocks: tuple[int, ...] | str | None, num_layers: int) -> list[int] | None:
+    """`scan.blocks` as block indices: None (all), a list as given, `start:stop` as Python's range
+    (either end left out: from 0, to the last block)."""
+    if blocks is None or not isinstance(blocks, str):
+        return None if blocks is None else list(blocks)
+    start, stop = blocks.split(":")
+    chosen = list(range(int(start or 0), int(stop) if stop else num_layers))
+    if not chosen:
+        raise GardenError(f"scan.blocks={blocks} selects no block; the model has {num_layers} blocks "
+                          f"(0:{num_layers})")  # fmt: skip
+    return chosen
+
+
+def tensor_label(role: object, block: object, name: str) -> str:
+    """`mlp_out[3]` for a role's tensor in a block, the role for one outside the blocks, else the name."""
+    if isinstance(role, str) and role:
+        return role if block is None or pd.isna(block) else f"{role}[{int(block)}]"
+    return name
+
+
+def aggregates(summary: pd.DataFrame) -> dict[str, float]:
+    """The few numbers a scan logs to MLflow (NaN where undefined): how many tensors fork and settle, the
+    earliest fork, each role's median fork and stationary steps and its earliest-forking block, and where
+    the unembedding's fork falls among the others'."""
+    fork = _column(summary, "unit_bifurcation_step")
+    settle = _column(summary, "stationary_step")
+    pooled = _column(summary, "bifurcation_step")
+    values = {
+        "scan_tensors": float(len(summary)),
+        "scan_fork_share": float(fork.notna().mean()) if len(summary) else np.nan,
+        "scan_pooled_fork_share": float(pooled.notna().mean()) if len(summary) else np.nan,
+        "scan_stationary_share": float(settle.notna().mean()) if len(summary) else np.nan,
+        "scan_earliest_fork_step": _stat(fork, "min"),
+        "scan_median_fork_step": _stat(fork, "median"),
+        "scan_median_stationary_step": _stat(settle, "median"),
+    }
+    roles = summary["role"].fillna("other") if "role" in summary else pd.Series(["other"] * len(summary))
+    for role in dict.fromkeys(roles):
+        mine = roles == role
+        values[f"scan_{role}_median_fork_step"] = _stat(fork[mine], "median")
+        values[f"scan_{role}_median_stationary_step"] = _stat(settle[mine], "median")
+        if role in BLOCK_ROLES and fork[mine].notna().any():
+            values[f"scan_{role}_earliest_fork_block"] = float(summary.loc[fork[mine].idxmin(), "block"])
+    if (roles == "unembedding").any():
+        own = fork[roles == "unembedding"].iloc[0]
+        others = fork[(roles != "unembedding") & fork.notna()]
+        values["scan_unembedding_fork_step"] = float(own) if pd.notna(own) else np.nan
+        values["scan_unembedding_forks_after_share"] = (
+            float((others < own).mean()) if pd.notna(own) and len(others) else np.nan
+        )
+    return values
+
+
+def fork_rows(summary: pd.DataFrame, values: dict[str, float], first: int = 3) -> list[tuple[str, str]]:
+    """(what, value) rows: the tensors that fork first, each role's median fork step, and the
+    unembedding among the others."""
+    fork = _column(summary, "unit_bifurcation_step")
+    order = fork.dropna().sort_values(kind="stable")
+    if order.empty:
+        return [("forks first", "no tensor forks (no unit bifurcation)")]
+    labels = [f"{tensor_label(summary.at[i, 'role'], summary.at[i, 'block'], summary.at[i, 'tensor'])} "
+              f"(step {fork[i]:g})" for i in order.index[:first]]  # fmt: skip
+    rows = [("forks first", ", ".join(labels))]
+    medians = [(key.removeprefix("scan_").removesuffix("_median_fork_step"), value)
+               for key, value in values.items()
+               if key.endswith("_median_fork_step") and key != "scan_median_fork_step"]  # fmt: skip
+    shown = ", ".join(f"{role} {value:g}" if np.isfinite(value) else f"{role} none"
+                      for role, value in medians)  # fmt: skip
+    rows.append(("median fork step", shown))
+    own = values.get("scan_unembedding_fork_step")
+    if own is not None:
+        after = values.get("scan_unembedding_forks_after_share", np.nan)
+        if not np.isfinite(own):
+            rows.append(("unembedding", "does not fork"))
+        elif not np.isfinite(after):
+            rows.append(("unembedding", f"forks at step {own:g}, the only tensor that forks"))
+        else:
+            rows.append(("unembedding", f"forks at step {own:g}, after {after:.0%} of the other tensors that "
+                                        "fork"))  # fmt: skip
+    return rows
+
+
+def _column(summary: pd.DataFrame, name: str) -> pd.Series:
+    if name not in summary:
+        return pd.Series([np.nan] * len(summary), index=summary.index, dtype=float)
+    return pd.to_numeric(summary[name], errors="coerce").astype(float)
+
+
+def _stat(values: pd.Series, how: str) -> float:
+    present = values.dropna()
+    return float(getattr(present, how)()) if len(present) else np.nan

@@ -11,6 +11,7 @@ from garden.settings.declare import (
     STOP_RULES,
     VARIANTS,
     _families,
+    _roles,
     _sources,
     section,
     setting,
@@ -280,3 +281,43 @@ class EarlyStopSettings:
         True, BOOLEAN, "Train the first seed once more with each monitor rule, stopping for real, and check "
         "that it stops where the rule applied to the full training says.",
     )  # fmt: skip
+
+
+def _block_range(value: object) -> bool:
+    """`start:stop` (Python's half-open range; either end may be left out)."""
+    import re
+
+    return isinstance(value, str) and bool(re.fullmatch(r"\s*\d*\s*:\s*\d*\s*", value))
+
+
+BLOCKS = Rule(
+    "null (every block), a list of block indices, or a range start:stop (stop excluded; 0:6, 6:)",
+    lambda v: _block_range(v)
+    or (isinstance(v, list | tuple) and len(v) > 0 and all(is_integer(b) and b >= 0 for b in v)),
+    nullable=True,
+    convert=lambda v: tuple(v) if isinstance(v, list | tuple) else v.replace(" ", ""),
+)
+GLOBS = list_of(text(), "a list of globs on tensor names (fnmatch: *, ?, [...])")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScanSettings:
+    """task=scan: every weight tensor the family's roles name, in every block, analysed in one pass over
+    the checkpoints (each record the one a one-tensor job writes), mapped role x block x step."""
+
+    roles: tuple[str, ...] | None = setting(
+        None,
+        registered(_roles, "role", many=True, nullable=True, min_length=1),
+        "The roles scanned (null = every stored role of the family: embedding, unembedding and the "
+        "block weights, each stored tensor once).",
+    )
+    blocks: tuple[int, ...] | str | None = setting(
+        None,
+        BLOCKS,
+        "The blocks scanned: null = all; a list [0,3]; or start:stop (0:6, 6:). Splits a large scan into "
+        "shards a sweep runs (scan.blocks=0:6,6:12) and python -m garden.compare --scan merges.",
+    )
+    include: tuple[str, ...] = setting(
+        [], GLOBS, "Tensors added by name (e.g. ['*.bias', '*layernorm*']); block tensors follow scan.blocks."
+    )  # fmt: skip
+    exclude: tuple[str, ...] = setting([], GLOBS, "Tensors dropped by name, after the roles and include.")

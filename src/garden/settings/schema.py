@@ -32,6 +32,7 @@ from garden.settings.models import (
     CorpusSettings,
     EarlyStopSettings,
     ModelSettings,
+    ScanSettings,
     StudySettings,
     TinyArchitecture,
     TinyTraining,
@@ -50,7 +51,7 @@ from garden.settings.rules import BOOLEAN, DEVICE, choice, integer, registered
 __all__ = ["BAD_STEP_POLICIES", "BIFURCATION_CRITERIA", "DUPLICATE_POLICIES", "RELATIONS", "STEP_SELECTIONS",
            "VARIANTS", "CkaSettings", "CooccurrenceSettings", "CorpusSettings", "EvaluationSettings",
            "ExtractSettings", "GardenConfig", "LambadaSettings", "LayerSettings", "MetricSettings",
-           "ModelSettings", "PathSettings", "SeriesSettings", "StepSettings", "StudySettings",
+           "ModelSettings", "PathSettings", "ScanSettings", "SeriesSettings", "StepSettings", "StudySettings",
            "TextSettings", "TinyArchitecture", "TinyTraining", "TrackingSettings"]  # fmt: skip
 
 
@@ -85,6 +86,7 @@ class GardenConfig:
     evaluation: EvaluationSettings = section(EvaluationSettings)
     cooccurrence: CooccurrenceSettings = section(CooccurrenceSettings)
     early_stop: EarlyStopSettings = section(EarlyStopSettings)
+    scan: ScanSettings = section(ScanSettings)
     study: StudySettings | None = section(
         StudySettings, "Only in the DVC study's params.yaml.", optional=True
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from garden.settings import Settings, resolve
-from garden.tasks import cooccurrence, dynamics, early_stop  # noqa: F401  (they register the tasks)
+from garden.tasks import cooccurrence, dynamics, early_stop, scan  # noqa: F401  (they register the tasks)
 from garden.tasks.registry import TASKS
 
 

@@ -1,0 +1,258 @@
+"""Task `scan`: every weight tensor of every checkpoint in one pass, mapped role x block x step.
+
+The same core as `dynamics`: the series and steps as it selects them, one `ExtractionPlan` per tensor
+(so each record is the one a one-tensor job writes, in the same cache), `extract_scan` for the pass, and
+the metric registry on each tensor's trajectory. What is new is the view: one row per tensor
+(`tables/scan_summary.csv`), the long per-step table (`tables/scan_steps.parquet`), the heatmaps and the
+fork and stationary maps, and a handful of aggregates in MLflow instead of thousands of keys.
+
+    open_scan(settings) -> ScanJob           checks, the series, the selection, the steps, the plans
+    scan_tensors(job) -> tables              the pass and the metrics, one tensor's records at a time
+    write_scan(folder, summary, steps, ...)  tables, figures and aggregates (compare --scan merges shards
+                                             through the same function)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from garden import cache, families
+from garden.analysis import analyse, write_summary
+from garden.errors import GardenError
+from garden.extract import ExtractionPlan
+from garden.extract.stream import extract_scan
+from garden.record import aligned_rows, command_line, log_training_history, markdown_rows, run_params
+from garden.scan import ScanTensor, aggregates, block_list, fork_rows, select_tensors
+from garden.schedule import select_steps
+from garden.series import CheckpointSeries, apply_duplicate_policy, find_duplicates
+from garden.settings import Settings
+from garden.sources import open_series, source_of
+from garden.tasks.dynamics import architecture_of, output_folder, used_groups
+from garden.tasks.registry import register
+from garden.tracking import MlflowTracker, with_swept_overrides
+from garden.validation import check_environment
+
+log = logging.getLogger("garden")
+
+#: The summary table's leading columns (every other summary value of the metrics follows them).
+SUMMARY_COLUMNS = ("role", "block", "tensor", "shape", "units", "bifurcation_step", "unit_bifurcation_step",
+                   "final_bimodal_unit_fraction", "stationary_step", "alpha", "final_msd")  # fmt: skip
+#: Per-step values that are bookkeeping, not measurements (left out of the long table).
+NOT_MEASURED = ("step", "prev_step")
+
+
+@dataclass
+class ScanJob:
+    """A scan checked and planned with its series open: nothing read but the listing and headers."""
+
+    settings: Settings
+    series: CheckpointSeries
+    family: families.Family
+    tensors: list[ScanTensor]
+    plans: list[ExtractionPlan]
+    duplicates: dict[int, int]
+    run_name: str
+    tags: dict[str, str]
+
+
+def open_scan(settings: Settings) -> ScanJob:
+    """Check the selection against the series' first checkpoint (roles, blocks, globs, unit axes) before
+    anything is trained, read or logged."""
+    check_environment(settings)
+    series = open_series(settings)
+    available = series.steps()
+    config = series.model_config()
+    names = series.tensor_names(available[0])
+    family = families.require(settings.family or families.detect(config, lambda: names), "task=scan")
+    architecture = architecture_of(settings, config)
+    layers = architecture.get("num_hidden_layers")
+    num_layers = layers if isinstance(layers, int) else series.num_layers(available[0])
+    if not num_layers:
+        raise GardenError(f"task=scan: cannot tell how many blocks {series.label} has (no config.json, "
+                          f"no {family.blocks_path}.N. tensors); set model.architecture.num_hidden_layers")
+    scan = settings.scan
+    blocks = block_list(scan.blocks, num_layers)
+    tensors = select_tensors(family, architecture, names, num_layers, None if scan.roles is None else
+                             list(scan.roles), blocks, scan.include, scan.exclude)  # fmt: skip
+    steps = select_steps(available, settings.steps)
+    plans = [ExtractionPlan.from_settings(settings.extract, t.name, steps, settings.series.on_bad_step)
+             for t in tensors]  # fmt: skip
+    if plans[0].reference_step not in available:
+        raise GardenError(f"extract.reference_step={plans[0].reference_step} is not a step of the series")
+    for plan in plans:
+        shape = series.tensor_shape(available[0], plan.tensor)
+        if shape is not None:
+            plan.resolve_unit_axis(shape)
+    missing = sorted({s for plan in plans for s in series.missing_from_cache(list(plan.steps), plan.tensor)})
+    if missing:
+        raise GardenError(f"HF_HUB_OFFLINE is set and the cache lacks steps {missing} of {series.identity}; "
+                          "run once online, or select the cached steps")  # fmt: skip
+    model = settings.model
+    shard = "" if scan.blocks is None else f"/blocks{_blocks_label(scan.blocks)}"
+    default_name = f"{model.name}/{settings.variant}/scan{shard}"
+    run_name = settings.tracking.run_name or with_swept_overrides(default_name)
+    tags = {
+        "garden.task": "scan",
+        "garden.model": model.name,
+        "garden.variant": settings.variant,
+        "garden.layer": "scan",
+        "garden.family": family.name,
+        "garden.series": series.identity,
+        "garden.scan_blocks": "all" if blocks is None else ",".join(map(str, blocks)),
+        "garden.scan_tensors": str(len(tensors)),
+        "garden.duplicates_policy": settings.series.on_duplicate,
+        **cache.version_tags(*source_of(settings).caches, "extract"),
+    }
+    return ScanJob(settings, series, family, tensors, plans, {}, run_name, tags)
+
+
+def _blocks_label(blocks) -> str:
+    return blocks.replace(":", "-") if isinstance(blocks, str) else "-".join(map(str, blocks))
+
+
+def settle_duplicates(job: ScanJob) -> ScanJob:
+    """series.on_duplicate, decided on the first selected tensor (a duplicated checkpoint repeats every
+    tensor; `same_checkpoint` compares the whole checkpoints) and applied to all."""
+    steps = list(job.plans[0].steps)
+    duplicates = find_duplicates(job.series, steps, job.plans[0].tensor)
+    kept = apply_duplicate_policy(steps, duplicates, job.settings.series.on_duplicate)
+    if duplicates:
+        log.warning("%d duplicated checkpoint(s): %s; series.on_duplicate=%s", len(duplicates),
+                    ", ".join(f"step{d} = step{o}" for d, o in sorted(duplicates.items())),
+                    job.settings.series.on_duplicate)  # fmt: skip
+    if len(kept) < 2:
+        raise GardenError(f"after excluding duplicated checkpoints only {kept} remain; nothing to analyse")
+    plans = [replace(plan, steps=tuple(kept)) for plan in job.plans]
+    listed = ", ".join(f"step{d}=step{o}" for d, o in sorted(duplicates.items())) or "none"
+    return replace(job, plans=plans, duplicates=duplicates, tags={**job.tags, "garden.duplicates": listed})
+
+
+def scan_tensors(job: ScanJob) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The pass over the checkpoints, then the metric registry on each tensor's trajectory, one at a time:
+    (the summary table, a row per tensor; the long table: step, tensor, role, block, metric, value)."""
+    settings = job.settings
+    scanned = extract_scan(job.series, job.plans, Path(settings.paths.data_dir) / "extract",
+                           progress=settings.progress, device=settings.torch_device)  # fmt: skip
+    rows, long_parts = [], []
+    for tensor, result in zip(job.tensors, scanned, strict=True):
+        analysis = analyse(settings, result.trajectory(), {})
+        trajectory = analysis.trajectory
+        units = trajectory.units
+        row = {
+            "role": tensor.role,
+            "block": tensor.block,
+            "tensor": tensor.name,
+            "shape": "x".join(map(str, trajectory.shape)),
+            "units": 0 if units is None else len(units.stats["mean"][0]),
+            **{k: v for k, v in analysis.summary.items() if k not in ("n_duplicate_steps",)},
+            "excluded_steps": "; ".join(f"step{s}" for s in trajectory.meta.get("excluded_steps", {})),
+        }
+        rows.append(row)
+        measured = {c: trajectory.table[c].to_numpy(dtype=float) for c in trajectory.table.columns
+                    if c not in NOT_MEASURED}  # fmt: skip
+        measured.update({name: np.asarray(values, dtype=float) for name, values in analysis.per_step.items()})
+        long_parts.append(_long(trajectory.steps, tensor, measured))
+    summary = pd.DataFrame(rows)
+    for column in SUMMARY_COLUMNS:  # an event not reached is a blank cell, not a missing column
+        if column not in summary:
+            summary[column] = np.nan
+    summary = summary[list(SUMMARY_COLUMNS) + [c for c in summary.columns if c not in SUMMARY_COLUMNS]]
+    summary["block"] = summary["block"].astype("Int64")
+    return summary, pd.concat(long_parts, ignore_index=True)
+
+
+def _long(steps: np.ndarray, tensor: ScanTensor, measured: dict[str, np.ndarray]) -> pd.DataFrame:
+    metrics = list(measured)
+    count = len(steps)
+    return pd.DataFrame({
+        "step": np.tile(np.asarray(steps, dtype=np.int64), len(metrics)),
+        "tensor": tensor.name,
+        "role": tensor.role,
+        "block": pd.array([tensor.block] * count * len(metrics), dtype="Int64"),
+        "metric": np.repeat(metrics, count),
+        "value": np.concatenate([measured[m] for m in metrics]) if metrics else np.array([]),
+    })  # fmt: skip
+
+
+def write_scan(folder: Path, summary: pd.DataFrame, steps: pd.DataFrame, title: str,
+               figures: bool = True) -> dict[str, float]:  # fmt: skip
+    """The scan's tables and figures under `folder`, and its aggregates (returned, and in
+    `scan_aggregates.json`): what a single scan and a merge of shards (`garden.compare --scan`) write."""
+    tables = folder / "tables"
+    tables.mkdir(parents=True, exist_ok=True)
+    summary.to_csv(tables / "scan_summary.csv", index=False)
+    steps.to_parquet(tables / "scan_steps.parquet", index=False)
+    values = aggregates(summary)
+    if figures:
+        from garden.figures import draw_scan
+
+        draw_scan(summary, steps, title, folder / "figures")
+    return values
+
+
+def read_scan_tables(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A scan's two tables as written (`write_scan`)."""
+    tables = Path(folder) / "tables"
+    summary = pd.read_csv(tables / "scan_summary.csv", dtype={"role": "string"})
+    summary["block"] = summary["block"].astype("Int64")
+    return summary, pd.read_parquet(tables / "scan_steps.parquet")
+
+
+def scan_headline(summary: pd.DataFrame, values: dict[str, float]) -> list[tuple[str, str]]:
+    """What a finished scan prints: how many tensors fork and settle, which fork first, and where the
+    unembedding stands among them."""
+    count = len(summary)
+    forked = int(summary["unit_bifurcation_step"].notna().sum()) if "unit_bifurcation_step" in summary else 0
+    settled = int(summary["stationary_step"].notna().sum()) if "stationary_step" in summary else 0
+    rows = [("tensors", f"{count} scanned; {forked} fork (unit bifurcation), {settled} become stationary")]
+    rows += fork_rows(summary, values)
+    return rows
+
+
+@register("scan")
+def run_scan(settings: Settings, output_dir: Path | None = None, parent_run_id: str | None = None) -> dict:
+    """The whole scan in one MLflow run: the tiny series' training (when it must), the pass (its progress
+    live as `extract/...`), the metrics per tensor, the tables, figures and aggregates."""
+    job = open_scan(settings)
+    output_dir = Path(output_dir) if output_dir is not None else output_folder(settings)
+    tracking = settings.tracking
+    tracker = MlflowTracker(tracking.uri, tracking.experiment)
+    what = f"a scan of {len(job.tensors)} tensors across {job.series.identity}"
+    with tracker.start(job.run_name, job.tags, parent_run_id):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        resolved = {"device": settings.torch_device, "output_dir": output_dir}
+        groups = [g for g in used_groups(settings) if g != "layer"] + ["scan"]
+        tracker.log_params(run_params(settings, groups, resolved))
+        tracker.set_description(f"**{job.run_name}**: {what}. Running.")
+        with tracker.live() as reported:
+            job.series.prepare()
+            if "train" not in reported:
+                log_training_history(tracker, job.series.training_history())
+            if not set(job.plans[0].steps) <= set(job.series.steps()):  # a training stopped early
+                job = open_scan(settings)
+            job = settle_duplicates(job)
+            tracker.set_tags({"garden.duplicates": job.tags["garden.duplicates"]})
+            summary, steps = scan_tensors(job)
+        values = write_scan(output_dir, summary, steps, job.run_name, settings.figures)
+        values["n_duplicate_steps"] = float(len(job.duplicates))
+        write_summary(output_dir, job.run_name, values, job.tags)
+        tracker.log_summary(values)
+        tracker.set_tags(job.tags)
+        tracker.log_artifacts(output_dir / "tables", "tables")
+        tracker.log_artifacts(output_dir / "figures", "figures")
+        tracker.log_artifact(output_dir / "summary.json")
+        rows = scan_headline(summary, values)
+        command = command_line()
+        tracker.set_description("\n".join([f"**{job.run_name}**: {what}", "", *markdown_rows(rows), "",
+                                           f"Command: `{command}`" if command else "",
+                                           f"Tables and figures: `{output_dir}`"]))  # fmt: skip
+        run_id = tracker.run_id
+    rows += [("results", f"{output_dir} (tables/scan_summary.csv, tables/scan_steps.parquet, figures/)"),
+             ("MLflow run", f"{run_id} in experiment {tracking.experiment}")]  # fmt: skip
+    log.info("%s finished:\n%s", job.run_name, aligned_rows(rows))
+    return {"run_id": run_id, "output_dir": output_dir, "summary": summary, "aggregates": values}
