@@ -108,7 +108,8 @@ def _walk_series(tmp_path, steps=(0, 10, 20, 40, 80), layout="safetensors"):
     walks = {name: random_walk(list(steps), shape, 1e-4, seed=k)
              for k, (name, shape) in enumerate(shapes.items())}  # fmt: skip
     tensors = {step: {name: walks[name][step] for name in shapes} for step in steps}
-    return write_series(tmp_path / "series", tensors, layout), list(shapes)
+    config = {"model_type": "gpt_neox", "num_attention_heads": 2, "num_hidden_layers": 2}
+    return write_series(tmp_path / "series", tensors, layout, config), list(shapes)
 
 
 def _plans(names, steps, **extract):
@@ -152,3 +153,105 @@ def test_a_scan_writes_the_records_a_one_tensor_extraction_writes_and_each_reuse
     monkeypatch.setattr(records, "make_meta", computes)
     reused = extract(series, plans[3], tmp_path / "scan", progress=False)
     assert reused.table.equals(scanned[3].trajectory().table)
+
+
+# ------------------------------------------------------------------------------------------ task=scan
+
+
+def _local(tmp_path) -> list[str]:
+    """The overrides of a job on `_walk_series`, with its data and MLflow store under tmp_path."""
+    return ["model=local", f"model.path={tmp_path / 'series'}", "progress=false", "metrics=minimal",
+            f"paths.data_dir={tmp_path}/data", "extract.n_distribution_sample=64",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]  # fmt: skip
+
+
+def _scan_config(compose_config, tmp_path, *overrides):
+    return compose_config("task=scan", *_local(tmp_path), *overrides)
+
+
+def test_scan_writes_a_row_per_tensor_the_long_table_maps_and_few_mlflow_keys(tmp_path, compose_config,
+                                                                              monkeypatch):  # fmt: skip
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from garden.extract import records
+    from garden.tasks import run
+
+    _walk_series(tmp_path)
+    outcome = run(_scan_config(compose_config, tmp_path), output_dir=tmp_path / "out")
+    summary = pd.read_csv(tmp_path / "out" / "tables" / "scan_summary.csv")
+    assert list(summary.columns[:11]) == ["role", "block", "tensor", "shape", "units", "bifurcation_step",
+                                          "unit_bifurcation_step", "final_bimodal_unit_fraction",
+                                          "stationary_step", "alpha", "final_msd"]  # fmt: skip
+    assert len(summary) == 2 + 2 * 4 and summary.loc[0, "role"] == "unembedding"
+    assert (
+        summary.loc[summary["tensor"] == "gpt_neox.layers.1.mlp.dense_4h_to_h.weight", "units"].item() == 32
+    )
+    steps = pd.read_parquet(tmp_path / "out" / "tables" / "scan_steps.parquet")
+    assert list(steps.columns) == ["step", "tensor", "role", "block", "metric", "value"]
+    msd = steps[(steps["metric"] == "msd") & (steps["tensor"] == "embed_out.weight")]
+    assert msd["step"].tolist() == [0, 10, 20, 40, 80] and msd["value"].iloc[0] == 0.0
+    for name in ("scan_relative_displacement", "scan_msd", "scan_fork_map", "scan_stationary_map"):
+        assert (tmp_path / "out" / "figures" / f"{name}.png").is_file()
+        assert (tmp_path / "out" / "figures" / f"{name}.svg").is_file()
+    run_ = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(outcome["run_id"])
+    assert run_.info.status == "FINISHED"
+    assert 5 < len(run_.data.metrics) < 40  # aggregates, not a key per tensor and metric
+    assert run_.data.metrics["scan_tensors"] == 10
+
+    # A one-tensor job after the scan computes nothing: its records are the scan's.
+    def computes(*args, **kwargs):
+        raise AssertionError("a record was computed")
+
+    monkeypatch.setattr(records, "step_record", computes)
+    monkeypatch.setattr(records, "make_meta", computes)
+    one = run(compose_config(*_local(tmp_path), "figures=false", "layer=mlp_out", "layer.index=1"),
+              output_dir=tmp_path / "one")  # fmt: skip
+    row = summary[summary["tensor"] == "gpt_neox.layers.1.mlp.dense_4h_to_h.weight"].iloc[0]
+    assert one.summary["final_msd"] == pytest.approx(row["final_msd"], rel=1e-12)
+
+
+def test_a_scan_after_a_one_tensor_job_computes_only_the_other_tensors(tmp_path, compose_config, caplog):
+    import logging
+
+    from garden.tasks import run
+
+    _walk_series(tmp_path)
+    run(compose_config(*_local(tmp_path), "figures=false", "layer=attn_out", "layer.index=0"),
+        output_dir=tmp_path / "one")  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="garden"):
+        run(_scan_config(compose_config, tmp_path, "figures=false"), output_dir=tmp_path / "out")
+    assert "scan of 10 tensors: 45 of 50 records computed, 5 reused from the cache" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("override", "error"),
+    [
+        ("scan.blocks=[0,4]", r"scan.blocks \[4\] are out of range: the model has 2 blocks"),
+        ("scan.blocks=3:", r"scan.blocks=3: selects no block; the model has 2 blocks"),
+        ("scan.exclude=['*']", r"the scan selects no tensor .*the checkpoints hold: embed_out.weight"),
+        ("scan.roles=[attn_q,nonsense]", r"scan.roles.*unknown role\(s\): nonsense"),
+        ("scan.blocks=two", r"scan.blocks.*a range start:stop"),
+    ],
+)
+def test_bad_scan_settings_fail_before_anything_is_read(tmp_path, compose_config, override, error):
+    from garden.tasks import run
+
+    _walk_series(tmp_path)
+    with pytest.raises(GardenError, match=error):
+        run(_scan_config(compose_config, tmp_path, override), output_dir=tmp_path / "out")
+    assert not (tmp_path / "data" / "extract").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_derived_role_is_scanned_through_its_stored_parts(tmp_path, compose_config):
+    import pandas as pd
+
+    from garden.tasks import run
+
+    _walk_series(tmp_path)
+    config = _scan_config(compose_config, tmp_path, "scan.roles=[attn_q,attn_v]", "scan.blocks=[1]")
+    run(config, output_dir=tmp_path / "out")
+    summary = pd.read_csv(tmp_path / "out" / "tables" / "scan_summary.csv")
+    assert summary["tensor"].tolist() == [f"gpt_neox.layers.1.attention.query_key_value.weight[{p}]"
+                                          for p in ("q", "v")]  # fmt: skip
+    assert summary["shape"].tolist() == ["8x8", "8x8"]

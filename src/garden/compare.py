@@ -3,6 +3,7 @@
     python -m garden.compare                          # the latest sweep (`python -m garden -m ...`)
     python -m garden.compare --sweep-dir multirun/2026-11-22_10-00-00
     python -m garden.compare --parent <run id>        # or --runs <id> <id> ..., or --dvc study/sweep
+    python -m garden.compare --scan                   # a sharded scan's runs (task=scan) as one map
 
 Writes a table (one row per run: model, variant, layer, size, pooled and per-unit bifurcation steps,
 final share of bimodal units, stationary step, alpha, final perplexity) and figures (each bifurcation
@@ -303,6 +304,72 @@ def compare(tracking_uri: str, experiment: str, output: Path | None = None, **se
     return folder
 
 
+def merge_scans(tracking_uri: str, experiment: str, output: Path | None = None, **selection) -> Path:
+    """The shards of a scan (`task=scan` runs, typically `scan.blocks=0:6,6:12` in a sweep) as one scan:
+    their tables joined, keyed by run id, and the map drawn again from them (`tasks.scan.write_scan`), then
+    logged to the sweep's parent run (or a new `compare-scan` run)."""
+    import tempfile
+
+    from garden.tasks.scan import read_scan_tables, write_scan
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    chosen = select_runs(client, experiment, **selection)
+    shards = [r for r in chosen.runs if r.data.tags.get("garden.task") == "scan"]
+    if not shards:
+        raise GardenError(f"none of the {len(chosen.runs)} runs of {chosen.label} is a scan (task=scan)")
+    unfinished = [r.info.run_name for r in shards if r.info.status != "FINISHED"]
+    if unfinished:
+        raise GardenError(f"scan shards not FINISHED: {', '.join(unfinished)}; run them again (a scan "
+                          "resumes from its cache) before merging")  # fmt: skip
+    series = {r.data.tags.get("garden.series") for r in shards}
+    if len(series) > 1:
+        raise GardenError(f"the shards scan different series ({', '.join(sorted(map(str, series)))}); "
+                          "merge the shards of one series")  # fmt: skip
+    summaries, long_tables = [], []
+    with tempfile.TemporaryDirectory() as scratch:
+        for run in shards:
+            local = Path(client.download_artifacts(run.info.run_id, "tables", f"{scratch}/{run.info.run_id}"))
+            summary, steps = read_scan_tables(local.parent)
+            summaries.append(summary.assign(run_id=run.info.run_id))
+            long_tables.append(steps.assign(run_id=run.info.run_id))
+    summary = pd.concat(summaries, ignore_index=True)
+    repeated = summary["tensor"].duplicated()
+    if repeated.any():
+        log.warning("tensors scanned by more than one shard (the first shard's kept): %s",
+                    ", ".join(summary.loc[repeated, "tensor"]))  # fmt: skip
+        summary = summary[~repeated]
+        first = dict(zip(summary["tensor"], summary["run_id"], strict=True))
+        long_tables = [t[t["tensor"].map(first) == t["run_id"]] for t in long_tables]
+    summary = _map_order(summary)
+    steps = pd.concat(long_tables, ignore_index=True)
+    folder = Path(output) if output else Path("outputs") / "compare" / f"scan-{chosen.parent_id or 'runs'}"
+    values = write_scan(folder, summary.reset_index(drop=True), steps, f"{chosen.label} (merged scan)")
+    (folder / "scan_aggregates.json").write_text(json.dumps(values, indent=1))
+    if chosen.parent_id is not None:
+        target = chosen.parent_id
+    else:
+        exp = client.get_experiment(shards[0].info.experiment_id)
+        tags = {"garden.compare": ",".join(r.info.run_id for r in shards), "garden.task": "scan_merge"}
+        target = client.create_run(exp.experiment_id, run_name="compare-scan", tags=tags).info.run_id
+    client.log_artifacts(target, str(folder), "scan")
+    for key, value in values.items():
+        client.log_metric(target, key, float(value))
+    client.set_tag(target, "garden.scan_shards", str(len(shards)))
+    if chosen.parent_id is None:
+        client.set_terminated(target, "FINISHED")
+    log.info("merged %d scan shards (%d tensors, %s); tables and figures in %s, logged to MLflow run %s",
+             len(shards), len(summary), chosen.label, folder, target)  # fmt: skip
+    return folder
+
+
+def _map_order(summary: pd.DataFrame) -> pd.DataFrame:
+    """Rows in the order a single scan writes them: by role (the registry's order), then block."""
+    roles = list(families.ROLES)
+    rank = summary["role"].map(lambda r: roles.index(r) if isinstance(r, str) and r in roles else len(roles))
+    return summary.assign(_rank=rank).sort_values(["_rank", "block"], kind="stable",
+                                                  na_position="first").drop(columns="_rank")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m garden.compare", description=__doc__.splitlines()[0])
     which = parser.add_mutually_exclusive_group()
@@ -310,6 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     which.add_argument("--sweep-dir", help="a sweep folder (multirun/<time>) holding mlflow_parent_run_id")
     which.add_argument("--runs", nargs="+", metavar="RUN_ID", help="these runs")
     which.add_argument("--dvc", metavar="DIR", help="the DVC matrix's runs (study/sweep)")
+    parser.add_argument("--scan", action="store_true", help="merge the runs' scans (task=scan shards) into "
+                        "one map instead of comparing them")  # fmt: skip
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     parser.add_argument("--experiment", default="garden")
     parser.add_argument("--output", type=Path, help="folder for the table and figures "
@@ -317,8 +386,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     try:
-        compare(args.tracking_uri, args.experiment, args.output, parent=args.parent,
-                sweep_dir=args.sweep_dir, run_ids=args.runs, dvc_dir=args.dvc)  # fmt: skip
+        job = merge_scans if args.scan else compare
+        job(args.tracking_uri, args.experiment, args.output, parent=args.parent, sweep_dir=args.sweep_dir,
+            run_ids=args.runs, dvc_dir=args.dvc)  # fmt: skip
     except GardenError as error:
         sys.exit(f"garden: error: {error}")
 

@@ -426,6 +426,15 @@ class DerivedTensors(CheckpointSeries):
             return self.inner.content_id(step, tensor)
         return self._combined([self.inner.content_id(step, part) for part in self.spec.parts])
 
+    def open_step(self, step: int) -> StepTensors:
+        return _DerivedStep(self, self.inner.open_step(step))
+
+    def holding_ids(self):
+        return self.inner.holding_ids()
+
+    def tensor_shape(self, step: int, name: str) -> tuple[int, ...] | None:
+        return None if name == self.spec.name else self.inner.tensor_shape(step, name)
+
     def missing_from_cache(self, steps: list[int], tensor: str) -> list[int]:
         parts = self.spec.parts if tensor == self.spec.name else (tensor,)
         return sorted({s for part in parts for s in self.inner.missing_from_cache(steps, part)})
@@ -466,6 +475,22 @@ class DerivedTensors(CheckpointSeries):
 
     def num_layers(self, step: int) -> int | None:
         return self.inner.num_layers(step)
+
+
+class _DerivedStep(StepTensors):
+    """A checkpoint of a `DerivedTensors` series: its derived tensor made from the inner step's parts."""
+
+    def __init__(self, series: DerivedTensors, inner: StepTensors):
+        super().__init__(series, inner.step)
+        self.spec, self.inner = series.spec, inner
+
+    def get(self, name: str) -> torch.Tensor:
+        if name != self.spec.name:
+            return self.inner.get(name)
+        return self.spec.derive([self.inner.get(part) for part in self.spec.parts])
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def find_duplicates(series: CheckpointSeries, steps: list[int], tensor: str) -> dict[int, int]:

@@ -29,7 +29,7 @@ from garden.extract.stream import extract_scan
 from garden.record import aligned_rows, command_line, log_training_history, markdown_rows, run_params
 from garden.scan import ScanTensor, aggregates, block_list, fork_rows, select_tensors
 from garden.schedule import select_steps
-from garden.series import CheckpointSeries, apply_duplicate_policy, find_duplicates
+from garden.series import CheckpointSeries, DerivedTensors, apply_duplicate_policy, find_duplicates
 from garden.settings import Settings
 from garden.sources import open_series, source_of
 from garden.tasks.dynamics import architecture_of, output_folder, used_groups
@@ -79,6 +79,9 @@ def open_scan(settings: Settings) -> ScanJob:
     blocks = block_list(scan.blocks, num_layers)
     tensors = select_tensors(family, architecture, names, num_layers, None if scan.roles is None else
                              list(scan.roles), blocks, scan.include, scan.exclude)  # fmt: skip
+    for tensor in tensors:  # a derived role (q rows of a fused qkv) is read through its stored parts
+        if tensor.spec.derived:
+            series = DerivedTensors(series, tensor.spec)
     steps = select_steps(available, settings.steps)
     plans = [ExtractionPlan.from_settings(settings.extract, t.name, steps, settings.series.on_bad_step)
              for t in tensors]  # fmt: skip
@@ -86,7 +89,7 @@ def open_scan(settings: Settings) -> ScanJob:
         raise GardenError(f"extract.reference_step={plans[0].reference_step} is not a step of the series")
     for plan in plans:
         shape = series.tensor_shape(available[0], plan.tensor)
-        if shape is not None:
+        if shape is not None:  # (a derived tensor's is known on its first read)
             plan.resolve_unit_axis(shape)
     missing = sorted({s for plan in plans for s in series.missing_from_cache(list(plan.steps), plan.tensor)})
     if missing:
