@@ -197,7 +197,7 @@ def test_scan_writes_a_row_per_tensor_the_long_table_maps_and_few_mlflow_keys(tm
     run_ = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(outcome["run_id"])
     assert run_.info.status == "FINISHED"
     assert 5 < len(run_.data.metrics) < 40  # aggregates, not a key per tensor and metric
-    assert run_.data.metrics["scan_tensors"] == 10
+    assert run_.data.metrics["summary/scan_tensors"] == 10
 
     # A one-tensor job after the scan computes nothing: its records are the scan's.
     def computes(*args, **kwargs):
@@ -255,3 +255,35 @@ def test_a_derived_role_is_scanned_through_its_stored_parts(tmp_path, compose_co
     assert summary["tensor"].tolist() == [f"gpt_neox.layers.1.attention.query_key_value.weight[{p}]"
                                           for p in ("q", "v")]  # fmt: skip
     assert summary["shape"].tolist() == ["8x8", "8x8"]
+
+
+@pytest.mark.slow
+def test_a_two_shard_sweep_merged_gives_the_single_scans_summary(tmp_path):
+    """scan.blocks=0:1,1:2 in a joblib sweep (the shards at once, on one cache), merged by
+    `garden.compare --scan`, against one scan of the same series with a cache of its own."""
+    import pandas as pd
+
+    from conftest import run_garden
+    from garden.compare import main as compare
+
+    _walk_series(tmp_path)
+    common = ["task=scan", "model=local", f"model.path={tmp_path / 'series'}", "metrics=minimal",
+              "extract.n_distribution_sample=64", "figures=false"]  # fmt: skip
+    done = run_garden(tmp_path, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *common,
+                      "scan.blocks=0:1,1:2", f"hydra.sweep.dir={tmp_path}/sweep")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    compare(["--scan", "--sweep-dir", f"{tmp_path}/sweep", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+             "--output", f"{tmp_path}/merged"])  # fmt: skip
+    single = tmp_path / "single"
+    single.mkdir()
+    done = run_garden(single, *common)
+    assert done.returncode == 0, done.stderr[-3000:]
+    merged = pd.read_csv(tmp_path / "merged" / "tables" / "scan_summary.csv")
+    assert merged["run_id"].nunique() == 2
+    alone = pd.read_csv(single / "out" / "tables" / "scan_summary.csv")
+    pd.testing.assert_frame_equal(merged.drop(columns="run_id"), alone)
+    assert (tmp_path / "merged" / "figures" / "scan_fork_map.png").is_file()
+    steps = pd.read_parquet(tmp_path / "merged" / "tables" / "scan_steps.parquet")
+    assert len(steps.drop(columns="run_id")) == len(
+        pd.read_parquet(single / "out" / "tables" / "scan_steps.parquet")
+    )

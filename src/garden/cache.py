@@ -252,6 +252,24 @@ def lock_path(folder: Path) -> Path:
 
 
 @contextlib.contextmanager
+def producing_if_free(folder: Path) -> Iterator[bool]:
+    """Hold `folder`'s lock if no other job holds it (yields True), else yield False at once: a scan
+    computes the tensors no other job is producing first, and waits for the others after."""
+    path = lock_path(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
 def producing(folder: Path, what: str) -> Iterator[None]:
     """Hold `folder`'s lock while producing it. A job that finds it held logs that it waits, waits, and
     then goes on (finding the folder complete, it reuses it). The lock is an OS file lock, released by

@@ -35,7 +35,7 @@ from garden import families
 from garden.errors import GardenError
 from garden.figures import save_figures, step_axis
 from garden.metrics import HEADLINE
-from garden.record import logged_value
+from garden.record import logged_value, summary_metrics
 from garden.tracking import PARENT_RUN_FILE
 
 log = logging.getLogger("garden")
@@ -341,7 +341,10 @@ def merge_scans(tracking_uri: str, experiment: str, output: Path | None = None, 
         first = dict(zip(summary["tensor"], summary["run_id"], strict=True))
         long_tables = [t[t["tensor"].map(first) == t["run_id"]] for t in long_tables]
     summary = _map_order(summary)
+    position = {tensor: i for i, tensor in enumerate(summary["tensor"])}
     steps = pd.concat(long_tables, ignore_index=True)
+    steps = steps.iloc[np.argsort(steps["tensor"].map(position).to_numpy(), kind="stable")]
+    steps = steps.reset_index(drop=True)
     folder = Path(output) if output else Path("outputs") / "compare" / f"scan-{chosen.parent_id or 'runs'}"
     values = write_scan(folder, summary.reset_index(drop=True), steps, f"{chosen.label} (merged scan)")
     (folder / "scan_aggregates.json").write_text(json.dumps(values, indent=1))
@@ -352,8 +355,8 @@ def merge_scans(tracking_uri: str, experiment: str, output: Path | None = None, 
         tags = {"garden.compare": ",".join(r.info.run_id for r in shards), "garden.task": "scan_merge"}
         target = client.create_run(exp.experiment_id, run_name="compare-scan", tags=tags).info.run_id
     client.log_artifacts(target, str(folder), "scan")
-    for key, value in values.items():
-        client.log_metric(target, key, float(value))
+    for key, value in summary_metrics(values, {}).items():
+        client.log_metric(target, key, value)
     client.set_tag(target, "garden.scan_shards", str(len(shards)))
     if chosen.parent_id is None:
         client.set_terminated(target, "FINISHED")

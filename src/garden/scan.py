@@ -4,7 +4,8 @@ from a checkpoint's tensor names, each with its role and block, checked before a
 By default a scan takes every stored role of the family (a derived role, such as GPT-NeoX's q/k/v rows of
 the fused qkv, would read the same bytes twice) in every block; `roles` names others, `blocks` narrows the
 blocks (a glob's tensors in blocks too; tensors outside the blocks, such as the embeddings and the final
-norm, are always taken), `include` adds tensors by glob (biases, norms) and `exclude` drops them.
+norm, go with block 0, so that shards splitting the blocks split the tensors), `include` adds tensors by
+glob (biases, norms) and `exclude` drops them.
 """
 
 from __future__ import annotations
@@ -44,13 +45,14 @@ def select_tensors(family: Family, config: dict, names: list[str], num_layers: i
     """The scan's tensors among `names` (a checkpoint's), in role then block order, then the globs'."""
     available = set(names)
     blocks = list(range(num_layers)) if blocks is None else list(blocks)
+    outside_too = 0 in blocks  # the tensors outside the blocks go with block 0's shard
     outside = [b for b in blocks if not 0 <= b < num_layers]
     if outside:
         raise GardenError(f"scan.blocks {outside} are out of range: the model has {num_layers} blocks, valid "
                           f"0..{num_layers - 1}")  # fmt: skip
     chosen: list[ScanTensor] = []
     for role in default_roles(family) if roles is None else roles:
-        for block in blocks if role in BLOCK_ROLES else [None]:
+        for block in blocks if role in BLOCK_ROLES else ([None] if outside_too else []):
             spec = family.tensor(role, block, config)
             missing = [part for part in spec.parts if part not in available]
             if missing:
@@ -65,7 +67,7 @@ def select_tensors(family: Family, config: dict, names: list[str], num_layers: i
             continue
         found = in_block.match(name)
         block = None if found is None else int(found.group(1))
-        if block is None or block in blocks:  # a glob's block tensors follow scan.blocks too
+        if (block is None and outside_too) or block in blocks:  # a glob's tensors follow scan.blocks too
             chosen.append(ScanTensor(TensorSpec.stored(name), None, block))
     chosen = [t for t in chosen if not any(fnmatchcase(t.name, g) for g in exclude)]
     if not chosen:

@@ -361,14 +361,32 @@ def extract_scan(
     """Every plan's tensor (same steps, same reference) in one pass over the checkpoints, step by step: a
     checkpoint is opened once for all its tensors, each tensor's record written to the very cache folder a
     one-tensor extraction of it uses (`plan.cache_key`), so either reuses the other's. Each folder is
-    locked while this job fills it (in a fixed order: two scans never wait on each other in a cycle)."""
+    locked while this job fills it; folders another job holds are left to it and reused once it is done
+    (waiting in a fixed order: two scans never wait on each other in a cycle)."""
     folders = [Path(cache_dir) / plan.cache_key(series.identity) for plan in plans]
-    with contextlib.ExitStack() as locks:
-        for folder, plan in sorted(zip(folders, plans, strict=True), key=lambda pair: str(pair[0])):
-            what = f"the extraction of {plan.tensor} from {series.identity}"
-            locks.enter_context(cache.producing(folder, what))
-        with series.holding_ids():
-            return _scan(series, plans, folders, progress, torch.device(device))
+    order = sorted(range(len(plans)), key=lambda i: str(folders[i]))
+    done: dict[int, ScannedTensor] = {}
+    with series.holding_ids():
+        # First the tensors no other job is producing (another scan's shard, a one-tensor job), then,
+        # waiting for them, the rest (their records reused).
+        for waiting in (False, True):
+            todo = [i for i in order if i not in done]
+            if not todo:
+                break
+            with contextlib.ExitStack() as locks:
+                held = []
+                for i in todo:
+                    if waiting:
+                        what = f"the extraction of {plans[i].tensor} from {series.identity}"
+                        locks.enter_context(cache.producing(folders[i], what))
+                        held.append(i)
+                    elif locks.enter_context(cache.producing_if_free(folders[i])):
+                        held.append(i)
+                if held:
+                    scanned = _scan(series, [plans[i] for i in held], [folders[i] for i in held], progress,
+                                    torch.device(device))  # fmt: skip
+                    done.update(zip(held, scanned, strict=True))
+    return [done[i] for i in range(len(plans))]
 
 
 def _scan(series: CheckpointSeries, plans: list[ExtractionPlan], folders: list[Path], progress: bool,

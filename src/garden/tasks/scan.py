@@ -26,7 +26,14 @@ from garden.analysis import analyse, write_summary
 from garden.errors import GardenError
 from garden.extract import ExtractionPlan
 from garden.extract.stream import extract_scan
-from garden.record import aligned_rows, command_line, log_training_history, markdown_rows, run_params
+from garden.record import (
+    aligned_rows,
+    command_line,
+    log_training_history,
+    markdown_rows,
+    run_params,
+    summary_metrics,
+)
 from garden.scan import ScanTensor, aggregates, block_list, fork_rows, select_tensors
 from garden.schedule import select_steps
 from garden.series import CheckpointSeries, DerivedTensors, apply_duplicate_policy, find_duplicates
@@ -73,8 +80,10 @@ def open_scan(settings: Settings) -> ScanJob:
     layers = architecture.get("num_hidden_layers")
     num_layers = layers if isinstance(layers, int) else series.num_layers(available[0])
     if not num_layers:
-        raise GardenError(f"task=scan: cannot tell how many blocks {series.label} has (no config.json, "
-                          f"no {family.blocks_path}.N. tensors); set model.architecture.num_hidden_layers")
+        raise GardenError(
+            f"task=scan: cannot tell how many blocks {series.label} has (no config.json, "
+            f"no {family.blocks_path}.N. tensors); set model.architecture.num_hidden_layers"
+        )
     scan = settings.scan
     blocks = block_list(scan.blocks, num_layers)
     tensors = select_tensors(family, architecture, names, num_layers, None if scan.roles is None else
@@ -244,7 +253,7 @@ def run_scan(settings: Settings, output_dir: Path | None = None, parent_run_id: 
         values = write_scan(output_dir, summary, steps, job.run_name, settings.figures)
         values["n_duplicate_steps"] = float(len(job.duplicates))
         write_summary(output_dir, job.run_name, values, job.tags)
-        tracker.log_summary(values)
+        tracker.log_summary(summary_metrics(values, {}))
         tracker.set_tags(job.tags)
         tracker.log_artifacts(output_dir / "tables", "tables")
         tracker.log_artifacts(output_dir / "figures", "figures")
