@@ -53,7 +53,8 @@ def study(tmp_path_factory, small_corpus):
         shutil.copy(ROOT / name, work / name)
     # One matrix item (the standard series the `series` stage trains); where another variant's item trains
     # is checked without running it (test_a_matrix_item_trains_another_series_outside_the_outputs).
-    overrides = [*SHRUNK_TINY, f"corpus.path={small_corpus}", "progress=false", "study.variants=[standard]"]
+    overrides = [*SHRUNK_TINY, f"corpus.path={small_corpus}", "progress=false", "study.variants=[standard]",
+                 'study.scan_shards=["0:1","1:"]']  # fmt: skip
     sh(work, sys.executable, "-m", "garden.stages", "params", *overrides)
     sh(work, "git", "init", "-q")
     sh(work, "git", "add", "-A")
@@ -61,7 +62,7 @@ def study(tmp_path_factory, small_corpus):
     # The first repro runs the stages with their garden function calls recorded (tests/stage_trace/),
     # but for the two that train (tracing slows Python down): `series` is traced when it reruns.
     traced = {**TRACING, "GARDEN_TRACE_DIR": str(work / "trace"),
-              "GARDEN_TRACE_STAGES": "corpus,extract,metrics,evaluate,report"}  # fmt: skip
+              "GARDEN_TRACE_STAGES": "corpus,extract,metrics,evaluate,report,scan"}  # fmt: skip
     first = dvc(work, "repro", env=traced)
     return work, overrides, first
 
@@ -85,7 +86,7 @@ def runs(work: Path):
 def test_repro_runs_every_stage_and_records_the_study(study):
     work, _, first = study
     for stage in ("corpus", "series", "extract", "metrics", "evaluate", "report", "sweep@tiny-standard",
-                  "compare"):  # fmt: skip
+                  "compare", "scan@0:1", "scan@1:", "scan_map"):  # fmt: skip
         assert f"Running stage '{stage}'" in first.stdout
     (trained,) = visible(work / "study" / "series")
     assert trained == work / tiny_folder(work, "standard") and (trained / "series.json").is_file()
@@ -114,6 +115,24 @@ def test_repro_runs_every_stage_and_records_the_study(study):
     assert len(client.get_metric_history(report.info.run_id, "diffusion/msd")) == len(steps)
     artifacts = {a.path for a in client.list_artifacts(report.info.run_id)}
     assert {"tables", "figures", "summary.json"} <= artifacts
+
+
+def test_the_scan_shards_merge_into_one_map_of_the_studys_series(study):
+    """The scan stage's two shards (block 0 with the embeddings, block 1) and scan_map's merge: every
+    tensor once, the shards' MLflow runs keyed in the merged table, the map's figures for dvc plots."""
+    work, _, _ = study
+    merged = pd.read_csv(work / "study" / "scan_map" / "tables" / "scan_summary.csv")
+    assert len(merged) == 2 + 2 * 4 and merged["tensor"].is_unique
+    shards = {json.loads((work / "study" / "scan" / name / "run.json").read_text())["run_id"]
+              for name in ("0:1", "1:")}  # fmt: skip
+    assert set(merged["run_id"]) == shards
+    assert set(merged.loc[merged["block"] == 1, "run_id"]) == {
+        json.loads((work / "study" / "scan" / "1:" / "run.json").read_text())["run_id"]
+    }
+    assert (work / "study" / "scan_map" / "figures" / "scan_fork_map.png").is_file()
+    _, found = runs(work)
+    (merge,) = [r for r in found if r.info.run_name == "compare-scan"]
+    assert merge.data.metrics["summary/scan_tensors"] == 10
 
 
 def test_matrix_runs_each_item_reusing_the_trained_series(study):
@@ -172,7 +191,9 @@ def test_an_edit_to_one_module_reruns_only_the_stages_that_run_it(study):
         status = json.loads(dvc(work, "status", "--json").stdout)
     finally:
         module.write_text(original)
-    assert {stage for stage in status if not stage.startswith("sweep@")} == {"report"}, status
+    # (the scan shards run the record's functions too: each is a whole task=scan job)
+    rerun = {stage for stage in status if not stage.startswith("sweep@")}
+    assert rerun == {"report", "scan@0:1", "scan@1:"}, status
 
 
 def test_exp_run_set_param_composes_with_hydra_and_reruns_only_what_depends_on_it(study):
@@ -230,7 +251,7 @@ def test_the_series_stage_links_the_tiny_series_the_cli_already_trained(tmp_path
     assert os.path.samefile(linked, trained / "step0" / "model.safetensors")  # a hard link, not a copy
 
 
-@pytest.mark.parametrize("stage", ["corpus", "series", "extract", "metrics", "evaluate", "report"])
+@pytest.mark.parametrize("stage", ["corpus", "series", "extract", "metrics", "evaluate", "report", "scan"])
 def test_each_stage_depends_on_every_garden_module_it_runs(study, stage):
     """dvc.yaml lists each stage's code deps by hand; they must cover every garden file a function ran in
     while the stage ran (recorded by tests/stage_trace/sitecustomize.py: in the first repro, and for

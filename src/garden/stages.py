@@ -2,6 +2,7 @@
 
     python -m garden.stages corpus|series|extract|metrics|evaluate|report [--series DIR ...] [--out DIR]
     python -m garden.stages sweep --model tiny --variant deduped
+    python -m garden.stages scan --blocks 0:2            # one shard of the whole-model scan
 
 Each stage reads `params.yaml` (the composed `conf/study.yaml`, rewritten by `dvc exp run -S ...`) into
 Settings (garden.settings: every setting checked as the CLI checks it), takes
@@ -325,6 +326,24 @@ def sweep(settings: Settings, model: str, variant: str) -> None:
                                       "tracking_uri": item.tracking.uri})  # fmt: skip
 
 
+def scan(settings: Settings, series_dir: Path, out: Path, blocks: str | None = None) -> None:
+    """One shard of the whole-model scan of the study's series (`scan.blocks`; all blocks when None): the
+    scan job itself (`task=scan`), its tables, figures and MLflow run under `out`, and `run.json`, which
+    `python -m garden.compare --scan --dvc <its parent>` reads to merge the shards into one map."""
+    from garden.settings.models import BLOCKS
+    from garden.tasks.scan import run_scan
+
+    if blocks is not None and not BLOCKS.allows(blocks):
+        raise GardenError(f"--blocks {blocks!r}: valid is {BLOCKS.describe}")
+    item = with_series_in(settings, series_dir)
+    shard = replace(item.scan, blocks=None if blocks is None else BLOCKS.convert(blocks))
+    item = replace(item, task="scan", scan=shard, tracking=replace(item.tracking, run_name=None))
+    if out.exists():
+        shutil.rmtree(out)
+    outcome = run_scan(item, output_dir=out)
+    _write_json(out / "run.json", {"run_id": outcome["run_id"], "tracking_uri": item.tracking.uri})
+
+
 #: stage -> (function, its folder arguments in order: inputs, then outputs); each folder argument is a
 #: command-line option whose default is the study's layout under paths.data_dir.
 STAGES = {
@@ -349,7 +368,8 @@ def write_params(path: str | Path = PARAMS_FILE, overrides: list[str] | None = N
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m garden.stages", description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=[*STAGES, "sweep", "params"])
+    parser.add_argument("stage", choices=[*STAGES, "sweep", "scan", "params"])
+    parser.add_argument("--blocks", help="scan: the shard's blocks, start:stop (default: all)")
     parser.add_argument("--model", help="sweep: a model of conf/model/")
     parser.add_argument("--variant", help="sweep: standard | deduped")
     parser.add_argument("--params", default=PARAMS_FILE, help="the parameters file (default params.yaml)")
@@ -372,6 +392,10 @@ def main(argv: list[str] | None = None) -> None:
             if not args.model or not args.variant:
                 parser.error("sweep needs --model and --variant")
             sweep(settings, args.model, args.variant)
+        elif args.stage == "scan":
+            root = data_dir(settings)
+            scan(settings, args.series or root / "series", args.out or root / "scan" / (args.blocks or "all"),
+                 args.blocks)  # fmt: skip
         else:
             function, folders = STAGES[args.stage]
             root = data_dir(settings)

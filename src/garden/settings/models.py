@@ -3,6 +3,7 @@ paper 003's synthetic task and the DVC study's matrix."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import MISSING, dataclass, fields
 
 from garden.settings.declare import (
@@ -35,6 +36,11 @@ from garden.settings.rules import (
     registered,
     text,
 )
+
+
+def _block_range(value: object) -> bool:
+    """`start:stop` (Python's half-open range; either end may be left out)."""
+    return isinstance(value, str) and bool(re.fullmatch(r"\s*\d*\s*:\s*\d*\s*", value))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -247,6 +253,11 @@ class StudySettings:
         list_of(choice(*VARIANTS), "a list of variants", min_length=1),
         "The variants of the sweep stage.",
     )
+    scan_shards: tuple[str, ...] = setting(
+        ["0:2", "2:"],
+        list_of(Rule("start:stop", _block_range), "a list of block ranges start:stop", min_length=1),
+        "The scan stage's shards (scan.blocks of each), merged by the scan_map stage.",
+    )
 
 
 #: The rules `task=early_stop` compares: the monitor's two and validation-loss early stopping.
@@ -281,13 +292,6 @@ class EarlyStopSettings:
         True, BOOLEAN, "Train the first seed once more with each monitor rule, stopping for real, and check "
         "that it stops where the rule applied to the full training says.",
     )  # fmt: skip
-
-
-def _block_range(value: object) -> bool:
-    """`start:stop` (Python's half-open range; either end may be left out)."""
-    import re
-
-    return isinstance(value, str) and bool(re.fullmatch(r"\s*\d*\s*:\s*\d*\s*", value))
 
 
 BLOCKS = Rule(
