@@ -17,6 +17,9 @@ measures, in one run so that every ratio compares figures taken on the same mach
   bytes in every weight layout, and `extract` over a throttled Hub with and without fetching ahead;
 * LAMBADA perplexity throughput of the batched scorer against a one-example-at-a-time loop over the same
   texts (a pythia-14m-shaped model), with the numbers compared;
+* the whole-model scan (`bench_scan.py`): its pass per checkpoint against the floor of reading every
+  selected tensor, with per-unit statistics off and on (its dips against the `diptest` loop), one scan
+  against one-tensor jobs over the same tensors, and its peak RSS over 10 and 40 checkpoints;
 * the live monitor (`bench_monitor.py`): the tiny GPT-NeoX's training time with it (every 20 steps and every
   step) against without it, its memory against the watched tensor's, and its numbers against the offline
   pass on checkpoints saved at its observations.
@@ -76,6 +79,13 @@ MARKER = "bench-series.json"
 # target: exact per-step dips cost what the `diptest` package costs, so the dips are held to that instead.
 MAX_GARDEN_OVER_FLOOR = 4.0
 MAX_DIPS_OVER_DIPTEST = 1.0
+# The whole-model scan (issue 24): per checkpoint against reading its selected tensors, one scan against
+# one-tensor jobs, and its memory.
+MAX_SCAN_OVER_FLOOR_OFF = 2.5
+MAX_SCAN_OVER_FLOOR_ON = 4.0
+MIN_JOBS_OVER_SCAN = 3.0
+MAX_SCAN_RSS_RATIO = 1.10
+MAX_SCAN_RSS_OVER_TENSOR = 6.0
 DIP_REPEATS = 3
 UNIT_MOMENT_TOL = 1e-6
 MIN_SPEEDUP_OVER_NOTEBOOK = 3.0
@@ -550,6 +560,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--monitor-repeats", type=int, default=3, help="monitor: trainings per kind, processes per memory run"
     )
+    parser.add_argument("--scan-repeats", type=int, default=2, help="scan passes per setting (fastest)")
+    parser.add_argument("--scan-rss-steps", type=int, nargs=2, default=(10, 40), metavar=("SMALL", "LARGE"),
+                        help="checkpoints of the two scan peak-RSS runs")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     parser.add_argument("--rss-child", nargs=2, metavar=("ROOT", "N_STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -760,6 +773,13 @@ def measure_hub(args: argparse.Namespace, root: Path, steps: list[int], workdir:
     return Hub(formats, prefetch)
 
 
+def measure_scan(args: argparse.Namespace, root: Path, steps: list[int], workdir: Path) -> dict:
+    """The whole-model scan's time, its cost against one-tensor jobs, and its memory (`bench_scan.py`)."""
+    import bench_scan
+
+    return bench_scan.measure(root, steps, workdir, args.scan_repeats, tuple(args.scan_rss_steps))
+
+
 def measure_monitor(args: argparse.Namespace, workdir: Path) -> dict:
     """The live monitor's time, memory and agreement with the offline pass (`bench_monitor.py`)."""
     import bench_monitor
@@ -786,6 +806,7 @@ class Figures:
     hub: Hub
     ppl: dict
     monitor: dict
+    scan: dict
 
 
 def run_bench(args: argparse.Namespace, workdir: Path) -> Figures:
@@ -808,7 +829,8 @@ def run_bench(args: argparse.Namespace, workdir: Path) -> Figures:
     hub = measure_hub(args, root, steps, workdir)
     ppl = perplexity_routes()
     monitor = measure_monitor(args, workdir)
-    return Figures(machine, steps, build_s, extraction, units, dips, notebook, rss, hub, ppl, monitor)
+    scan = measure_scan(args, root, steps, workdir)
+    return Figures(machine, steps, build_s, extraction, units, dips, notebook, rss, hub, ppl, monitor, scan)
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -1019,6 +1041,59 @@ def monitor_checks(m: dict) -> list[Check]:
     ]
 
 
+def scan_checks(s: dict) -> list[Check]:
+    t, jobs, rss = s["timings"], s["jobs"], s["rss"]
+    off, on = t["scan_off_s"] / t["floor_s"], t["scan_on_s"] / t["floor_s"]
+    dips_over = (t["scan_on_s"] - t["scan_off_s"]) / t["diptest_loop_s"]
+    faster = jobs["jobs_total_s"] / jobs["scan_s"]
+    small, large = (rss["kib"][str(rss[k])] for k in ("small", "large"))
+    over_tensor = large * 1024 / rss["largest_float32_bytes"]
+    shape = f"{t['tensors']} tensors, {t['parameters'] / 1e6:.0f}M parameters, {t['steps']} steps"
+    return [
+        Check(
+            f"scan floor: safe_open + .float() of every selected tensor, s/step ({shape})",
+            t["floor_s"],
+            f"{t['floor_s']:.3f}",
+        ),
+        Check(
+            "scan pass (units off) / floor, per checkpoint",
+            off,
+            f"{off:.2f} ({t['scan_off_s']:.3f} s/step)",
+            at_most(MAX_SCAN_OVER_FLOOR_OFF),
+        ),
+        Check(
+            "scan pass (units on, default) / floor, per checkpoint",
+            on,
+            f"{on:.2f} ({t['scan_on_s']:.3f} s/step)",
+            at_most(MAX_SCAN_OVER_FLOOR_ON),
+        ),
+        Check(
+            "scan: units on - off / the diptest loop over the same units (one step)",
+            dips_over,
+            f"{dips_over:.2f} ({t['scan_on_s'] - t['scan_off_s']:.2f} s vs {t['diptest_loop_s']:.2f} s)",
+            at_most(MAX_DIPS_OVER_DIPTEST),
+        ),
+        Check(
+            "one-tensor jobs (10, figures on) / one scan of the same tensors, wall",
+            faster,
+            f"{faster:.2f} ({jobs['jobs_total_s']:.1f} s vs {jobs['scan_s']:.1f} s)",
+            at_least(MIN_JOBS_OVER_SCAN),
+        ),
+        Check(
+            f"scan peak RSS, {rss['large']} steps / {rss['small']} steps",
+            large / small,
+            f"{large / small:.3f} ({large / 1024:.0f} / {small / 1024:.0f} MiB)",
+            at_most(MAX_SCAN_RSS_RATIO),
+        ),
+        Check(
+            "scan peak RSS / largest selected tensor in float32",
+            over_tensor,
+            f"{over_tensor:.2f} ({rss['largest_float32_bytes'] / 2**20:.0f} MiB)",
+            at_most(MAX_SCAN_RSS_OVER_TENSOR),
+        ),
+    ]
+
+
 def bench_checks(f: Figures, args: argparse.Namespace) -> list[Check]:
     """The one list the table and the verdict are made from."""
     return [
@@ -1029,6 +1104,7 @@ def bench_checks(f: Figures, args: argparse.Namespace) -> list[Check]:
         *hub_checks(f.hub, args, len(f.steps)),
         *perplexity_checks(f.ppl),
         *monitor_checks(f.monitor),
+        *scan_checks(f.scan),
     ]
 
 
@@ -1043,6 +1119,7 @@ def results_of(f: Figures) -> dict:
         "hub_formats": f.hub.formats,
         "hub_prefetch": f.hub.prefetch,
         "monitor": f.monitor,
+        "scan": f.scan,
         **f.ppl,
         "floor_s_per_step": e.floor_step_s,
         "garden_s_per_step": e.garden_step_s,

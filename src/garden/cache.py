@@ -62,6 +62,7 @@ PRODUCERS: dict[str, tuple[str, ...]] = {
         "garden.extract.plan:_default",
         "garden.extract.plan:check_shape",
         "garden.extract.plan:check_finite",
+        "garden.extract.plan:extent",
         "garden.dip",
         "garden.dip_kernels",
     ),

@@ -3,6 +3,7 @@ so the cache key), and what makes a step unusable (`BadStep`)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING, asdict, dataclass, fields
 
 import torch
@@ -103,9 +104,20 @@ def check_shape(tensor: torch.Tensor, shape, plan: ExtractionPlan, step: int,
                             f"{plan.reference_step} has {list(shape)}", hint)  # fmt: skip
 
 
-def check_finite(tensor: torch.Tensor, plan: ExtractionPlan, step: int, role: str) -> None:
+def extent(tensor: torch.Tensor) -> float:
+    """The largest |value| of a tensor, NaN or inf where it holds one: one min/max pass (torch's aminmax
+    is vectorised for 16-bit floats, where isfinite().all() and abs().max() are 10-40x slower)."""
+    if tensor.numel() == 0:
+        return 0.0
+    low, high = torch.aminmax(tensor)
+    return float(torch.maximum(-low, high))  # (NaN propagates through both)
+
+
+def check_finite(tensor: torch.Tensor, plan: ExtractionPlan, step: int, role: str) -> float:
     """The reference and final steps fix the shared histogram range: they are checked before the pass
-    and cannot be excluded."""
-    if not bool(torch.isfinite(tensor).all()):
+    and cannot be excluded. Returns the tensor's `extent`."""
+    found = extent(tensor)
+    if not math.isfinite(found):
         raise BadStep(step, f"{plan.tensor} holds non-finite values (NaN or inf) at the {role} step, "
                             "which every other step is measured against; select other steps")  # fmt: skip
+    return found

@@ -35,6 +35,7 @@ from garden.extract.plan import (
     ExtractionPlan,
     check_finite,
     check_shape,
+    extent,
 )
 from garden.series import CheckpointSeries
 from garden.trajectory import Trajectory, UnitTrajectory
@@ -89,15 +90,17 @@ def make_meta(series: CheckpointSeries, plan: ExtractionPlan, folder: Path, read
     is chosen here too, so that its values can be recorded at every step in the one pass."""
     depends = _meta_depends(series, plan)
     ref = read(plan.reference_step)
-    check_finite(ref, plan, plan.reference_step, "reference")
+    extents = [check_finite(ref, plan, plan.reference_step, "reference")]
     shape = tuple(ref.shape)
     axis = plan.resolve_unit_axis(shape)
     final = _final_for_meta(plan, shape, axis, read)
+    if final is not None:
+        extents.append(extent(final))  # (checked finite by _final_for_meta)
     meta = {
         "tensor": plan.tensor,
         "shape": list(shape),
         "dtype": str(ref.dtype).removeprefix("torch."),
-        "half_range": _half_range(plan, ref, final),
+        "half_range": _half_range(plan, extents),
         "reference_step": plan.reference_step,
         "final_step": plan.steps[-1],
         "series": series.identity,
@@ -124,11 +127,11 @@ def _final_for_meta(plan: ExtractionPlan, shape: tuple[int, ...], axis: int | No
     return final
 
 
-def _half_range(plan: ExtractionPlan, ref: torch.Tensor, final: torch.Tensor | None) -> float:
+def _half_range(plan: ExtractionPlan, extents: list[float]) -> float:
     """The shared histogram range [-h, h]: as given, or 1.25x the largest |value| at either end."""
     if plan.histogram_range is not None:
         return plan.histogram_range
-    half_range = 1.25 * max(float(ref.abs().max()), float(final.abs().max()))
+    half_range = 1.25 * max(extents)
     return half_range if half_range > 0 else 1.0
 
 

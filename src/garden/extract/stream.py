@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -143,9 +144,10 @@ class _DipQueue:
     checkpoint (or, in a scan, the next tensor) is read and reduced: at most one step waits for them, its
     record saved and kept (`keep`) once they are done."""
 
-    def __init__(self):
+    def __init__(self, save: Callable[[Path, dict], None] = records.save_record):
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="garden-dip")
         self.pending: _Pending | None = None
+        self.save = save
 
     def submit(self, record: dict, path: Path, tensor: torch.Tensor, units: UnitLayout,
                keep: Callable[[dict], None]) -> None:  # fmt: skip
@@ -156,7 +158,7 @@ class _DipQueue:
         pending, self.pending = self.pending, None
         dips, _ = pending.dips.result()
         record = with_dips(pending.record, pending.units, dips)
-        records.save_record(pending.path, record)
+        self.save(pending.path, record)
         pending.keep(record)
 
     def salvage(self) -> None:
@@ -176,9 +178,11 @@ class _Walk:
     def __init__(self, series: CheckpointSeries, plan: ExtractionPlan, folder: Path, basis: Basis,
                  reads: Prefetcher, ref_fp: str, reusable: Reusable, device: torch.device,
                  workspace: Workspace | None = None, dips: _DipQueue | None = None,
-                 keep_records: bool = True):  # fmt: skip
-        """A scan passes one `workspace` and one dip queue to all its tensors' walks, and keeps only which
-        steps were kept (`kept`), each record staying on disk (`keep_records=False`)."""
+                 keep_records: bool = True,
+                 save: Callable[[Path, dict], None] = records.save_record):  # fmt: skip
+        """A scan passes one `workspace`, one dip queue and one background `save` to all its tensors'
+        walks, and keeps only which steps were kept (`kept`), each record staying on disk
+        (`keep_records=False`)."""
         self.series, self.plan, self.folder, self.basis = series, plan, folder, basis
         self.reads, self.ref_fp, self.reusable = reads, ref_fp, reusable
         self._owned: list = []
@@ -190,7 +194,7 @@ class _Walk:
             dips = _DipQueue()
             self._owned.append(dips)
         self.dips = None if basis.units is None else dips
-        self.keep_records = keep_records
+        self.keep_records, self.save = keep_records, save
         self.records: list[dict] = []
         self.kept: list[tuple[int, str]] = []  # (step, depends) of every kept step, in order
         self.computed = 0
@@ -266,7 +270,7 @@ class _Walk:
         self.computed += 1
         self._finish_pending()
         if self.dips is None or final is not None:
-            records.save_record(path, record)
+            self.save(path, record)
             self._keep(record)
         else:
             self.dips.submit(record, path, current, self.basis.units, self._keep)
@@ -318,6 +322,29 @@ class ScannedTensor:
         trajectory = records.assemble(loaded, self.plan, self.basis)  # type: ignore[arg-type]
         trajectory.meta["excluded_steps"] = {str(step): reason for step, reason in self.excluded.items()}
         return trajectory
+
+
+class _Writer:
+    """Records written by a background thread while the next tensors are computed: a scan writes a small
+    file per tensor and step, and creating one costs up to a millisecond on some filesystems. At most
+    `depth` records wait; a failed write raises where the scan next saves or drains."""
+
+    def __init__(self, depth: int = 64):
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="garden-write")
+        self.waiting: deque[Future] = deque()
+        self.depth = depth
+
+    def save(self, path: Path, record: dict) -> None:
+        while len(self.waiting) >= self.depth:
+            self.waiting.popleft().result()
+        self.waiting.append(self.pool.submit(records.save_record, path, record))
+
+    def drain(self) -> None:
+        while self.waiting:
+            self.waiting.popleft().result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
 
 
 class _StepReader:
@@ -408,13 +435,15 @@ def _scan(series: CheckpointSeries, plans: list[ExtractionPlan], folders: list[P
         width = max(walk_width(basis, plan) for basis, plan in zip(bases, plans, strict=True))
         workspace = Workspace(width, plans[0].quantile_bins, device)
         cleanup.callback(workspace.close)
-        dips = _DipQueue()
+        writer = _Writer()
+        cleanup.callback(writer.close)  # (after the dips: their records are written through it)
+        dips = _DipQueue(writer.save)
         cleanup.callback(dips.close)
         for plan, folder, basis, ref_fp in zip(plans, folders, bases, fingerprints, strict=True):
             _, reusable = _planned_reads(series, plan, folder, ref_fp, keep_records=False)
             reads = _TensorReads(reader, plan.tensor)
             walks.append(_Walk(series, plan, folder, basis, reads, ref_fp, reusable, device, workspace, dips,
-                               keep_records=False))  # fmt: skip
+                               keep_records=False, save=writer.save))  # fmt: skip
         bar = tqdm(steps, desc=f"scan {len(plans)} tensors", unit="step", disable=not progress)
         cleanup.callback(bar.close)
         cleanup.enter_context(pass_threads(device))
@@ -430,6 +459,7 @@ def _scan(series: CheckpointSeries, plans: list[ExtractionPlan], folders: list[P
                                                   "seconds": time.perf_counter() - started})  # fmt: skip
             if dips.pending is not None:
                 dips.finish()
+            writer.drain()
         except BaseException:
             dips.salvage()
             raise
