@@ -390,3 +390,38 @@ def test_deduped_variant_of_models_without_one_fails_at_once(tmp_path, compose_c
     refused = rf"variant='deduped' is not valid; valid: standard \(model={model} has no deduped variant\)"
     with pytest.raises(GardenError, match=refused):
         run_in_process(compose_config, tmp_path, f"model={model}", "variant=deduped")
+
+
+SCANNED = [HEAD, "gpt_neox.embed_in.weight"] + [
+    f"gpt_neox.layers.{i}.{m}.weight"
+    for i in (0, 1)
+    for m in ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+]
+
+
+@pytest.mark.parametrize("keep_files", [False, True])
+def test_a_scan_fetches_a_file_in_few_reads_and_keeps_nothing_unless_asked(
+    hub, hub_root, tmp_path, keep_files
+):
+    """The scan's Hub reads: every tensor of a file (single or sharded safetensors) in one range read after
+    its header, fetched ahead, the same records as the files on disk, and no spool or tensor left behind
+    (series.keep_files keeps the tensors in garden's cache)."""
+    from garden.extract import ExtractionPlan
+    from garden.extract.stream import extract_scan
+    from garden.series import LocalSeries
+
+    steps = (0, 2, 12, 20)  # single and sharded safetensors
+    small = {"n_distribution_sample": 64, "unit_sample": 16}
+    plans = [ExtractionPlan(tensor=name, steps=steps, reference_step=0, **small) for name in SCANNED]
+    series = series_on(hub, tmp_path, keep_files=keep_files)
+    asked = len(hub.requests)
+    remote = extract_scan(series, plans, tmp_path / "extract", progress=False, prefetch=2)
+    local = extract_scan(LocalSeries(hub_root / REPO), plans, tmp_path / "local", progress=False)
+    for from_hub, on_disk in zip(remote, local, strict=True):
+        assert from_hub.trajectory().table.equals(on_disk.trajectory().table), from_hub.plan.tensor
+    reads = [r for r in hub.requests[asked:] if r.startswith("GET") and "/resolve/step12/" in r]
+    if hub.honour_range:
+        assert len(reads) <= 2  # the header, then the ten tensors in one read
+    kept = sorted((tmp_path / "garden").rglob("*.safetensors"))
+    assert not any("spool" in str(p) for p in kept)
+    assert len(kept) == (len(SCANNED) * len(steps) if keep_files else 0)

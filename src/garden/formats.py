@@ -183,13 +183,17 @@ class MappedSafetensors:
     each tensor into memory of its own, which a whole-model scan re-reading the reference and the previous
     step for every tensor cannot afford."""
 
-    def __init__(self, path: Path | str, step: int):
+    def __init__(self, path: Path | str, step: int, header: dict | None = None):
+        """`header`: the file's, already known (a spool file holding a remote file's tensors at their
+        offsets has no header bytes of its own)."""
         self.path, self.step = Path(path), step
         self._fd = os.open(self.path, os.O_RDONLY)
         try:
             self.size = os.fstat(self._fd).st_size
-            self.header = safetensors_header(lambda a, b: os.pread(self._fd, b - a + 1, a), self.size, step,
-                                             self.path)  # fmt: skip
+            read = lambda a, b: os.pread(self._fd, b - a + 1, a)  # noqa: E731
+            self.header = (
+                header if header is not None else safetensors_header(read, self.size, step, self.path)
+            )
         except BaseException:
             os.close(self._fd)
             raise

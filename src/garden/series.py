@@ -75,9 +75,10 @@ class CheckpointSeries(ABC):
         (a scan fingerprints thousands of tensors); nothing to do for most series."""
         yield
 
-    def open_step(self, step: int) -> StepTensors:
+    def open_step(self, step: int, names: Sequence[str] = ()) -> StepTensors:
         """One checkpoint held open for many reads of its tensors, one at a time (a whole-model scan reads
-        the reference, the previous and the current step for each tensor in turn); close it when done."""
+        the reference, the previous and the current step for each tensor in turn); close it when done.
+        `names` are the tensors that will be read (a remote series fetches them at once)."""
         return StepTensors(self, step)
 
     def model_config(self) -> dict | None:
@@ -319,7 +320,7 @@ class LocalSeries(CheckpointSeries):
     def read_tensors(self, step: int, names: list[str]) -> dict[str, torch.Tensor]:
         return read_tensors_from(self.weight_files(step), names)
 
-    def open_step(self, step: int) -> StepTensors:
+    def open_step(self, step: int, names: Sequence[str] = ()) -> StepTensors:
         """Safetensors are mapped (`MappedStep`); a `.bin` is read a tensor at a time."""
         files = self.weight_files(step)
         return MappedStep(self, files) if files.fmt == "safetensors" else StepTensors(self, step)
@@ -426,8 +427,9 @@ class DerivedTensors(CheckpointSeries):
             return self.inner.content_id(step, tensor)
         return self._combined([self.inner.content_id(step, part) for part in self.spec.parts])
 
-    def open_step(self, step: int) -> StepTensors:
-        return _DerivedStep(self, self.inner.open_step(step))
+    def open_step(self, step: int, names: Sequence[str] = ()) -> StepTensors:
+        stored = [part for name in names for part in (self.spec.parts if name == self.spec.name else (name,))]
+        return _DerivedStep(self, self.inner.open_step(step, list(dict.fromkeys(stored))))
 
     def holding_ids(self):
         return self.inner.holding_ids()

@@ -348,17 +348,35 @@ class _Writer:
 
 
 class _StepReader:
-    """The checkpoints a scan has open (`CheckpointSeries.open_step`): each opened once, kept while a
-    tensor's walk may still read it (the reference, the predecessors, the current step)."""
+    """The checkpoints a scan has open (`CheckpointSeries.open_step`, for all the scan's tensors): each
+    opened once, kept while a tensor's walk may still read it (the reference, the final step, the
+    predecessors, the current step). For a remote series the next `depth` steps are opened (fetched) in
+    worker threads while the pass computes; an error surfaces where the pass asks for that step."""
 
-    def __init__(self, series: CheckpointSeries):
-        self.series = series
+    def __init__(self, series: CheckpointSeries, names: list[str], order: list[int] = (), depth: int = 0):
+        self.series, self.names = series, names
         self.open: dict[int, object] = {}
+        self.order, self.depth = list(order), max(0, depth)
+        self.ahead: dict[int, Future] = {}
+        self.pool = ThreadPoolExecutor(self.depth, thread_name_prefix="garden-fetch") if self.depth else None
 
     def get(self, step: int, name: str) -> torch.Tensor:
         if step not in self.open:
-            self.open[step] = self.series.open_step(step)
+            waiting = self.ahead.pop(step, None)
+            self.open[step] = (
+                waiting.result() if waiting is not None else self.series.open_step(step, self.names)
+            )
+            self._fetch_ahead(step)
         return self.open[step].get(name)
+
+    def _fetch_ahead(self, step: int) -> None:
+        if self.pool is None or step not in self.order:
+            return
+        for later in self.order[self.order.index(step) + 1 :]:
+            if len(self.ahead) >= self.depth:
+                break
+            if later not in self.open and later not in self.ahead:
+                self.ahead[later] = self.pool.submit(self.series.open_step, later, self.names)
 
     def keep_only(self, steps: set[int]) -> None:
         for step in [s for s in self.open if s not in steps]:
@@ -366,6 +384,13 @@ class _StepReader:
 
     def close(self) -> None:
         self.keep_only(set())
+        for waiting in self.ahead.values():
+            if not waiting.cancel():
+                with contextlib.suppress(Exception):
+                    waiting.result().close()
+        self.ahead.clear()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _TensorReads:
@@ -384,12 +409,14 @@ def extract_scan(
     cache_dir: Path,
     progress: bool = True,
     device: torch.device | str = "cpu",
+    prefetch: int = 0,
 ) -> list[ScannedTensor]:
     """Every plan's tensor (same steps, same reference) in one pass over the checkpoints, step by step: a
     checkpoint is opened once for all its tensors, each tensor's record written to the very cache folder a
     one-tensor extraction of it uses (`plan.cache_key`), so either reuses the other's. Each folder is
     locked while this job fills it; folders another job holds are left to it and reused once it is done
-    (waiting in a fixed order: two scans never wait on each other in a cycle)."""
+    (waiting in a fixed order: two scans never wait on each other in a cycle). For a remote series,
+    `prefetch` checkpoints are fetched ahead while one is computed."""
     folders = [Path(cache_dir) / plan.cache_key(series.identity) for plan in plans]
     order = sorted(range(len(plans)), key=lambda i: str(folders[i]))
     done: dict[int, ScannedTensor] = {}
@@ -411,17 +438,26 @@ def extract_scan(
                         held.append(i)
                 if held:
                     scanned = _scan(series, [plans[i] for i in held], [folders[i] for i in held], progress,
-                                    torch.device(device))  # fmt: skip
+                                    torch.device(device), prefetch if series.remote else 0)  # fmt: skip
                     done.update(zip(held, scanned, strict=True))
     return [done[i] for i in range(len(plans))]
 
 
-def _scan(series: CheckpointSeries, plans: list[ExtractionPlan], folders: list[Path], progress: bool,
-          device: torch.device) -> list[ScannedTensor]:  # fmt: skip
+def _scan(
+    series: CheckpointSeries,
+    plans: list[ExtractionPlan],
+    folders: list[Path],
+    progress: bool,
+    device: torch.device,
+    prefetch: int = 0,
+) -> list[ScannedTensor]:
     steps = plans[0].steps
     if any(plan.steps != steps or plan.reference_step != plans[0].reference_step for plan in plans):
         raise ValueError("a scan's plans share their steps and reference step")
-    reader = _StepReader(series)
+    reference, final = plans[0].reference_step, steps[-1]
+    # Read ahead in the pass's order: the meta's two steps first, then every step.
+    order = list(dict.fromkeys([reference, final, *steps]))
+    reader = _StepReader(series, [plan.tensor for plan in plans], order, prefetch)
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(reader.close)
         walks: list[_Walk] = []
@@ -431,7 +467,7 @@ def _scan(series: CheckpointSeries, plans: list[ExtractionPlan], folders: list[P
             reads = _TensorReads(reader, plan.tensor)
             bases.append(records.open_basis(series, plan, folder, meta, reads.get))
             fingerprints.append(series.fingerprint(plan.reference_step, plan.tensor))
-            reader.keep_only({plan.reference_step})
+            reader.keep_only({reference, final})
         width = max(walk_width(basis, plan) for basis, plan in zip(bases, plans, strict=True))
         workspace = Workspace(width, plans[0].quantile_bins, device)
         cleanup.callback(workspace.close)
@@ -454,7 +490,7 @@ def _scan(series: CheckpointSeries, plans: list[ExtractionPlan], folders: list[P
                     walk._visit(step)
                     walk.release()
                 needed = {w.prev_step for w in walks if w.prev_step is not None}
-                reader.keep_only(needed | {plans[0].reference_step})
+                reader.keep_only(needed | {reference, final})
                 progress_report("extract", step, {"checkpoints_done": float(done),
                                                   "seconds": time.perf_counter() - started})  # fmt: skip
             if dips.pending is not None:

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -23,11 +23,12 @@ from safetensors.torch import save_file
 
 from garden import cache, families, formats
 from garden.errors import GardenError
+from garden.formats import MappedSafetensors
 from garden.hub.identity import RemoteFile, RemoteFiles
 from garden.hub.manifest import Manifest
 from garden.hub.ranges import RangeReader
 from garden.hub.transport import HubTransport, offline
-from garden.series import CheckpointSeries
+from garden.series import CheckpointSeries, StepTensors
 
 log = logging.getLogger("garden.hub")
 HOW = ("cache", "range", "download")  # how a step's tensor was obtained, cheapest first
@@ -55,9 +56,11 @@ class HubSeries(CheckpointSeries):
         sleep: Callable[[float], None] = time.sleep,
         family: families.Family | None = None,
         revision_pattern: str | None = None,
+        keep_files: bool = False,
     ):
         """Branches are parsed by `family`'s revision pattern (or `revision_pattern`); with neither, by
-        any registered family's."""
+        any registered family's. `keep_files`: a scan's fetched tensors go to garden's tensor cache too
+        (by default a scan keeps nothing it fetched once a step is done)."""
         self.repo, self.label, self.identity = repo, label, f"hub:{repo}"
         self.family, self.revision_pattern = family, revision_pattern
         self.endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
@@ -74,6 +77,7 @@ class HubSeries(CheckpointSeries):
         self.how: dict[int, str] = {}
         self._how_lock = threading.Lock()  # the prefetch threads note their reads
         self._revisions: dict[int, families.Revision] | None = None
+        self.keep_files = keep_files
         _note_old_cache(self.hf_cache)
 
     @property
@@ -187,12 +191,50 @@ class HubSeries(CheckpointSeries):
             if cached.is_file():  # fetched by another job while this one waited
                 return self._from_tensor_cache(step, cached, name)
             tensor, how = self._fetch_tensor(remote, name)
-            metadata = {"repo": self.repo, "source_id": remote.content_id, "source_id_kind": remote.id_kind}
-            cache.atomic_write(
-                cached, lambda tmp: save_file({name: tensor.contiguous()}, str(tmp), metadata=metadata)
-            )
+            self._cache_tensor(remote, name, tensor, cached)
         self._note_how(step, how)
         return tensor
+
+    def _cache_tensor(self, remote: RemoteFile, name: str, tensor: torch.Tensor, cached: Path) -> None:
+        metadata = {"repo": self.repo, "source_id": remote.content_id, "source_id_kind": remote.id_kind}
+        cache.atomic_write(
+            cached, lambda tmp: save_file({name: tensor.contiguous()}, str(tmp), metadata=metadata)
+        )
+
+    def open_step(self, step: int, names: Sequence[str] = ()) -> StepTensors:
+        """A scan's checkpoint: the tensors it will read fetched at once, in a few large range reads per
+        file (`spool`); see `HubStep`."""
+        return HubStep(self, step, list(names))
+
+    def spool(self, remote: RemoteFile, names: list[str], into: Path) -> None:
+        """Tensors `names` of a remote safetensors file written into `into` at their offsets in the file
+        (a sparse file of the remote's size: only their bytes take disk), in as few range reads as the
+        layout allows: neighbouring tensors (gaps under SPOOL_GAP) in one read, each read at most the
+        larger of SPOOL_READ and the largest tensor (a read is held in memory until written). A server that
+        ignores Range sends the body from its start: one read then, up to the last byte needed."""
+        header = self.ranges.header(remote)
+        extents = sorted(formats.safetensors_extent(header, name, remote.size, remote.step, remote.filename,
+                                                    on_server=True) for name in names)  # fmt: skip
+        extents = [(first, stop) for first, stop in extents if stop > first]
+        largest = max((stop - first for first, stop in extents), default=0)
+        limit = float("inf") if self.ignores_range else max(SPOOL_READ, largest)
+        gap = float("inf") if self.ignores_range else SPOOL_GAP
+        reads: list[list[int]] = []
+        for first, stop in extents:
+            if reads and first - reads[-1][1] <= gap and stop - reads[-1][0] <= limit:
+                reads[-1][1] = max(reads[-1][1], stop)
+            else:
+                reads.append([first, stop])
+        read = self.ranges.reader(remote)
+        into.parent.mkdir(parents=True, exist_ok=True)
+        handle = os.open(into, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(handle, remote.size)
+            for first, stop in reads:
+                os.pwrite(handle, read(first, stop - 1), first)
+        finally:
+            os.close(handle)
+        self._note_how(remote.step, "range")
 
     def missing_from_cache(self, steps: list[int], tensor: str) -> list[int]:
         """Steps whose tensor could not be read offline (for a clear error before any work)."""
@@ -279,6 +321,62 @@ class HubSeries(CheckpointSeries):
         with self._how_lock:
             if HOW.index(how) >= HOW.index(self.how.get(step, "cache")):
                 self.how[step] = how
+
+
+#: A scan's range reads: neighbouring tensors closer than this are read together (the gap read too)...
+SPOOL_GAP = 4 << 20
+#: ... in reads of at most this many bytes, or the largest tensor's.
+SPOOL_READ = 64 << 20
+
+
+class HubStep(StepTensors):
+    """A scan's checkpoint on the Hub. The tensors it will read are fetched when it opens (in a prefetch
+    thread, ahead of the pass), file by file, into spool files under garden's cache (`HubSeries.spool`),
+    and mapped from there like a checkpoint on disk; the spools are deleted when the step is closed, so
+    a scan of a 24 GB-per-step suite holds a few steps' selected bytes on disk, never the suite. Tensors
+    already in garden's tensor cache are read from it; with `keep_files` the fetched ones are added to
+    it. A `.bin` (read by ranges tensor by tensor) and offline reads go through `read_tensor`."""
+
+    def __init__(self, series: HubSeries, step: int, names: list[str]):
+        super().__init__(series, step)
+        self.series: HubSeries = series
+        self.remote_of: dict[str, RemoteFile] = {}
+        self.mapped: dict[str, MappedSafetensors] = {}
+        self.spools: list[Path] = []
+        groups: dict[str, tuple[RemoteFile, list[str]]] = {}
+        for name in names:
+            remote = series.locate(step, name)
+            if remote.fmt != "safetensors" or offline() or series._tensor_cache_path(remote, name).is_file():
+                continue
+            self.remote_of[name] = remote
+            groups.setdefault(remote.key, (remote, []))[1].append(name)
+        try:
+            for key, (remote, group) in groups.items():
+                spool = series.cache / "spool" / f"{os.getpid()}-step{step}-{key}.safetensors"
+                self.spools.append(spool)
+                series.spool(remote, group, spool)
+                self.mapped[key] = MappedSafetensors(spool, step, series.ranges.header(remote))
+                if series.keep_files:
+                    for name in group:
+                        series._cache_tensor(
+                            remote, name, self.get(name), series._tensor_cache_path(remote, name)
+                        )
+        except BaseException:
+            self.close()
+            raise
+
+    def get(self, name: str) -> torch.Tensor:
+        remote = self.remote_of.get(name)
+        if remote is None:
+            return self.series.read_tensor(self.step, name)
+        return self.mapped[remote.key].tensor(name)
+
+    def close(self) -> None:
+        for handle in self.mapped.values():
+            handle.close()
+        self.mapped.clear()
+        for spool in self.spools:
+            spool.unlink(missing_ok=True)
 
 
 _OLD_CACHE_NOTED: set[str] = set()

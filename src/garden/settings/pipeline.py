@@ -15,6 +15,7 @@ from garden.settings.declare import (
     setting,
 )
 from garden.settings.rules import (
+    BOOLEAN,
     FRACTION,
     HUB_ENDPOINT,
     NONNEGATIVE,
@@ -82,6 +83,13 @@ class SeriesSettings:
         integer(0, 64),
         "Hub reads: while step k is computed, steps k+1..k+prefetch are fetched (at most "
         "this many tensors held in memory; 0 = fetch each step when it is needed).",
+    )
+    keep_files: bool = setting(
+        False,
+        BOOLEAN,
+        "Hub scans (task=scan): also keep the tensors fetched for a scan in garden's cache (paths.cache_dir, "
+        "reused offline by later jobs); false keeps nothing once a step is done, so a scan of a large suite "
+        "holds a few steps' bytes on disk.",
     )
     retries: int = setting(
         5,

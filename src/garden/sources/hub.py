@@ -32,4 +32,5 @@ def open_hub(settings: Settings):
         timeout_seconds=series.timeout_seconds,
         family=settings.family,
         revision_pattern=settings.model.revision_pattern,
+        keep_files=series.keep_files,
     )

@@ -149,7 +149,8 @@ def scan_tensors(job: ScanJob) -> tuple[pd.DataFrame, pd.DataFrame]:
     (the summary table, a row per tensor; the long table: step, tensor, role, block, metric, value)."""
     settings = job.settings
     scanned = extract_scan(job.series, job.plans, Path(settings.paths.data_dir) / "extract",
-                           progress=settings.progress, device=settings.torch_device)  # fmt: skip
+                           progress=settings.progress, device=settings.torch_device,
+                           prefetch=settings.series.prefetch)  # fmt: skip
     rows, long_parts = [], []
     for tensor, result in zip(job.tensors, scanned, strict=True):
         analysis = analyse(settings, result.trajectory(), {})
