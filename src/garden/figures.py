@@ -579,7 +579,9 @@ def _event_map(summary: pd.DataFrame, panels: dict[str, list[tuple[str, str]]], 
     outside = panels.get(OUTSIDE, [])
     blocks = sorted({int(label) for rows in block_panels.values() for label, _ in rows})
     present = [v for v in step_of.values() if np.isfinite(v)]
-    norm = SymLogNorm(linthresh=1.0, vmin=0.0, vmax=max(present) if present else 1.0)
+    low, high = (min(present), max(present)) if present else (0.0, 1.0)
+    # The colours span the steps that occur (on a log scale that still holds step 0).
+    norm = SymLogNorm(linthresh=1.0, vmin=low if high > low else 0.0, vmax=high if high > 0 else 1.0)
     cmap = plt.get_cmap("plasma").with_extremes(bad="#dddddd")
     widths = [max(len(blocks), 1)] + ([len(outside)] if outside else [])
     size = (2.5 + 0.55 * sum(widths), 1.6 + 0.4 * max(len(block_panels), 2))
@@ -606,5 +608,8 @@ def _event_map(summary: pd.DataFrame, panels: dict[str, list[tuple[str, str]]], 
                 ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black")
     axes[0, 0].set_xlabel("block")
     axes[0, 0].set_title(title, fontsize=10, loc="left")
-    fig.colorbar(image, ax=axes[0, :].tolist(), label="training step")
+    bar = fig.colorbar(image, ax=axes[0, :].tolist(), label="training step")
+    ticks = set(np.round(np.geomspace(max(low, 1.0), max(high, 1.0), 5))) | ({0.0} if low == 0 else set())
+    ticks = sorted(ticks)
+    bar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
     return fig
