@@ -1074,6 +1074,12 @@ def scan_checks(s: dict) -> list[Check]:
             at_most(MAX_DIPS_OVER_DIPTEST),
         ),
         Check(
+            "first scan: steps whose bytes are read again for content ids (not hashed from the pass's copy)",
+            len(t["steps_hashed_from_files"]),
+            f"{len(t['steps_hashed_from_files'])} of {t['steps']}: steps {t['steps_hashed_from_files']}",
+            at_most(2),
+        ),
+        Check(
             "one-tensor jobs (10, figures on) / one scan of the same tensors, wall",
             faster,
             f"{faster:.2f} ({jobs['jobs_total_s']:.1f} s vs {jobs['scan_s']:.1f} s)",

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from conftest import neox_state, write_series
+from conftest import neox_state, random_walk, write_series
 from garden import families
 from garden.errors import GardenError
 from garden.layers import resolve_layer
@@ -161,3 +161,64 @@ def test_a_new_source_is_one_registered_function(tmp_path, compose_config, monke
     assert list(outcome.trajectory.steps) == [0, 1, 2, 4, 8]
     with pytest.raises(GardenError, match=r"model.source='nowhere' is not valid; valid: .*memory"):
         run(compose_config("model=local", "model.source=nowhere", *where), output_dir=tmp_path / "o2")
+
+
+# ------------------------------------------- content ids: from the copy the pass holds, quick probes
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "bin", "sharded_safetensors"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_id_of_a_tensor_as_read_is_its_content_id(tmp_path, layout, dtype):
+    from garden.series import LocalSeries
+
+    state = {"a.weight": torch.randn(40, 24).to(dtype), "b.weight": torch.randn(7).to(dtype)}
+    series = LocalSeries(write_series(tmp_path / "s", {0: state}, layout))
+    fresh = LocalSeries(tmp_path / "s")  # its own memo: nothing remembered
+    for name in state:
+        assert fresh.fingerprint_of(0, name, series.read_tensor(0, name)) == series.fingerprint(0, name)
+
+
+def test_a_first_extraction_hashes_from_the_files_only_its_reference_and_final_steps(tmp_path, monkeypatch):
+    """Duplicates are looked for with quick ids (three spans of each tensor), and every other step's
+    content id is hashed from the copy the pass reads: no step's bytes are read twice."""
+    from garden import formats
+    from garden import series as series_module
+    from garden.extract import ExtractionPlan, extract
+    from garden.series import LocalSeries, find_duplicates
+
+    steps = [0, 1, 2, 4, 8, 16]
+    walk = random_walk(steps, (64, 32), 1e-4)
+    root = write_series(tmp_path / "s", {s: {"w": walk[s]} for s in steps})
+    hashed: list[int] = []
+    original = formats.tensor_content_id
+
+    def counting(files, tensor):
+        hashed.append(files.step)
+        return original(files, tensor)
+
+    monkeypatch.setattr(series_module, "tensor_content_id", counting)
+    series = LocalSeries(root)
+    assert find_duplicates(series, steps, "w") == {}
+    plan = ExtractionPlan(tensor="w", steps=tuple(steps), reference_step=0, n_distribution_sample=64,
+                          unit_sample=16)  # fmt: skip
+    extract(series, plan, tmp_path / "cache", progress=False)
+    assert sorted(hashed) == [0, 16]
+    again = LocalSeries(root)  # a second job: every record checked against ids hashed from the files
+    hashed.clear()
+    extract(again, plan, tmp_path / "cache", progress=False)
+    assert sorted(hashed) == steps
+
+
+def test_quick_ids_find_duplicates_and_never_take_a_different_tensor_for_one(tmp_path):
+    from garden.formats import QUICK_SPAN
+    from garden.series import LocalSeries, find_duplicates
+
+    n = 4 * QUICK_SPAN // 4  # float32 entries: spans at the start, middle and end leave bytes between
+    base = torch.randn(n)
+    between = base.clone()
+    between[n * 5 // 16] += 1.0  # bytes between the first and middle spans: the same quick id, not content
+    steps = {0: base, 1: base.clone(), 2: between, 3: between.clone()}
+    series = LocalSeries(write_series(tmp_path / "s", {s: {"w": v} for s, v in steps.items()}))
+    assert series.quick_id(2, "w") == series.quick_id(0, "w")
+    assert series.content_id(2, "w") != series.content_id(0, "w")
+    assert find_duplicates(series, [0, 1, 2, 3], "w") == {1: 0, 3: 2}

@@ -320,6 +320,40 @@ def tensor_content_id(files: WeightFiles, tensor: str) -> str:
         return content_hash(f"{value.dtype}|{list(value.shape)}|{data}".encode())
 
 
+#: Bytes of each span a quick id hashes (the start, the middle and the end of a tensor's bytes).
+QUICK_SPAN = 1 << 16
+SAFETENSORS_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def held_content_id(files: WeightFiles, tensor: str, held: torch.Tensor) -> str:
+    """`tensor_content_id` of a tensor already read in its stored dtype (the pass hashes the copy it holds
+    instead of reading the bytes a second time): the same id."""
+    data = content_hash(held.contiguous().view(-1).view(torch.uint8).numpy().data)
+    dtype = SAFETENSORS_CODES.get(held.dtype) if files.fmt == "safetensors" else held.dtype
+    return content_hash(f"{dtype}|{list(held.shape)}|{data}".encode())
+
+
+def tensor_quick_id(files: WeightFiles, tensor: str) -> str:
+    """A cheap probe of a tensor's content: its dtype, shape and three spans of its bytes (the start, the
+    middle, the end; a safetensors file's only, a `.bin` gets its full id). Different quick ids mean
+    different contents; equal ones are confirmed by the full id (`find_duplicates`)."""
+    path = files.file_for(tensor)
+    if files.fmt != "safetensors" or path is None:
+        return tensor_content_id(files, tensor)
+    with _failing_as(f"step {files.step}: cannot read {tensor!r} from {path}"):
+        header, size = _header_on_disk(files.step, path)
+        if tensor not in header:
+            raise missing_tensor_error(files.step, tensor, files.tensor_names())
+        first, stop = safetensors_extent(header, tensor, size, files.step, path)
+        middle = first + max(0, (stop - first) // 2 - QUICK_SPAN // 2)
+        spans = sorted({(first, min(stop, first + QUICK_SPAN)), (middle, min(stop, middle + QUICK_SPAN)),
+                        (max(first, stop - QUICK_SPAN), stop)})  # fmt: skip
+        with file_reader(path) as (read, _):
+            parts = [content_hash(read(a, b - 1)) if b > a else "" for a, b in spans]
+        entry = header[tensor]
+        return content_hash(f"quick|{entry['dtype']}|{entry['shape']}|{spans}|{parts}".encode())
+
+
 def tensor_shape(files: WeightFiles, name: str) -> tuple[int, ...] | None:
     """From the safetensors header, or the memory-mapped `.bin`'s pickle (no values are read)."""
     path = files.file_for(name)

@@ -13,7 +13,7 @@ import inspect
 import json
 import re
 from abc import ABC, abstractmethod
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cached_property
@@ -29,10 +29,12 @@ from garden.formats import (  # the checkpoint formats, shared with the Hub sour
     MappedSafetensors,
     WeightFiles,
     find_weight_files,
+    held_content_id,
     missing_tensor_error,
     read_tensor_from,
     read_tensors_from,
     tensor_content_id,
+    tensor_quick_id,
 )
 
 BLOCK_TENSOR = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -63,6 +65,16 @@ class CheckpointSeries(ABC):
     @abstractmethod
     def fingerprint(self, step: int, tensor: str) -> str:
         """Changes whenever the stored weights holding `tensor` change (invalidates cached statistics)."""
+
+    def fingerprint_of(self, step: int, tensor: str, held: torch.Tensor) -> str:
+        """`fingerprint`, from the tensor as just read (stored dtype): a series that hashes bytes hashes
+        these instead of reading them again."""
+        return self.fingerprint(step, tensor)
+
+    def quick_id(self, step: int, tensor: str) -> str | None:
+        """A cheap stand-in for `content_id` that differs wherever the content does (duplicates are looked
+        for among equal quick ids only); the content id itself by default."""
+        return self.content_id(step, tensor)
 
     def read_tensors(self, step: int, names: list[str]) -> dict[str, torch.Tensor]:
         """Several tensors of one step ({name: tensor}, in the order asked); a source that can, reads each
@@ -355,6 +367,28 @@ class LocalSeries(CheckpointSeries):
         (`same_checkpoint` tells)."""
         return self.fingerprint(step, tensor)
 
+    def fingerprint_of(self, step: int, tensor: str, held: torch.Tensor) -> str:
+        files = self.weight_files(step)
+        holder = files.file_for(tensor)
+        if holder is None:
+            raise missing_tensor_error(step, tensor, files.tensor_names())
+        found = self.memo.get(holder, tensor, lambda: held_content_id(files, tensor, held))
+        if not self._holding:
+            self.memo.save()
+        return found
+
+    def quick_id(self, step: int, tensor: str) -> str | None:
+        """Three 64 KiB spans of the tensor's bytes hashed (`formats.tensor_quick_id`), remembered like
+        the content ids: what duplicate detection reads before the pass, instead of every byte."""
+        files = self.weight_files(step)
+        holder = files.file_for(tensor)
+        if holder is None:
+            raise missing_tensor_error(step, tensor, files.tensor_names())
+        found = self.memo.get(holder, f"{tensor}#quick", lambda: tensor_quick_id(files, tensor))
+        if not self._holding:
+            self.memo.save()
+        return found
+
     def same_checkpoint(self, step: int, earlier: int) -> bool:
         """Whole step folders compared (hashed only for steps whose tensor matched), so a tensor that
         stops moving in a run that goes on is not taken for a duplicated checkpoint."""
@@ -427,6 +461,16 @@ class DerivedTensors(CheckpointSeries):
             return self.inner.content_id(step, tensor)
         return self._combined([self.inner.content_id(step, part) for part in self.spec.parts])
 
+    def fingerprint_of(self, step: int, tensor: str, held: torch.Tensor) -> str:
+        if tensor != self.spec.name:
+            return self.inner.fingerprint_of(step, tensor, held)
+        return self.fingerprint(step, tensor)  # (the parts' bytes, not the derived tensor's)
+
+    def quick_id(self, step: int, tensor: str) -> str | None:
+        if tensor != self.spec.name:
+            return self.inner.quick_id(step, tensor)
+        return self._combined([self.inner.quick_id(step, part) for part in self.spec.parts])
+
     def open_step(self, step: int, names: Sequence[str] = ()) -> StepTensors:
         stored = [part for name in names for part in (self.spec.parts if name == self.spec.name else (name,))]
         return _DerivedStep(self, self.inner.open_step(step, list(dict.fromkeys(stored))))
@@ -496,10 +540,16 @@ class _DerivedStep(StepTensors):
 
 
 def find_duplicates(series: CheckpointSeries, steps: list[int], tensor: str) -> dict[int, int]:
-    """{step: earlier step with byte-identical weights} among `steps`, where content ids are known."""
+    """{step: earlier step with byte-identical weights} among `steps`, where content ids are known. Only
+    steps whose quick id another step shares can repeat a checkpoint: their full content ids are read,
+    the others' bytes are left for the pass to hash as it reads them."""
+    probes = {step: series.quick_id(step, tensor) for step in steps}
+    shared = Counter(probe for probe in probes.values() if probe is not None)
     first_with: dict[str, int] = {}
     duplicates: dict[int, int] = {}
     for step in steps:
+        if probes[step] is None or shared[probes[step]] < 2:
+            continue
         content = series.content_id(step, tensor)
         if content is None:
             continue

@@ -57,14 +57,21 @@ def _planned_reads(series: CheckpointSeries, plan: ExtractionPlan, folder: Path,
                    keep_records: bool = True) -> tuple[list[int], Reusable]:  # fmt: skip
     """The records the pass can reuse (with the dependency string each was checked against), and the
     tensors it will read, in order, for the rest: what the prefetcher fetches ahead. Without
-    `keep_records` (a scan of many tensors) a reusable record is noted, not held."""
+    `keep_records` (a scan of many tensors) a reusable record is noted, not held. A step's content id
+    is read here only where a record may be reused (its own, or its successor's, which names it): a step
+    to compute is hashed by the pass from the copy it reads (`fingerprint_of`)."""
     reads: list[int] = []
     reusable: Reusable = {}
+    steps = list(plan.steps)
+    stored = [records.step_path(folder, step).is_file() for step in steps]
     prev_step, prev_fp, reference_read, prev_in_memory = None, "", False, False
-    for step in plan.steps:
-        fingerprint = series.fingerprint(step, plan.tensor)
-        depends = records.step_depends(fingerprint, ref_fp, prev_step, prev_fp)
-        record = records.load_record(records.step_path(folder, step), depends)
+    for i, step in enumerate(steps):
+        named = stored[i] or (i + 1 < len(steps) and stored[i + 1])
+        fingerprint = series.fingerprint(step, plan.tensor) if named else ""
+        record = None
+        if stored[i]:
+            depends = records.step_depends(fingerprint, ref_fp, prev_step, prev_fp)
+            record = records.load_record(records.step_path(folder, step), depends)
         if record is None:
             if not reference_read:
                 reads.append(plan.reference_step)
@@ -231,13 +238,17 @@ class _Walk:
 
     def _visit(self, step: int) -> bool:
         """The step's record, reused or computed; False when the step is excluded."""
-        fingerprint = self.series.fingerprint(step, self.plan.tensor)
-        depends = records.step_depends(fingerprint, self.ref_fp, self.prev_step, self.prev_fp)
         path = records.step_path(self.folder, step)
         known = self.reusable.pop(step, None)
-        record = known[1] if known is not None and known[0] == depends else records.load_record(path, depends)
+        record, fingerprint = None, ""
+        if known is not None or path.is_file():  # a record that may be reused: checked against the content
+            fingerprint = self.series.fingerprint(step, self.plan.tensor)
+            depends = records.step_depends(fingerprint, self.ref_fp, self.prev_step, self.prev_fp)
+            matched = known is not None and known[0] == depends
+            record = known[1] if matched else records.load_record(path, depends)
         if record is None:
-            if not self._compute(step, depends, path):
+            fingerprint = self._compute(step, path)
+            if fingerprint is None:
                 return False  # the next step's predecessor stays the last good one
         else:
             self._finish_pending()
@@ -246,8 +257,9 @@ class _Walk:
         self.prev_step, self.prev_fp = step, fingerprint
         return True
 
-    def _compute(self, step: int, depends: str, path: Path) -> bool:
-        """Compute the step's record and save it (or queue it for its unit dips); False if excluded."""
+    def _compute(self, step: int, path: Path) -> str | None:
+        """Compute the step's record and save it (or queue it for its unit dips); its content id, hashed
+        from the tensor as read, or None if the step is excluded."""
         plan = self.plan
         if self.reference is None:
             self.reference = self._prepared(plan.reference_step)
@@ -257,7 +269,8 @@ class _Walk:
         # in the pass itself, each unit's two groups included.
         final = self.basis.final_units if step == plan.steps[-1] else None
         try:
-            current = self._prepared(step)
+            stored = self.reads.get(step)
+            current = self._prepared(step, stored)
             record = records.step_record(current, self.reference, self.prev, step, self.prev_step, plan,
                                          self.basis, self.workspace, final)  # fmt: skip
         except BadStep as bad:
@@ -265,8 +278,9 @@ class _Walk:
                 raise
             log.warning("%s; excluded (series.on_bad_step=exclude)", bad)
             self.excluded[step] = bad.reason
-            return False
-        record["depends"] = depends
+            return None
+        fingerprint = self.series.fingerprint_of(step, plan.tensor, stored)
+        record["depends"] = records.step_depends(fingerprint, self.ref_fp, self.prev_step, self.prev_fp)
         self.computed += 1
         self._finish_pending()
         if self.dips is None or final is not None:
@@ -275,11 +289,11 @@ class _Walk:
         else:
             self.dips.submit(record, path, current, self.basis.units, self._keep)
         self.prev = current
-        return True
+        return fingerprint
 
-    def _prepared(self, step: int) -> torch.Tensor:
+    def _prepared(self, step: int, stored: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor as the pass reads it (flat, or 2-D with units), after checking its shape."""
-        tensor = self.reads.get(step)
+        tensor = self.reads.get(step) if stored is None else stored
         check_shape(tensor, self.basis.meta["shape"], self.plan, step)
         return tensor if self.basis.units is not None else self.basis.sampling.flat(tensor)
 
