@@ -154,3 +154,45 @@ def test_a_bad_reference_or_final_step_cannot_be_excluded(tmp_path):
                           on_bad_step="exclude")  # fmt: skip
     with pytest.raises(GardenError, match=r"step 16: .* non-finite values .* at the final step"):
         extract(ArraySeries(tensors), plan, tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_compiled_cpu_sums_agree_with_torchs_ops(dtype):
+    """The pooled pass sums on the CPU in one compiled loop (garden.extract.fused) and elsewhere with
+    torch's ops (`_torch_sums`, what a GPU runs): the same numbers, the compiled ones float64 throughout."""
+    from garden.extract.kernel import Workspace, _cpu_sums, _torch_sums, pass_blocks
+
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(300_001, generator=gen) * 0.02 + 0.5).to(dtype)  # |mean| >> std: the shift's case
+    ref = (x.float() + torch.randn(x.shape, generator=gen) * 1e-3).to(dtype)
+    prev = (x.float() + torch.randn(x.shape, generator=gen) * 1e-4).to(dtype)
+    blocks, width = pass_blocks(tuple(x.shape), 65536, None)
+    space = Workspace(width, 1024)
+    try:
+        compiled, shift = _cpu_sums(x, ref, prev, blocks, space, dtype)
+        by_torch, torch_shift = _torch_sums(x, ref, prev, blocks, space, dtype)
+    finally:
+        space.close()
+    assert shift == torch_shift
+    exact = x.double() - shift
+    expected = [float((exact**k).sum()) for k in (1, 2, 3, 4)]
+    expected += [
+        float(((x.double() - ref.double()) ** 2).sum()),
+        float(((x.double() - prev.double()) ** 2).sum()),
+    ]
+    assert compiled == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert by_torch == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_the_compiled_cpu_sums_carry_a_nan_to_the_steps_check():
+    from garden.extract.kernel import Workspace, _cpu_sums, pass_blocks
+
+    x = torch.randn(1000)
+    x[17] = float("nan")
+    blocks, width = pass_blocks(tuple(x.shape), 256, None)
+    space = Workspace(width, 64)
+    try:
+        sums, _ = _cpu_sums(x, x, None, blocks, space, x.dtype)
+    finally:
+        space.close()
+    assert all(s != s for s in sums[:5]) and sums[5] == 0.0

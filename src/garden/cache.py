@@ -55,6 +55,7 @@ PRODUCERS: dict[str, tuple[str, ...]] = {
     ),
     "extract": (
         "garden.extract.kernel",
+        "garden.extract.fused",
         "garden.extract.records",
         "garden.extract.plan:ExtractionPlan",
         "garden.extract.plan:UNIT_STATS",
@@ -70,6 +71,7 @@ PRODUCERS: dict[str, tuple[str, ...]] = {
     "monitor": (
         "garden.monitor",
         "garden.extract.kernel",
+        "garden.extract.fused",
         "garden.extract.plan:ExtractionPlan",
         "garden.extract.plan:_default",
         "garden.extract.records:quantile_column",

@@ -174,13 +174,67 @@ def _pass_summary(values: list[float], n: int, ref, prev, hist: torch.Tensor) ->
 def pooled_statistics(x: torch.Tensor, ref, prev, lo: float, hi: float, blocks: Blocks,
                       space: Workspace) -> dict:  # fmt: skip
     """The pass over a flat tensor: moments about one shift (the first block's mean), on the grid of the
-    stored dtype."""
-    # s1..s4 about the shift, squared distances to the reference and to the previous step.
-    sums = torch.zeros(6, dtype=torch.float64, device=space.device)
+    stored dtype. On the CPU the six sums of a block are one compiled loop (`garden.extract.fused`),
+    elsewhere torch's ops."""
     flat = x.reshape(-1)
     histogram = space.helper.submit(_histogram, flat, blocks, 1, lo, hi, space)
     ref_flat = None if ref is None else ref.reshape(-1)
     prev_flat = None if prev is None else prev.reshape(-1)
+    if space.device.type == "cpu":
+        sums, shift = _cpu_sums(flat, ref_flat, prev_flat, blocks, space, x.dtype)
+    else:
+        sums, shift = _torch_sums(flat, ref_flat, prev_flat, blocks, space, x.dtype)
+    hist, vmin, vmax = histogram.result()
+    values = [*sums, *torch.stack([vmin, vmax]).double().cpu().tolist()]
+    n = x.numel()
+    out = _pass_summary(values[4:], n, ref, prev, hist)
+    mu1, e2, e3, e4 = (v / n for v in values[:4])
+    m2 = max(e2 - mu1**2, 0.0)
+    m3 = e3 - 3 * mu1 * e2 + 2 * mu1**3
+    m4 = e4 - 4 * mu1 * e3 + 6 * mu1**2 * e2 - 3 * mu1**4
+    out.update(_shape_of(shift + mu1, m2, m3, m4))
+    out["rms"] = max(e2 + 2 * shift * mu1 + shift**2, 0.0) ** 0.5
+    return out
+
+
+def _float32_block(values: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """A block as float32 (the stored block itself when it is float32 already, else converted into
+    `buffer`)."""
+    values = values.detach()  # (a live monitor's parameters)
+    if values.dtype == torch.float32 and values.is_contiguous():
+        return values
+    out = buffer[: values.numel()]
+    out.copy_(values)
+    return out
+
+
+def _cpu_sums(flat, ref_flat, prev_flat, blocks: Blocks, space: Workspace,
+              stored: torch.dtype) -> tuple[list[float], float]:  # fmt: skip
+    """[s1..s4 about the shift, squared distance to ref, to prev] (float64) and the shift, one compiled
+    loop per block."""
+    from garden.extract.fused import add_block_sums
+
+    sums = np.zeros(6)
+    shift = None
+    for start, stop in blocks:
+        block = _float32_block(flat[start:stop], space.chunk)
+        if shift is None:
+            shift = float(_on_grid(block.mean(), stored))
+        ref = block if ref_flat is None else _float32_block(ref_flat[start:stop], space.work)
+        prev = block if prev_flat is None else _float32_block(prev_flat[start:stop], space.work2)
+        add_block_sums(block.numpy(), ref.numpy(), prev.numpy(), shift, sums)
+    if ref_flat is None:
+        sums[4] = 0.0
+    if prev_flat is None:
+        sums[5] = 0.0
+    return sums.tolist(), shift
+
+
+def _torch_sums(flat, ref_flat, prev_flat, blocks: Blocks, space: Workspace,
+                stored: torch.dtype) -> tuple[list[float], float]:  # fmt: skip
+    """The same sums by torch's ops on the workspace's device: float32 block sums accumulated in float64."""
+    # s1..s4 about the shift, squared distances to the reference and to the previous step.
+    sums = torch.zeros(6, dtype=torch.float64, device=space.device)
     shift = None
     for start, stop in blocks:
         size = stop - start
@@ -191,25 +245,14 @@ def pooled_statistics(x: torch.Tensor, ref, prev, lo: float, hi: float, blocks: 
         if prev_flat is not None:
             _add_squared_distance(sums[5], c, prev_flat, start, stop, tmp)
         if shift is None:
-            shift = _on_grid(c.mean(), x.dtype)
+            shift = _on_grid(c.mean(), stored)
         c.sub_(shift)
         sums[0] += c.sum()
         torch.mul(c, c, out=tmp)
         sums[1] += tmp.sum()
         sums[2] += torch.dot(tmp, c)
         sums[3] += torch.dot(tmp, tmp)
-    hist, vmin, vmax = histogram.result()
-    values = torch.cat([sums, torch.stack([vmin, vmax]).double()]).cpu().tolist()
-    n = x.numel()
-    out = _pass_summary(values[4:], n, ref, prev, hist)
-    shift_value = float(shift)
-    mu1, e2, e3, e4 = (v / n for v in values[:4])
-    m2 = max(e2 - mu1**2, 0.0)
-    m3 = e3 - 3 * mu1 * e2 + 2 * mu1**3
-    m4 = e4 - 4 * mu1 * e3 + 6 * mu1**2 * e2 - 3 * mu1**4
-    out.update(_shape_of(shift_value + mu1, m2, m3, m4))
-    out["rms"] = max(e2 + 2 * shift_value * mu1 + shift_value**2, 0.0) ** 0.5
-    return out
+    return sums.cpu().tolist(), float(shift)
 
 
 class _UnitSums:
