@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from garden import cache, families
 from garden.analysis import analyse, write_summary
@@ -152,7 +153,9 @@ def scan_tensors(job: ScanJob) -> tuple[pd.DataFrame, pd.DataFrame]:
                            progress=settings.progress, device=settings.torch_device,
                            prefetch=settings.series.prefetch)  # fmt: skip
     rows, long_parts = [], []
-    for tensor, result in zip(job.tensors, scanned, strict=True):
+    analysing = tqdm(list(zip(job.tensors, scanned, strict=True)), desc="metrics", unit="tensor",
+                     disable=not settings.progress)  # fmt: skip
+    for tensor, result in analysing:
         analysis = analyse(settings, result.trajectory(), {})
         trajectory = analysis.trajectory
         units = trajectory.units
