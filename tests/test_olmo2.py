@@ -239,3 +239,23 @@ def test_compare_counts_parameters_as_each_family_does(compose_config, model, pu
 
     params = {key: str(value) for key, value in flatten(compose_config(f"model={model}")).items()}
     assert model_size(params) == pytest.approx(published, rel=0.01)
+
+
+def test_a_scan_of_an_olmo2_series_maps_its_own_roles(olmo2_series, tmp_path, compose_config):
+    """task=scan on another family: OLMo-2's stored roles (separate q, k, v; up and down), its duplicated
+    branch excluded, and a glob adding the gate projections of block 1 only."""
+    import pandas as pd
+
+    from garden.tasks import run
+
+    cfg = compose_config(*shrunk(tmp_path, "task=scan", "model=local", f"model.path={olmo2_series}",
+                                 "metrics=minimal", "figures=false", "scan.include=['*gate_proj*']",
+                                 "scan.blocks=1:"))  # fmt: skip
+    outcome = run(cfg, output_dir=tmp_path / "out")
+    summary = pd.read_csv(tmp_path / "out" / "tables" / "scan_summary.csv")
+    roles = ["attn_q", "attn_k", "attn_v", "attn_out", "mlp_in", "mlp_out", "-"]  # "-": the glob's tensor
+    assert list(summary["role"].fillna("-")) == roles
+    assert summary["tensor"].iloc[-1] == "model.layers.1.mlp.gate_proj.weight"
+    assert set(summary["block"]) == {1}  # the embeddings go with block 0's shard
+    assert (summary["n_steps"] == len(STEPS) - 1).all()  # step 6000 repeats step 5000
+    assert outcome["aggregates"]["scan_tensors"] == 7
