@@ -287,3 +287,29 @@ def test_a_two_shard_sweep_merged_gives_the_single_scans_summary(tmp_path):
     assert len(steps.drop(columns="run_id")) == len(
         pd.read_parquet(single / "out" / "tables" / "scan_steps.parquet")
     )
+
+
+def test_an_interrupted_scan_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """Interrupted in the middle of a step (the 23rd record of 50), a scan keeps every record it finished
+    (the one waiting for its dips included) and the next scan computes only the rest."""
+    from garden.extract import records
+    from garden.extract.stream import extract_scan
+    from garden.series import LocalSeries
+
+    root, names = _walk_series(tmp_path)
+    series = LocalSeries(root)
+    plans = _plans(names, series.steps())
+    original, calls = records.step_record, [0]
+
+    def interrupted(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 23:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(records, "step_record", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        extract_scan(series, plans, tmp_path / "cache", progress=False)
+    monkeypatch.setattr(records, "step_record", original)
+    again = extract_scan(series, plans, tmp_path / "cache", progress=False)
+    assert sum(s.computed for s in again) == len(names) * len(series.steps()) - 22
