@@ -295,3 +295,32 @@ def test_sigterm_mid_extraction_ends_the_run_killed_and_a_rerun_resumes(tmp_path
     assert by_status == [
         ("FINISHED", ""), ("KILLED", ""), ("KILLED", "its process died without ending it"),
     ]  # fmt: skip
+
+
+def test_progress_off_a_terminal_is_a_few_log_lines_not_bar_frames(tmp_path, fork_series):
+    """progress=true (the default) with the output going to a file or a pipe, as a cluster job's does:
+    no carriage-return frames, a few progress lines in the job's log instead."""
+    command = [sys.executable, "-m", "garden", "model=local", f"model.path={fork_series}", "metrics=minimal",
+               "figures=false", f"paths.data_dir={tmp_path}/data", f"tracking.uri=sqlite:///{tmp_path}/m.db",
+               f"hydra.run.dir={tmp_path}/out"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert "\r" not in output
+    progress = re.findall(r"extract embed_out\.weight: (\d+)/(\d+) steps in", output)
+    assert 1 <= len(progress) <= 5 and progress[-1] == (str(len(FORK_STEPS)), str(len(FORK_STEPS)))
+
+
+def test_a_logged_bar_reports_at_a_few_fractions(caplog):
+    import logging
+
+    from garden.progress import LoggedBar
+
+    with caplog.at_level(logging.INFO, logger="garden"):
+        for _ in LoggedBar(range(1000), "count", "item", enabled=True, total=None):
+            pass
+        for _ in LoggedBar(range(10), "quiet", "item", enabled=False, total=None):
+            pass
+    lines = [r.getMessage() for r in caplog.records]
+    expected = [f"count: {n}/1000 items" for n in (250, 500, 750, 1000)]
+    assert [line.split(" in ")[0] for line in lines] == expected

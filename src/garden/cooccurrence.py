@@ -24,10 +24,10 @@ import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from garden import cache
 from garden.metrics.events import onset_index
+from garden.progress import bar as progress_bar
 from garden.schedule import log_linear_schedule
 from garden.settings import CooccurrenceSettings, as_plain
 
@@ -203,9 +203,8 @@ def _descend(
     epochs = co.epochs
     optimizer = torch.optim.SGD(model.parameters(), lr=co.lr)
     rows = []
-    for epoch in tqdm(
-        range(epochs + 1), desc="gradient descent", unit="epoch", disable=not progress, miniters=500
-    ):
+    for epoch in progress_bar(range(epochs + 1), desc="gradient descent", unit="epoch", enabled=progress,
+                              miniters=500):  # fmt: skip
         output = model(data.tokens)
         margins = data.labels * output
         per_sample = torch.nn.functional.softplus(-margins)  # log(1 + exp(-y F)), stable

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from garden import cache
 from garden.corpus import load_corpus, text_content_id
 from garden.devices import pinned_threads, resolve_device
 from garden.errors import GardenError
+from garden.progress import bar as progress_bar
 from garden.progress import report as progress_report
 from garden.schedule import log_linear_schedule
 from garden.series import TRAIN_LOG
@@ -364,8 +364,8 @@ def train_series(
         logger.info("training the tiny series in %s: steps %d..%d of %d", folder, start + 1, total, total)
         model.train()
         began = time.perf_counter()
-        bar = tqdm(range(start + 1, total + 1), desc="train tiny GPT-NeoX", unit="step",
-                   disable=not progress, initial=start, total=total)  # fmt: skip
+        bar = progress_bar(range(start + 1, total + 1), desc="train tiny GPT-NeoX", unit="step",
+                           enabled=progress, initial=start, total=total)  # fmt: skip
         last = start
         for step in bar:
             log.append({"step": step, **train_step(*trainer, data, train, device)})

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from garden import cache, families
 from garden.errors import GardenError
@@ -30,6 +29,7 @@ from garden.evaluation.scorers import (
     score_checkpoint,
 )
 from garden.families import Family
+from garden.progress import bar as progress_bar
 from garden.schedule import select_steps
 from garden.series import CheckpointSeries
 from garden.settings import Settings
@@ -173,7 +173,7 @@ def _evaluate_steps(series, plan, folder, order, contents, windows, examples, ba
                            plan.batch_size)
     reference = None
     records: dict[int, dict] = {}
-    for step in tqdm(order, desc="evaluate checkpoints", unit="step", disable=not progress):
+    for step in progress_bar(order, desc="evaluate checkpoints", unit="step", enabled=progress):
         path = folder / f"step{step}.json"
         found = cache.read_json(path, "evaluation record")
         if found is not None and found.get("content") == contents[step]:

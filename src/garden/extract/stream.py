@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from garden import cache
 from garden.devices import pass_threads
@@ -27,6 +26,7 @@ from garden.extract import records
 from garden.extract.kernel import UnitLayout, Workspace, pass_blocks, unit_dips, with_dips
 from garden.extract.plan import BadStep, ExtractionPlan, check_shape
 from garden.extract.records import Basis
+from garden.progress import bar as progress_bar
 from garden.progress import report as progress_report
 from garden.series import CheckpointSeries, Prefetcher
 from garden.trajectory import Trajectory
@@ -119,7 +119,7 @@ class _Progress:
 
     def __init__(self, series: CheckpointSeries, plan: ExtractionPlan, progress: bool):
         self.series = series
-        self.bar = tqdm(plan.steps, desc=f"extract {plan.tensor}", unit="step", disable=not progress)
+        self.bar = progress_bar(plan.steps, desc=f"extract {plan.tensor}", unit="step", enabled=progress)
         self.fetched_before, self.started = series.bytes_fetched(), time.perf_counter()
 
     def step_done(self, step: int, checkpoints_done: int) -> None:
@@ -494,7 +494,7 @@ def _scan(
             reads = _TensorReads(reader, plan.tensor)
             walks.append(_Walk(series, plan, folder, basis, reads, ref_fp, reusable, device, workspace, dips,
                                keep_records=False, save=writer.save))  # fmt: skip
-        bar = tqdm(steps, desc=f"scan {len(plans)} tensors", unit="step", disable=not progress)
+        bar = progress_bar(steps, desc=f"scan {len(plans)} tensors", unit="step", enabled=progress)
         cleanup.callback(bar.close)
         cleanup.enter_context(pass_threads(device))
         started = time.perf_counter()

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
-from garden import cache, families
+from garden import cache, families, progress
 from garden.analysis import analyse, write_summary
 from garden.errors import GardenError
 from garden.extract import ExtractionPlan
@@ -153,8 +152,8 @@ def scan_tensors(job: ScanJob) -> tuple[pd.DataFrame, pd.DataFrame]:
                            progress=settings.progress, device=settings.torch_device,
                            prefetch=settings.series.prefetch)  # fmt: skip
     rows, long_parts = [], []
-    analysing = tqdm(list(zip(job.tensors, scanned, strict=True)), desc="metrics", unit="tensor",
-                     disable=not settings.progress)  # fmt: skip
+    analysing = progress.bar(list(zip(job.tensors, scanned, strict=True)), desc="metrics", unit="tensor",
+                             enabled=settings.progress)  # fmt: skip
     for tensor, result in analysing:
         analysis = analyse(settings, result.trajectory(), {})
         trajectory = analysis.trajectory
