@@ -324,3 +324,29 @@ def test_a_logged_bar_reports_at_a_few_fractions(caplog):
     lines = [r.getMessage() for r in caplog.records]
     expected = [f"count: {n}/1000 items" for n in (250, 500, 750, 1000)]
     assert [line.split(" in ")[0] for line in lines] == expected
+
+
+def test_summary_json_is_strict_json_with_null_events_and_whole_steps(tmp_path, fork_series, compose_config):
+    """As the README says: an event looked for and not reached is null (not left out), an undefined value
+    is null (not NaN), steps and counts are integers."""
+    import json
+    import math
+
+    from garden.analysis import plain_summary
+
+    summary = {"bifurcation_step": 8.0, "n_steps": 9.0, "alpha": 1.5, "final_msd": math.nan,
+               "msd_break1_step": 40.0, "unit_bifurcation_to_perplexity_drop": -320.0}  # fmt: skip
+    tags = {"garden.bifurcation": "detected", "garden.stationary": "none", "garden.unit_bifurcation": "none"}
+    assert plain_summary(summary, tags) == {
+        "bifurcation_step": 8, "n_steps": 9, "alpha": 1.5, "final_msd": None, "msd_break1_step": 40,
+        "unit_bifurcation_to_perplexity_drop": -320, "stationary_step": None, "unit_bifurcation_step": None,
+    }  # fmt: skip
+    run_in_process(compose_config, tmp_path, "model=local", f"model.path={fork_series}", "figures=false")
+    text = (tmp_path / "out" / "summary.json").read_text()
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    written = json.loads(text, parse_constant=refuse)["summary"]
+    assert written["bifurcation_step"] == 8 and isinstance(written["n_steps"], int)
+    assert "stationary_step" in written and "unit_bifurcation_step" in written

@@ -4,12 +4,14 @@ and summary.json (what the CLI and the DVC `metrics` stage both write)."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from garden.metrics import MetricResult, compute_metrics
+from garden.metrics import EVENT_TAGS, MetricResult, compute_metrics
 from garden.settings import GardenConfig
 from garden.trajectory import Trajectory
 
@@ -73,5 +75,29 @@ def write_dynamics(folder: Path, analysis: Analysis, run_name: str, settings: Ga
 
 def write_summary(folder: Path, run_name: str, summary: dict, tags: dict) -> None:
     (folder / "summary.json").write_text(
-        json.dumps({"run_name": run_name, "summary": summary, "tags": tags}, indent=1)
+        json.dumps({"run_name": run_name, "summary": plain_summary(summary, tags), "tags": tags}, indent=1)
     )
+
+
+def _whole_number(key: str) -> bool:
+    """Summary keys that hold training steps, step differences or counts."""
+    return (key.endswith(("_step", "_steps", "_block", "_drop")) or key.startswith("n_")
+            or key in ("msd_regimes", "scan_tensors"))  # fmt: skip
+
+
+def plain_summary(summary: dict, tags: dict) -> dict:
+    """The summary as `summary.json` holds it (strict JSON, as the README says): every event whose metric
+    ran is present, null where it was not reached; an undefined value is null, not NaN (which is not
+    JSON); steps and counts are integers."""
+    plain: dict = {}
+    for key, value in summary.items():
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            plain[key] = None
+        elif _whole_number(key) and float(value).is_integer():
+            plain[key] = int(value)
+        else:
+            plain[key] = float(value) if isinstance(value, np.floating) else value
+    for key, tag in EVENT_TAGS.items():
+        if tags.get(tag) is not None:
+            plain.setdefault(key, None)
+    return plain
