@@ -204,3 +204,25 @@ def test_cooccurrence_figures_use_the_papers_notation_and_mark_both_phases(tmp_p
     assert ax.get_xlabel().startswith("epoch")
     for figure in drawn.values():
         plt.close(figure)
+
+
+def test_a_tensor_that_does_not_fork_is_drawn_as_one_bundle(fork):
+    """Where the pooled bifurcation is not reached, the trajectories are one colour and the exported
+    branches say none: a two-means cut through a unimodal distribution draws branches the run rejects."""
+    trajectory, _, _ = fork
+    figure = forking_trajectories(trajectory, "t", None)
+    lines = [line for line in figure.axes[0].get_lines() if line.get_linestyle() == "-"]
+    assert {line.get_color() for line in lines} == {"tab:gray"}
+    assert "does not fork" in figure.axes[0].get_title()
+    plt.close(figure)
+    assert set(trajectory_branches(trajectory, forked=False)["branch"]) == {"none"}
+
+
+def test_forked_branches_are_drawn_interleaved(fork):
+    """Neither colour is drawn wholly over the other: the paths go in index order, branches mixed."""
+    trajectory, _, _ = fork
+    figure = forking_trajectories(trajectory, "t", 32.0)
+    colours = [line.get_color() for line in figure.axes[0].get_lines() if line.get_linestyle() == "-"]
+    plt.close(figure)
+    first_upper, last_lower = colours.index("tab:orange"), len(colours) - 1 - colours[::-1].index("tab:blue")
+    assert first_upper < last_lower

@@ -67,7 +67,9 @@ def write_dynamics(folder: Path, analysis: Analysis, run_name: str, settings: Ga
     paths = pd.DataFrame(trajectory.trajectories, columns=[str(i) for i in trajectory.trajectory_indices])
     paths.insert(0, "step", trajectory.steps)
     paths.to_csv(tables / "trajectories.csv", index=False)
-    trajectory_branches(trajectory).to_csv(tables / "trajectory_branches.csv", index=False)
+    onset = analysis.summary.get("bifurcation_step")
+    forked = onset is not None and math.isfinite(onset)
+    trajectory_branches(trajectory, forked).to_csv(tables / "trajectory_branches.csv", index=False)
     density_table(trajectory).to_csv(tables / "density.csv", index=False)
     if settings.figures:
         draw_all(trajectory, analysis.results, run_name, settings.metrics, folder / "figures")

@@ -90,31 +90,44 @@ def two_group_cut(values: np.ndarray) -> float:
     return float((ordered[k] + ordered[k + 1]) / 2)
 
 
-def trajectory_branches(traj: Trajectory) -> pd.DataFrame:
+def trajectory_branches(traj: Trajectory, forked: bool = True) -> pd.DataFrame:
     """Each sampled parameter's final value and the branch it ends in (lower/upper of `two_group_cut`
-    of the final values): what the forking-paths figure colours by, exported beside it."""
+    of the final values): what the forking-paths figure colours by, exported beside it. Without a fork
+    (`forked=False`: the pooled bifurcation was looked for and not found) every parameter is in the one
+    bundle: a two-means cut through a unimodal distribution would draw branches the statistics reject."""
     final = traj.trajectories[-1].astype(float)
     cut = two_group_cut(final)
-    return pd.DataFrame({"index": traj.trajectory_indices, "final_value": final,
-                         "branch": np.where(final <= cut, "lower", "upper"), "cut": cut})  # fmt: skip
+    branch = np.where(final <= cut, "lower", "upper") if forked else np.full(len(final), "none")
+    return pd.DataFrame({"index": traj.trajectory_indices, "final_value": final, "branch": branch,
+                         "cut": cut if forked else np.nan})  # fmt: skip
+
+
+BRANCH_COLOURS = {"lower": "tab:blue", "upper": "tab:orange", "none": "tab:gray"}
 
 
 def forking_trajectories(traj: Trajectory, title: str, bifurcation_step: float | None):
-    """The sampled parameters' paths, each coloured by the branch it ends in: the fork reads as two
-    colours leaving one bundle."""
-    branches = trajectory_branches(traj)
+    """The sampled parameters' paths, each coloured by the branch it ends in where the tensor forks (the
+    fork reads as two colours leaving one bundle), one colour where it does not. The paths are drawn in
+    the order of their index, the branches interleaved, so that neither colour hides the other."""
+    forked = bifurcation_step is not None and np.isfinite(bifurcation_step)
+    branches = trajectory_branches(traj, forked)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for branch, color in (("lower", "tab:blue"), ("upper", "tab:orange")):
-        chosen = (branches["branch"] == branch).to_numpy()
-        if chosen.any():
-            lines = ax.plot(traj.steps, traj.trajectories[:, chosen], color=color, linewidth=0.5, alpha=0.45)
+    labelled: set[str] = set()
+    for column, branch in enumerate(branches["branch"]):
+        line = ax.plot(traj.steps, traj.trajectories[:, column], color=BRANCH_COLOURS[branch], linewidth=0.5,
+                       alpha=0.45)[0]  # fmt: skip
+        if branch not in labelled:
+            labelled.add(branch)
+            chosen = branches["branch"] == branch
             mean = branches.loc[chosen, "final_value"].mean()
-            lines[0].set_label(f"{branch} branch at the end: {chosen.sum()} (mean {mean:.3g})")
+            what = f"{branch} branch at the end" if forked else "no pooled fork: one bundle"
+            line.set_label(f"{what}: {chosen.sum()} (mean {mean:.3g})")
     step_axis(ax)
     ax.set_ylabel("parameter value")
     _mark(ax, bifurcation_step, "pooled bifurcation")
-    ax.set_title(f"Trajectories of {traj.trajectories.shape[1]} sampled parameters, coloured by final branch"
-                 f"\n{title}")  # fmt: skip
+    how = "coloured by final branch" if forked else "one colour: the pooled distribution does not fork"
+    count = traj.trajectories.shape[1]
+    ax.set_title(f"Trajectories of {count} sampled parameters, {how}\n{title}", fontsize=10)
     _solid_legend(ax.legend(loc="upper left", fontsize=8))
     return fig
 
