@@ -226,3 +226,22 @@ def test_forked_branches_are_drawn_interleaved(fork):
     plt.close(figure)
     first_upper, last_lower = colours.index("tab:orange"), len(colours) - 1 - colours[::-1].index("tab:blue")
     assert first_upper < last_lower
+
+
+def test_steps_whose_two_gaussian_fit_has_one_mean_are_marked_as_heavy_tails(fork):
+    """Ashman's D falls to ~0 where the fit puts both components at one mean (a narrow and a wide one:
+    heavy tails): those steps are marked and the legend says so; a real fork's steps are not."""
+    import dataclasses
+
+    from garden.figures import bimodality_vs_step
+
+    trajectory, _, results = fork
+    fits = dict(results["gmm"].per_step)
+    before_fork = trajectory.steps < 32
+    fits["gmm_mean_high"] = np.where(before_fork, fits["gmm_mean_low"], fits["gmm_mean_high"])
+    results = {**results, "gmm": dataclasses.replace(results["gmm"], per_step=fits)}
+    figure = bimodality_vs_step(trajectory, "t", results, SETTINGS, 32.0, "dip")
+    marked = [line for line in figure.axes[-1].get_lines() if line.get_marker() == "x"]
+    plt.close(figure)
+    assert len(marked) == 1 and "heavy tails, not two modes" in marked[0].get_label()
+    assert list(marked[0].get_xdata()) == list(trajectory.steps[before_fork])

@@ -228,14 +228,31 @@ def bimodality_vs_step(traj: Trajectory, title: str, results: dict[str, MetricRe
         ax.axhline(threshold, color="grey", linestyle=":", label=f"{side} {threshold:.3g}")
         ax.set_yscale(scale)
         ax.set_ylabel(label + (" (used)" if name == criterion else ""))
+        if name == "ashman_d":
+            _mark_scale_mixtures(ax, traj, results["gmm"].per_step, shown)
         _mark(ax, bifurcation_step, "bifurcation")
         ax.legend(fontsize=7, loc="best")
         step_axis(ax)
     for ax in axes[:-1, 0]:
         ax.set_xlabel("")
     onset = "none (never bimodal to the end)" if bifurcation_step is None else f"step {bifurcation_step:g}"
-    axes[0, 0].set_title(f"Bimodality of {traj.tensor}: onset by {criterion}, {onset}\n{title}")
+    axes[0, 0].set_title(f"Bimodality of {traj.tensor}\nonset by {criterion}: {onset}\n{title}", fontsize=10)
     return fig
+
+
+#: Two Gaussian components whose means lie closer than this share of the distribution's std have one
+#: mean: the fit is a scale mixture (a narrow and a wide component: heavy tails), not two modes.
+SCALE_MIXTURE_SPREAD = 0.1
+
+
+def _mark_scale_mixtures(ax, traj: Trajectory, fits: dict, shown: np.ndarray) -> None:
+    """Mark the steps whose two-Gaussian fit put both components at one mean: Ashman's D falls to ~0
+    there because the fit models heavy tails, not because two modes merged."""
+    spread = np.abs(np.asarray(fits["gmm_mean_high"]) - np.asarray(fits["gmm_mean_low"]))
+    one_mean = spread < SCALE_MIXTURE_SPREAD * traj.column("std")
+    if one_mean.any():
+        ax.plot(traj.steps[one_mean], np.asarray(shown)[one_mean], "x", color="crimson", markersize=4,
+                label="fit: two widths, one mean (heavy tails, not two modes)")  # fmt: skip
 
 
 def density_table(traj: Trajectory) -> pd.DataFrame:
