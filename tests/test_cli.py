@@ -91,6 +91,9 @@ def test_cli_logs_the_forking_paths_run(tmp_path, fork_series, compose_config):
     assert re.search(r"pooled bifurcation +at step 8\n +unit bifurcation +at step 8 \(100% of 16", block)
     store = f"sqlite:///{tmp_path}/mlflow.db"
     assert re.search(rf"open it +mlflow ui --backend-store-uri {store} --workers 1", block)
+    experiment = client.get_experiment_by_name("garden").experiment_id
+    link = f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run.info.run_id}?workflowType=machine_learning"
+    assert f"then {link}" in block  # the run's own page, on the Model training view
     assert "summary/alpha" in run.data.metrics and run.data.tags["garden.stationary"] in ("detected", "none")
     paths = artifact_paths(client, run.info.run_id)
     assert paths >= FIGURES
@@ -350,3 +353,14 @@ def test_summary_json_is_strict_json_with_null_events_and_whole_steps(tmp_path, 
     written = json.loads(text, parse_constant=refuse)["summary"]
     assert written["bifurcation_step"] == 8 and isinstance(written["n_steps"], int)
     assert "stationary_step" in written and "unit_bifurcation_step" in written
+
+
+def test_a_relative_sqlite_store_is_printed_with_its_absolute_path(tmp_path, monkeypatch):
+    """`sqlite:///mlflow.db` run from another folder opens another, empty store: the printed command
+    names the store the run is in."""
+    from garden.record import absolute_store
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_store("sqlite:///mlflow.db") == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert absolute_store("sqlite:////already/absolute.db") == "sqlite:////already/absolute.db"
+    assert absolute_store("http://mlflow.example:5000") == "http://mlflow.example:5000"

@@ -183,9 +183,42 @@ def log_outcome(run_name: str, summary: dict, tags: dict, output_dir: Path, run_
     """What a finished job prints: its headline results, where they are, and how to open them."""
     rows = [*headline(summary, tags), ("results", f"{output_dir} (tables/, figures/, summary.json)")]
     if tracking_uri:
-        rows += [
-            ("MLflow run", f"{run_id} in experiment {experiment or 'garden'}"),
-            ("open it", f"mlflow ui --backend-store-uri {tracking_uri} --workers 1   (or: make ui)"),
-            ("", "then http://127.0.0.1:5000; MLflow 3 opens on its GenAI view: click Model training"),
-        ]
+        rows += [("MLflow run", f"{run_id} in experiment {experiment or 'garden'}"),
+                 *open_rows(tracking_uri, experiment or "garden", run_id)]  # fmt: skip
     log.info("%s finished:\n%s", run_name, aligned_rows(rows))
+
+
+#: What `mlflow ui` serves on by default.
+UI_ADDRESS = "http://127.0.0.1:5000"
+
+
+def absolute_store(tracking_uri: str) -> str:
+    """A sqlite store's URI with an absolute path: `sqlite:///mlflow.db` opened from another folder would
+    be another, empty store, without an error."""
+    prefix = "sqlite:///"
+    if tracking_uri.startswith(prefix) and not tracking_uri[len(prefix) :].startswith("/"):
+        return prefix + str(Path(tracking_uri[len(prefix) :]).resolve())
+    return tracking_uri
+
+
+def run_link(tracking_uri: str, experiment: str, run_id: str | None) -> str | None:
+    """The run's page in `mlflow ui`, on MLflow 3's "Model training" view (`workflowType`)."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        found = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
+    except Exception:  # a link is a convenience: the run is recorded either way
+        return None
+    if found is None or run_id is None:
+        return None
+    return f"{UI_ADDRESS}/#/experiments/{found.experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def open_rows(tracking_uri: str, experiment: str, run_id: str | None) -> list[tuple[str, str]]:
+    """How to open the run: the command, with the store's absolute path, and the run's own page."""
+    store = absolute_store(tracking_uri)
+    rows = [("open it", f"mlflow ui --backend-store-uri {store} --workers 1   (or: make ui)")]
+    link = run_link(tracking_uri, experiment, run_id)
+    if link is not None:
+        rows.append(("", f"then {link}"))
+    return rows

@@ -31,6 +31,7 @@ from garden.record import (
     command_line,
     log_training_history,
     markdown_rows,
+    open_rows,
     run_params,
     summary_metrics,
 )
@@ -268,6 +269,7 @@ def run_scan(settings: Settings, output_dir: Path | None = None, parent_run_id: 
                                            f"Tables and figures: `{output_dir}`"]))  # fmt: skip
         run_id = tracker.run_id
     rows += [("results", f"{output_dir} (tables/scan_summary.csv, tables/scan_steps.parquet, figures/)"),
-             ("MLflow run", f"{run_id} in experiment {tracking.experiment}")]  # fmt: skip
+             ("MLflow run", f"{run_id} in experiment {tracking.experiment}"),
+             *open_rows(tracking.uri, tracking.experiment, run_id)]  # fmt: skip
     log.info("%s finished:\n%s", job.run_name, aligned_rows(rows))
     return {"run_id": run_id, "output_dir": output_dir, "summary": summary, "aggregates": values}
