@@ -254,13 +254,18 @@ def lock_path(folder: Path) -> Path:
     return folder.parent / f".{folder.name}.lock"
 
 
+def _folder_lock(folder: Path) -> FileLock:
+    """The OS file lock of a folder being produced (beside it, `lock_path`)."""
+    path = lock_path(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path))
+
+
 @contextlib.contextmanager
 def producing_if_free(folder: Path) -> Iterator[bool]:
     """Hold `folder`'s lock if no other job holds it (yields True), else yield False at once: a scan
     computes the tensors no other job is producing first, and waits for the others after."""
-    path = lock_path(folder)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path))
+    lock = _folder_lock(folder)
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -277,9 +282,7 @@ def producing(folder: Path, what: str) -> Iterator[None]:
     """Hold `folder`'s lock while producing it. A job that finds it held logs that it waits, waits, and
     then goes on (finding the folder complete, it reuses it). The lock is an OS file lock, released by
     the kernel when its holder dies, so a killed job never blocks the next one."""
-    path = lock_path(folder)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path))
+    lock = _folder_lock(folder)
     try:
         lock.acquire(timeout=0)
     except Timeout:

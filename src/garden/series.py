@@ -343,11 +343,17 @@ class LocalSeries(CheckpointSeries):
 
     def fingerprint(self, step: int, tensor: str) -> str:
         """A hash of the tensor's stored dtype, shape and bytes: its content, not its path or date."""
+        return self._remembered(step, tensor, tensor, tensor_content_id)
+
+    def _remembered(self, step: int, tensor: str, part: str,
+                    compute: Callable[[WeightFiles, str], str]) -> str:  # fmt: skip
+        """An id of `tensor` at `step` (`part` names which), computed once per version of the file holding
+        it and remembered (saved now, or at the end of `holding_ids`)."""
         files = self.weight_files(step)
         holder = files.file_for(tensor)
         if holder is None:
             raise missing_tensor_error(step, tensor, files.tensor_names())
-        found = self.memo.get(holder, tensor, lambda: tensor_content_id(files, tensor))
+        found = self.memo.get(holder, part, lambda: compute(files, tensor))
         if not self._holding:
             self.memo.save()
         return found
@@ -368,26 +374,12 @@ class LocalSeries(CheckpointSeries):
         return self.fingerprint(step, tensor)
 
     def fingerprint_of(self, step: int, tensor: str, held: torch.Tensor) -> str:
-        files = self.weight_files(step)
-        holder = files.file_for(tensor)
-        if holder is None:
-            raise missing_tensor_error(step, tensor, files.tensor_names())
-        found = self.memo.get(holder, tensor, lambda: held_content_id(files, tensor, held))
-        if not self._holding:
-            self.memo.save()
-        return found
+        return self._remembered(step, tensor, tensor, lambda files, name: held_content_id(files, name, held))
 
     def quick_id(self, step: int, tensor: str) -> str | None:
         """Three 64 KiB spans of the tensor's bytes hashed (`formats.tensor_quick_id`), remembered like
         the content ids: what duplicate detection reads before the pass, instead of every byte."""
-        files = self.weight_files(step)
-        holder = files.file_for(tensor)
-        if holder is None:
-            raise missing_tensor_error(step, tensor, files.tensor_names())
-        found = self.memo.get(holder, f"{tensor}#quick", lambda: tensor_quick_id(files, tensor))
-        if not self._holding:
-            self.memo.save()
-        return found
+        return self._remembered(step, tensor, f"{tensor}#quick", tensor_quick_id)
 
     def same_checkpoint(self, step: int, earlier: int) -> bool:
         """Whole step folders compared (hashed only for steps whose tensor matched), so a tensor that
