@@ -313,11 +313,14 @@ def tensor_content_id(files: WeightFiles, tensor: str) -> str:
             if tensor not in header:
                 raise missing_tensor_error(files.step, tensor, files.tensor_names())
             first, stop = safetensors_extent(header, tensor, size, files.step, path)
-            data = file_content_id(path, first, stop)
-            return content_hash(f"{header[tensor]['dtype']}|{header[tensor]['shape']}|{data}".encode())
-        value = read_tensor_from(files, tensor).contiguous()
-        data = content_hash(value.view(-1).view(torch.uint8).numpy().data)
-        return content_hash(f"{value.dtype}|{list(value.shape)}|{data}".encode())
+            entry = header[tensor]
+            return _tensor_id(entry["dtype"], entry["shape"], file_content_id(path, first, stop))
+        return held_content_id(files, tensor, read_tensor_from(files, tensor))
+
+
+def _tensor_id(dtype: object, shape: list[int], data: str) -> str:
+    """The one formula of a tensor's content id: its dtype (as its file names it), shape and bytes' id."""
+    return content_hash(f"{dtype}|{list(shape)}|{data}".encode())
 
 
 #: Bytes of each span a quick id hashes (the start, the middle and the end of a tensor's bytes).
@@ -330,7 +333,7 @@ def held_content_id(files: WeightFiles, tensor: str, held: torch.Tensor) -> str:
     instead of reading the bytes a second time): the same id."""
     data = content_hash(held.contiguous().view(-1).view(torch.uint8).numpy().data)
     dtype = SAFETENSORS_CODES.get(held.dtype) if files.fmt == "safetensors" else held.dtype
-    return content_hash(f"{dtype}|{list(held.shape)}|{data}".encode())
+    return _tensor_id(dtype, list(held.shape), data)
 
 
 def tensor_quick_id(files: WeightFiles, tensor: str) -> str:
