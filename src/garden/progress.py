@@ -63,7 +63,6 @@ class LoggedBar:
         self._log, self._clock = logging.getLogger("garden"), time.monotonic
         self._started = self._last = self._clock()
         self._next = 0
-        self._closed = False
 
     def __iter__(self):
         for item in self.iterable:
@@ -97,7 +96,7 @@ class LoggedBar:
         self.postfix = ", ".join(f"{k}={v}" for k, v in {**(ordered_dict or {}), **values}.items())
 
     def close(self) -> None:
-        self._closed = True
+        """Nothing to let go: the lines are logged as the loop goes."""
 
     def __enter__(self) -> LoggedBar:
         return self

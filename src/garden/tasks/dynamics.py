@@ -17,7 +17,8 @@ seconds with the valid choices, before any training, reading or run creation.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -244,6 +245,28 @@ def live_summary(monitor: dict | None, tags: dict[str, str]) -> dict[str, float]
     return summary
 
 
+@contextmanager
+def job_run(settings: Settings, run_name: str, tags: dict[str, str], parent_run_id: str | None,
+            output_dir: Path, groups: list[str], what: str) -> Iterator[MlflowTracker]:  # fmt: skip
+    """A job's MLflow run, opened as soon as its input is checked: the params of the config groups it
+    reads, and a description saying it is running (a task's record replaces it at the end)."""
+    tracker = MlflowTracker(settings.tracking.uri, settings.tracking.experiment)
+    with tracker.start(run_name, tags, parent_run_id):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        resolved = {"device": settings.torch_device, "output_dir": output_dir}
+        tracker.log_params(run_params(settings, groups, resolved))
+        tracker.set_description(f"**{run_name}**: {what}. Running: results appear here as it goes.")
+        yield tracker
+
+
+def prepare_series(tracker: MlflowTracker, series: CheckpointSeries, reported: set[str]) -> None:
+    """Train the tiny series here unless it is trained already (its `train/...` logged live), else log
+    the training history it was trained with."""
+    series.prepare()
+    if "train" not in reported:
+        log_training_history(tracker, series.training_history())
+
+
 @register("dynamics")
 def run_dynamics(settings: Settings, output_dir: Path | None = None,
                  parent_run_id: str | None = None) -> RunOutcome:  # fmt: skip
@@ -253,17 +276,11 @@ def run_dynamics(settings: Settings, output_dir: Path | None = None,
     job = open_dynamics(settings)
     output_dir = Path(output_dir) if output_dir is not None else output_folder(settings)
     tracking = settings.tracking
-    tracker = MlflowTracker(tracking.uri, tracking.experiment)
     what = f"the dynamics of {job.layer.tensor} ({job.layer.label}) across {job.series.identity}"
-    with tracker.start(job.run_name, job.tags, parent_run_id):
-        output_dir.mkdir(parents=True, exist_ok=True)
-        resolved = {"device": settings.torch_device, "output_dir": output_dir}
-        tracker.log_params(run_params(settings, used_groups(settings), resolved))
-        tracker.set_description(f"**{job.run_name}**: {what}. Running: results appear here as it goes.")
+    with job_run(settings, job.run_name, job.tags, parent_run_id, output_dir, used_groups(settings),
+                 what) as tracker:  # fmt: skip
         with tracker.live() as reported:
-            job.series.prepare()  # the tiny series trains here, unless it is trained already
-            if "train" not in reported:
-                log_training_history(tracker, job.series.training_history())
+            prepare_series(tracker, job.series, reported)
             if not set(job.selected) <= set(job.series.steps()):  # a training its monitor stopped early
                 job = open_dynamics(settings)
             job = settle_duplicates(job)

@@ -29,10 +29,8 @@ from garden.extract.stream import extract_scan
 from garden.record import (
     aligned_rows,
     command_line,
-    log_training_history,
     markdown_rows,
     open_rows,
-    run_params,
     summary_metrics,
 )
 from garden.scan import ScanTensor, aggregates, block_list, fork_rows, select_tensors
@@ -40,9 +38,9 @@ from garden.schedule import select_steps
 from garden.series import CheckpointSeries, DerivedTensors, apply_duplicate_policy, find_duplicates
 from garden.settings import Settings
 from garden.sources import open_series, source_of
-from garden.tasks.dynamics import architecture_of, output_folder, used_groups
+from garden.tasks.dynamics import architecture_of, job_run, output_folder, prepare_series, used_groups
 from garden.tasks.registry import register
-from garden.tracking import MlflowTracker, with_swept_overrides
+from garden.tracking import with_swept_overrides
 from garden.validation import check_environment
 
 log = logging.getLogger("garden")
@@ -237,18 +235,11 @@ def run_scan(settings: Settings, output_dir: Path | None = None, parent_run_id: 
     job = open_scan(settings)
     output_dir = Path(output_dir) if output_dir is not None else output_folder(settings)
     tracking = settings.tracking
-    tracker = MlflowTracker(tracking.uri, tracking.experiment)
     what = f"a scan of {len(job.tensors)} tensors across {job.series.identity}"
-    with tracker.start(job.run_name, job.tags, parent_run_id):
-        output_dir.mkdir(parents=True, exist_ok=True)
-        resolved = {"device": settings.torch_device, "output_dir": output_dir}
-        groups = [g for g in used_groups(settings) if g != "layer"] + ["scan"]
-        tracker.log_params(run_params(settings, groups, resolved))
-        tracker.set_description(f"**{job.run_name}**: {what}. Running.")
+    groups = [g for g in used_groups(settings) if g != "layer"] + ["scan"]
+    with job_run(settings, job.run_name, job.tags, parent_run_id, output_dir, groups, what) as tracker:
         with tracker.live() as reported:
-            job.series.prepare()
-            if "train" not in reported:
-                log_training_history(tracker, job.series.training_history())
+            prepare_series(tracker, job.series, reported)
             if not set(job.plans[0].steps) <= set(job.series.steps()):  # a training stopped early
                 job = open_scan(settings)
             job = settle_duplicates(job)
