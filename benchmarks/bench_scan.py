@@ -198,7 +198,7 @@ def rss_child(root: Path, n_steps: int, data: Path) -> None:
         cfg = compose(config_name="config", overrides=[
             "task=scan", "model=local", f"model.path={root}", "progress=false", f"paths.data_dir={data}",
             "steps=list", f"steps.values={values}", "series.on_duplicate=keep"])  # fmt: skip
-    summary, _ = scan_tensors(settle_duplicates(open_scan(resolve(cfg))))
+    summary = scan_tensors(settle_duplicates(open_scan(resolve(cfg)))).summary
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             print(json.dumps({"vm_hwm_kib": int(line.split()[1]), "tensors": len(summary)}))

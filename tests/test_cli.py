@@ -314,19 +314,25 @@ def test_progress_off_a_terminal_is_a_few_log_lines_not_bar_frames(tmp_path, for
     assert 1 <= len(progress) <= 5 and progress[-1] == (str(len(FORK_STEPS)), str(len(FORK_STEPS)))
 
 
-def test_a_logged_bar_reports_at_a_few_fractions(caplog):
+def test_a_logged_bar_reports_at_a_few_fractions(caplog, monkeypatch):
+    """A loop that lasts logs a line at 25, 50, 75 and 100%; one that ends at once (records read back
+    from the cache) only its end; progress=false nothing."""
     import logging
 
-    from garden.progress import LoggedBar
+    from garden import progress
 
-    with caplog.at_level(logging.INFO, logger="garden"):
-        for _ in LoggedBar(range(1000), "count", "item", enabled=True, total=None):
-            pass
-        for _ in LoggedBar(range(10), "quiet", "item", enabled=False, total=None):
-            pass
-    lines = [r.getMessage() for r in caplog.records]
-    expected = [f"count: {n}/1000 items" for n in (250, 500, 750, 1000)]
-    assert [line.split(" in ")[0] for line in lines] == expected
+    def counted(quiet_seconds: float) -> list[str]:
+        monkeypatch.setattr(progress, "QUIET_SECONDS", quiet_seconds)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="garden"):
+            for _ in progress.LoggedBar(range(1000), "count", "item", enabled=True, total=None):
+                pass
+            for _ in progress.LoggedBar(range(10), "quiet", "item", enabled=False, total=None):
+                pass
+        return [r.getMessage().split(" in ")[0] for r in caplog.records]
+
+    assert counted(0.0) == [f"count: {n}/1000 items" for n in (250, 500, 750, 1000)]
+    assert counted(3600.0) == ["count: 1000/1000 items"]
 
 
 def test_summary_json_is_strict_json_with_null_events_and_whole_steps(tmp_path, fork_series, compose_config):

@@ -145,7 +145,7 @@ def test_runs_of_one_name_stay_apart_with_a_column_per_swept_key(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     experiment = client.create_experiment("garden")
-    for seed, onset in (("0", 40.0), ("1", -1.0)):  # -1: the bifurcation was looked for, not reached
+    for seed, onset in (("0", 40.0), ("1", -1.0)):  # -1: how older runs logged "looked for, not reached"
         run = client.create_run(experiment, run_name="tiny/standard/unembedding")
         params = {"model.name": "tiny", "variant": "standard", "layer.name": "unembedding", "seed": seed,
                   "hydra.overrides": f"seed={seed} metrics=minimal", "hydra.choices.metrics": "minimal",

@@ -132,7 +132,7 @@ def test_the_scan_shards_merge_into_one_map_of_the_studys_series(study):
     assert (work / "study" / "scan_map" / "figures" / "scan_fork_map.png").is_file()
     _, found = runs(work)
     (merge,) = [r for r in found if r.info.run_name == "compare-scan"]
-    assert merge.data.metrics["summary/scan_tensors"] == 10
+    assert merge.data.tags["garden.scan_tensors"] == "10"
 
 
 def test_matrix_runs_each_item_reusing_the_trained_series(study):
@@ -140,7 +140,11 @@ def test_matrix_runs_each_item_reusing_the_trained_series(study):
     client, found = runs(work)
     record = json.loads((work / "study" / "sweep" / "tiny-standard" / "run.json").read_text())
     item = client.get_run(record["run_id"])
-    assert item.info.status == "FINISHED" and item.info.run_name == "tiny/standard/unembedding"
+    # Its records are the study's stages': it computed nothing, and says so (marked where an earlier run of
+    # the same job is in the store: the study's report run, when the pipeline ran it first).
+    assert item.info.status == "FINISHED" and item.data.tags["garden.cached"] == "all"
+    marked = "(cached) " if item.data.tags.get("garden.reused_run") else ""
+    assert item.info.run_name == f"{marked}tiny/standard/unembedding"
     assert item.data.params["model.path"] == str(tiny_folder(work, "standard"))  # the series stage's
     table = pd.read_csv(work / "study" / "compare" / "comparison.csv")
     assert list(table["run_name"]) == ["tiny/standard/unembedding"]

@@ -197,7 +197,7 @@ def test_scan_writes_a_row_per_tensor_the_long_table_maps_and_few_mlflow_keys(tm
     run_ = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(outcome["run_id"])
     assert run_.info.status == "FINISHED"
     assert 5 < len(run_.data.metrics) < 40  # aggregates, not a key per tensor and metric
-    assert run_.data.metrics["summary/scan_tensors"] == 10
+    assert run_.data.params["run.scan_tensors"] == "10"  # a count: a param, not a one-bar chart
 
     # A one-tensor job after the scan computes nothing: its records are the scan's.
     def computes(*args, **kwargs):

@@ -90,7 +90,8 @@ def test_parallel_jobs_share_one_extraction_and_one_sqlite_store(tmp_path, serie
         assert len(run.data.params) > 50
         for group, key in (("diffusion", "msd"), ("bimodality", "bimodality_coefficient")):
             assert [m.step for m in client.get_metric_history(run.info.run_id, f"{group}/{key}")] == steps
-        assert {"summary/n_steps", "summary/alpha", "summary/bifurcation_step"} <= set(run.data.metrics)
+        assert {"summary/alpha", "summary/bifurcation_step"} <= set(run.data.metrics)
+        assert "run.n_steps" in run.data.params and "summary/n_steps" not in run.data.metrics
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"tables", "summary.json"} <= artifacts and "figures" not in artifacts  # figures=false
 

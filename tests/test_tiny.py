@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -177,7 +178,14 @@ def test_default_cli_on_a_shrunken_tiny_series(tmp_path, small_corpus, compose_c
     assert len(trained) == 1  # trained once, reused (beside it only its lock file)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     found = client.search_runs([client.get_experiment_by_name("garden").experiment_id])
-    assert [r.info.run_name for r in found] == ["tiny/standard/unembedding"] * 2
+    # The second job computed nothing: its run says so in its name and tags, and names the run it reused.
+    assert [r.info.run_name for r in found] == ["(cached) tiny/standard/unembedding",
+                                                "tiny/standard/unembedding"]  # fmt: skip
+    cached, first = found[0].data.tags, found[1].data.tags
+    assert cached["garden.cached"] == "all" and cached["garden.reused_run"] == found[1].info.run_id
+    assert cached["garden.reuse"] == "9 of 9 extracted steps, the series (trained before)"
+    assert first["garden.cached"] == "none" and "garden.reused_run" not in first
+    assert f"cached rerun of run {found[1].info.run_id}: nothing computed" in cached["mlflow.note.content"]
     assert all(r.info.status == "FINISHED" for r in found)
     steps = sorted(m.step for m in client.get_metric_history(found[0].info.run_id, "diffusion/msd"))
     assert steps == [0, 1, 2, 4, 8, 16, 24, 32, 40]
@@ -187,23 +195,26 @@ def test_default_cli_on_a_shrunken_tiny_series(tmp_path, small_corpus, compose_c
     assert cli_run.info.run_id != found[0].info.run_id and cli_run.info.start_time < found[0].info.start_time
     metrics, params = cli_run.data.metrics, cli_run.data.params
     groups = {key.split("/", 1)[0] for key in metrics}
-    expected = {"dist", "diffusion", "bimodality", "units", "summary", "train", "extract", "monitor"}
+    expected = {"dist", "diffusion", "bimodality", "units", "summary", "train", "system", "monitor"}
     assert groups == expected, groups
     # The monitor logged while the series trained; the record did not log those (key, step) pairs again.
     live = client.get_metric_history(cli_run.info.run_id, "diffusion/msd")
     assert sorted(m.step for m in live) == [0, 1, 2, 4, 8, 16, 24, 32, 40]
     renamed = {"dist/excess_kurtosis", "bimodality/gmm_minor_weight"}  # not `kurtosis`, not a param's name
     assert renamed | {"units/bimodal_unit_fraction"} <= set(metrics)
-    # Every headline event is a metric, found or not (-1: looked for, not reached, as its tag says).
+    # Every headline event is a metric, found or not (NaN: looked for, not reached, as its tag says; no
+    # bar down to -1 in the charts).
     for event, tag in (("bifurcation_step", "garden.bifurcation"), ("stationary_step", "garden.stationary")):
-        found_it = cli_run.data.tags[tag] == "detected"
-        assert (metrics[f"summary/{event}"] > 0) if found_it else metrics[f"summary/{event}"] == -1, event
+        value = metrics[f"summary/{event}"]
+        assert value > 0 if cli_run.data.tags[tag] == "detected" else math.isnan(value), event
     # The training loss and learning rate, per step, logged live: while the run was open.
     loss = client.get_metric_history(cli_run.info.run_id, "train/loss")
     assert sorted(m.step for m in loss) == list(range(1, 41))
     assert all(cli_run.info.start_time <= m.timestamp <= cli_run.info.end_time for m in loss)
     assert len(client.get_metric_history(cli_run.info.run_id, "train/lr")) == 40
-    progress = client.get_metric_history(cli_run.info.run_id, "extract/checkpoints_done")
+    # The pass's progress is a system metric (drawn against time), not a chart on the training step.
+    assert not any(key.startswith("extract/") for key in metrics)
+    progress = client.get_metric_history(cli_run.info.run_id, "system/extract_checkpoints_done")
     assert [m.value for m in sorted(progress, key=lambda m: m.step)] == list(range(1, 10))
     # The second run found the series trained: the same history, read from its training log.
     reused = client.get_metric_history(found[0].info.run_id, "train/loss")
@@ -211,7 +222,18 @@ def test_default_cli_on_a_shrunken_tiny_series(tmp_path, small_corpus, compose_c
     assert {m.step: m.value for m in reused} == pytest.approx(live, abs=1e-6)  # train_log.csv: 6 decimals
     # The description, the overrides and the group choices; no param of a group the run does not use.
     description = cli_run.data.tags["mlflow.note.content"]
-    assert "**tiny/standard/unembedding**" in description and "| pooled bifurcation |" in description
+    sentence = description.splitlines()[0]  # the result first: MLflow shows a few lines before "Show more"
+    assert sentence.startswith("**The tensor ") and "stationary" in sentence and sentence.endswith(".**")
+    assert "tiny/standard/unembedding: the dynamics of embed_out.weight" in description
+    assert "| pooled bifurcation |" in description
+    # Its key figures, page-sized, shown by the description from the run's own artifacts.
+    previews = {a.path for a in client.list_artifacts(cli_run.info.run_id, "previews")}
+    assert previews == {"previews/forking_trajectories.png", "previews/displacement.png",
+                        "previews/unit_forks.png"}  # fmt: skip
+    for path in previews:
+        assert f"(get-artifact?path={path.replace('/', '%2F')}&run_uuid={cli_run.info.run_id})" in description
+    # Counts are params, not one-bar charts.
+    assert params["run.n_steps"] == "9" and not any(k.startswith("summary/n_") for k in metrics)
     assert "Command: `python -m garden " in description and f"corpus.path={small_corpus}" in description
     assert "model.train.steps=40" in params["hydra.overrides"].split()
     assert params["hydra.choices.model"] == "tiny" and params["hydra.choices.evaluation"] == "none"

@@ -35,7 +35,7 @@ from garden import families
 from garden.errors import GardenError
 from garden.figures import save_figures, step_axis
 from garden.metrics import HEADLINE
-from garden.record import logged_value, summary_metrics
+from garden.record import FACTS, fact_params, logged_value, summary_metrics
 from garden.tracking import PARENT_RUN_FILE
 
 log = logging.getLogger("garden")
@@ -175,7 +175,7 @@ def comparison_table(runs: list[Run]) -> pd.DataFrame:
         params, metrics = run.data.params, run.data.metrics
         rows.append({
             "run_id": run.info.run_id,
-            "run_name": run.info.run_name,
+            "run_name": run.data.tags.get("garden.job", run.info.run_name),  # without a cached rerun's mark
             "status": run.info.status,
             "model": params.get("model.name"),
             "variant": params.get("variant"),
@@ -357,6 +357,8 @@ def merge_scans(tracking_uri: str, experiment: str, output: Path | None = None, 
     client.log_artifacts(target, str(folder), "scan")
     for key, value in summary_metrics(values, {}).items():
         client.log_metric(target, key, value)
+    for key, value in fact_params(values).items():  # tags, not params: a merge may be made again
+        client.set_tag(target, f"garden.{key.removeprefix(FACTS)}", value)
     client.set_tag(target, "garden.scan_shards", str(len(shards)))
     if chosen.parent_id is None:
         client.set_terminated(target, "FINISHED")

@@ -29,9 +29,12 @@ def report(kind: str, step: int, values: dict[str, float]) -> None:
         listener(kind, step, values)
 
 
-#: A bar not on a terminal logs a line at each of these fractions of its loop (and at least this often).
+#: A bar not on a terminal logs a line at each of these fractions of its loop (and at least this often),
+#: but before the end only once the loop has run QUIET_SECONDS: a loop over cached records that ends at
+#: once says so in one line, not four.
 LOGGED_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 LOGGED_EVERY_SECONDS = 120.0
+QUIET_SECONDS = 3.0
 
 
 def bar(iterable: Iterable | None = None, *, desc: str, unit: str, enabled: bool = True,
@@ -79,7 +82,8 @@ class LoggedBar:
         while self.total and self._next < len(fractions) and self.n >= fractions[self._next] * self.total:
             self._next += 1
             crossed = True
-        if crossed or due:
+        finished = bool(self.total) and self.n >= self.total
+        if (crossed and (finished or self._clock() - self._started >= QUIET_SECONDS)) or due:
             self._say()
 
     def _say(self) -> None:

@@ -237,7 +237,7 @@ def evaluate(settings: Settings, series_dir: Path, metrics_dir: Path, out: Path)
         recorded = _read_json(metrics_dir / "summary.json")
         excluded = re.findall(r"step(\d+):", recorded["tags"].get("garden.excluded_steps", ""))
         job = plan_dynamics(with_series_in(settings, series_dir))
-        _, summary = evaluate_models(job, folder, recorded["summary"], excluded)
+        _, summary, _ = evaluate_models(job, folder, recorded["summary"], excluded)
     _write_json(folder / "summary.json", {"summary": summary})
 
 
@@ -282,9 +282,10 @@ def report(settings: Settings, trajectory_dir: Path, metrics_dir: Path, evaluati
         tracker.log_params(run_params(settings, [*used_groups(settings), "study"], {"output_dir": folder}))
         if train_log is not None:
             log_training_history(tracker, read_training_log(train_log))
-        log_results(tracker, folder, steps_table["step"].to_numpy(), per_step, eval_table, summary, tags,
-                    job["artifacts"])  # fmt: skip
-        tracker.set_description(describe(run_name, what, summary, tags, folder))
+        previews = log_results(tracker, folder, steps_table["step"].to_numpy(), per_step, eval_table, summary,
+                               tags, job["artifacts"])  # fmt: skip
+        tracker.set_description(describe(run_name, what, summary, tags, folder, previews=(tracker.run_id,
+                                                                                          previews)))
     _write_json(folder / "run.json", {"run_id": tracker.run_id, "tracking_uri": tracking.uri,
                                       "experiment": tracking.experiment})  # fmt: skip
     _write_json(headline, {k: headline_value(k, summary, tags) for k in HEADLINE})

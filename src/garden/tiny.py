@@ -227,6 +227,8 @@ def _tokens(model_settings: ModelSettings, corpus: CorpusSettings, folder: Path,
     tokens = cache.read_or_none(tokens_path, _load_tokens, "token record")
     if tokens is not None and (tokenizer_dir / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(tokenizer_dir), *tokens
+    logger.info("reading the %s corpus and training its %d-token tokenizer (seconds, once per series)",
+                corpus.path or corpus.name, int(model_settings.architecture["vocab_size"]))  # fmt: skip
     texts = load_corpus(corpus, data_dir)
     tokenizer, train_ids, heldout_ids = tokenize_corpus(texts, model_settings, variant)
     tokenizer.save_pretrained(tokenizer_dir)

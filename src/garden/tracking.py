@@ -31,6 +31,10 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch request
+PREVIEWS = "previews"
+PREVIEW_WIDTH = 560  # pixels: two side by side on a laptop's run page
+#: Progress kinds that time a pass rather than measure the training: logged as MLflow system metrics.
+PROGRESS_KINDS = frozenset({"extract"})
 
 log = logging.getLogger("garden")
 
@@ -59,6 +63,11 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     """The id of the experiment `name`, created when the store has none."""
     experiment = client.get_experiment_by_name(name)
     return experiment.experiment_id if experiment else client.create_experiment(name)
+
+
+def live_key(kind: str, name: str) -> str:
+    """The logged name of a progress report's value: `system/extract_seconds`, `train/loss`."""
+    return f"system/{kind}_{name}" if kind in PROGRESS_KINDS else f"{kind}/{name}"
 
 
 class MlflowTracker:
@@ -170,10 +179,32 @@ class MlflowTracker:
         if values:
             mlflow.log_metrics({k: float(v) for k, v in values.items()})
 
+    def log_previews(self, folder: Path, names: tuple[str, ...], width: int = PREVIEW_WIDTH) -> list[str]:
+        """Copies of the figures `<name>.png` under `folder` scaled down to `width` pixels, logged as
+        `previews/<name>.png` for the run's description to show (MLflow's Markdown keeps an image at its
+        own size: a figure as saved is wider than the page). Returns the artifact paths logged."""
+        import tempfile
+
+        import mlflow
+        from PIL import Image
+
+        found = [Path(folder) / f"{name}.png" for name in names if (Path(folder) / f"{name}.png").is_file()]
+        if not found:
+            return []
+        with tempfile.TemporaryDirectory() as scratch:
+            for path in found:
+                with Image.open(path) as image:
+                    height = round(image.height * width / image.width)
+                    image.resize((width, height), Image.Resampling.LANCZOS).save(Path(scratch) / path.name)
+            mlflow.log_artifacts(scratch, artifact_path=PREVIEWS)
+        return [f"{PREVIEWS}/{path.name}" for path in found]
+
     @contextmanager
     def live(self, flush_seconds: float = 2.0) -> Iterator[set[str]]:
-        """While open, every progress report (`garden.progress`) is logged as `<kind>/<name>` at its
-        step, in batches every `flush_seconds`, so the run's charts grow as training and extraction go.
+        """While open, every progress report (`garden.progress`) is logged at its step, in batches every
+        `flush_seconds`, so the run's charts grow as training and extraction go: a training's values as
+        `<kind>/<name>` against the training step, a pass's progress (`PROGRESS_KINDS`) as
+        `system/<kind>_<name>`, which MLflow draws against wall-clock time in the "System metrics" tab.
         Yields the set of kinds reported so far."""
         from mlflow.entities import Metric
 
@@ -191,9 +222,10 @@ class MlflowTracker:
         def listen(kind: str, step: int, values: dict[str, float]) -> None:
             kinds.add(kind)
             now = int(time.time() * 1000)
-            pending.extend(Metric(f"{kind}/{name}", float(value), now, int(step))
+            keys = {name: live_key(kind, name) for name in values}
+            pending.extend(Metric(keys[name], float(value), now, int(step))
                            for name, value in values.items() if math.isfinite(float(value)))  # fmt: skip
-            self.logged_live.update((f"{kind}/{name}", int(step)) for name in values)
+            self.logged_live.update((key, int(step)) for key in keys.values())
             if time.monotonic() - last_flush[0] >= flush_seconds:
                 flush()
 

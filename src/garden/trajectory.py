@@ -76,6 +76,9 @@ class Trajectory:
     distribution_sample: np.ndarray
     meta: dict = field(default_factory=dict)
     units: UnitTrajectory | None = None
+    #: Steps the pass computed (the others' records came from the cache); not saved: it says what one run
+    #: did, not what the trajectory is.
+    computed_steps: int | None = None
 
     @property
     def steps(self) -> np.ndarray:

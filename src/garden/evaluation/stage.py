@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from garden.progress import bar as progress_bar
 from garden.schedule import select_steps
 from garden.series import CheckpointSeries
 from garden.settings import Settings
+
+log = logging.getLogger("garden")
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class EvaluationResult:
     table: pd.DataFrame  # one row per evaluated step
     n_layers: int
     n_heads: int
+    scored: int = 0  # steps scored in this call; the others' records came from the cache
 
 
 def load_model(series: CheckpointSeries, step: int, plan: EvaluationPlan):
@@ -119,6 +123,8 @@ def evaluate(series: CheckpointSeries, plan: EvaluationPlan, settings: Settings,
     """Run the plan's stages on each of its steps (final step first when CKA needs its activations);
     `family` says which modules the stability stage reads."""
     ev, corpus, data_dir = settings.evaluation, settings.corpus, Path(settings.paths.data_dir)
+    log.info("evaluation of %d checkpoints (%s): preparing the text and the scorers", len(plan.steps),
+             ", ".join(plan.stages))  # fmt: skip
     train = settings.model.train
     fraction = train.heldout_fraction if train is not None else ev.text.heldout_fraction
     tokenizer = load_tokenizer(series, plan.steps[-1])
@@ -160,10 +166,12 @@ def evaluate(series: CheckpointSeries, plan: EvaluationPlan, settings: Settings,
         records = _evaluate_steps(series, plan, folder, order, contents, windows, examples, batch, pad_id,
                                   family, progress)  # fmt: skip
     n_layers, n_heads = records[plan.steps[-1]]["n_layers"], records[plan.steps[-1]]["n_heads"]
-    table = pd.DataFrame([records[s] for s in plan.steps]).drop(columns=["n_layers", "n_heads", "content"])
+    table = pd.DataFrame([records[s] for s in plan.steps])
+    table = table.drop(columns=["n_layers", "n_heads", "content", "scored"], errors="ignore")
     # One column order whether the records were scored now or read back from the cache (sorted there).
     table = table[["step", *sorted(c for c in table.columns if c != "step")]]
-    return EvaluationResult(table, n_layers, n_heads)
+    scored = sum(1 for step in plan.steps if records[step].get("scored"))
+    return EvaluationResult(table, n_layers, n_heads, scored)
 
 
 def _evaluate_steps(series, plan, folder, order, contents, windows, examples, batch, pad_id, family,
@@ -189,7 +197,7 @@ def _evaluate_steps(series, plan, folder, order, contents, windows, examples, ba
         record = {"step": step, "content": contents[step], **scores}
         del model
         cache.write_json(path, record)
-        records[step] = record
+        records[step] = {**record, "scored": True}
     return records
 
 

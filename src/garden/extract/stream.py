@@ -111,6 +111,7 @@ def _extract(series: CheckpointSeries, plan: ExtractionPlan, folder: Path, progr
         log.info("extract %s: fetched %s", plan.tensor, status.fetch_rate())
     trajectory = records.assemble(walk.records, plan, basis)
     trajectory.meta["excluded_steps"] = {str(step): reason for step, reason in walk.excluded.items()}
+    trajectory.computed_steps = walk.computed
     return trajectory
 
 

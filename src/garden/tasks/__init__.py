@@ -5,6 +5,7 @@ compares the live monitor's stop rules with validation-loss early stopping on th
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from garden.settings import Settings, resolve
 from garden.tasks import cooccurrence, dynamics, early_stop, scan  # noqa: F401  (they register the tasks)
 from garden.tasks.registry import TASKS
 
+log = logging.getLogger("garden")
+
 
 def task_of(settings: Settings) -> Callable:
     return TASKS.resolve(settings.task)
@@ -22,4 +25,7 @@ def task_of(settings: Settings) -> Callable:
 def run(cfg: DictConfig | Settings, output_dir: Path | None = None):
     """The job `task` names, on the composed config read into Settings (bad input fails here)."""
     settings = cfg if isinstance(cfg, Settings) else resolve(cfg)
-    return task_of(settings)(settings, output_dir)
+    task = task_of(settings)
+    log.info("task=%s model=%s variant=%s: checking the input, then opening the series", settings.task,
+             settings.model.name, settings.variant)  # fmt: skip
+    return task(settings, output_dir)

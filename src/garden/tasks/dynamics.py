@@ -6,7 +6,7 @@ Stage functions with typed results, called alike by `run` (the CLI, sweeps), the
     plan_dynamics(settings) -> DynamicsJob  checks, the series opened, the tensor, the steps, duplicates
     extract_trajectory(job) -> Trajectory   the streaming pass (resumable cache)
     analyse(settings, trajectory, counts) -> Analysis    the metric registry
-    evaluate_models(job, ...) -> table, summary     the model-level stages (evaluation=...)
+    evaluate_models(job, ...) -> table, summary, scored    the model-level stages (evaluation=...)
     write_dynamics / write_summary / log_results    tables, figures and the MLflow record
 
 The settings arrive checked and typed (garden.settings.resolve); what can be checked without reading
@@ -17,6 +17,7 @@ seconds with the valid choices, before any training, reading or run creation.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -32,7 +33,17 @@ from garden.evaluation.stage import EvaluationPlan, plan_evaluation
 from garden.extract import ExtractionPlan, extract
 from garden.layers import ResolvedLayer, resolve_layer
 from garden.metrics import MetricResult, step_metrics
-from garden.record import describe, log_outcome, log_results, log_training_history, run_params
+from garden.record import (
+    Reuse,
+    absolute_store,
+    describe,
+    log_outcome,
+    log_results,
+    log_training_history,
+    record_reuse,
+    run_link,
+    run_params,
+)
 from garden.schedule import select_steps
 from garden.series import (
     CheckpointSeries,
@@ -179,6 +190,7 @@ def open_dynamics(settings: Settings) -> DynamicsJob:
     caches = [*source_of(settings).caches, "extract", *(["evaluate"] if eval_plan is not None else [])]
     tags = {
         "garden.task": "dynamics",
+        "garden.job": run_name,
         "garden.model": model.name,
         "garden.variant": settings.variant,
         "garden.layer": layer.label,
@@ -234,11 +246,12 @@ def job_summary(job: DynamicsJob, output_dir: Path) -> dict[str, float]:
 
 def live_summary(monitor: dict | None, tags: dict[str, str]) -> dict[str, float]:
     """The live monitor's events beside the offline ones (`live_stationary_step`: dated from,
-    `live_stationary_declared_step`: declared at; -1 when not declared), and the step the training stopped
-    at (its reason in the tag `garden.stop_reason`)."""
+    `live_stationary_declared_step`: declared at; NaN when not declared), and the step the training
+    stopped at (its reason in the tag `garden.stop_reason`)."""
     if not monitor:
         return {}
-    summary = {key: value for key, value in monitor["summary"].items() if key.startswith("live_")}
+    summary = {key: value if value >= 0 else math.nan  # the monitor's -1: not declared
+               for key, value in monitor["summary"].items() if key.startswith("live_")}  # fmt: skip
     if monitor.get("stop_reason"):
         summary["stopped_step"] = monitor["summary"]["stopped_step"]
         tags["garden.stop_reason"] = monitor["stop_reason"]
@@ -250,21 +263,30 @@ def job_run(settings: Settings, run_name: str, tags: dict[str, str], parent_run_
             output_dir: Path, groups: list[str], what: str) -> Iterator[MlflowTracker]:  # fmt: skip
     """A job's MLflow run, opened as soon as its input is checked: the params of the config groups it
     reads, and a description saying it is running (a task's record replaces it at the end)."""
-    tracker = MlflowTracker(settings.tracking.uri, settings.tracking.experiment)
+    tracking = settings.tracking
+    log.info("opening the MLflow run %s in %s", run_name, absolute_store(tracking.uri))
+    tracker = MlflowTracker(tracking.uri, tracking.experiment)
     with tracker.start(run_name, tags, parent_run_id):
         output_dir.mkdir(parents=True, exist_ok=True)
         resolved = {"device": settings.torch_device, "output_dir": output_dir}
         tracker.log_params(run_params(settings, groups, resolved))
-        tracker.set_description(f"**{run_name}**: {what}. Running: results appear here as it goes.")
+        tracker.set_description(f"**Running**: results appear here as it goes.\n\n{run_name}: {what}.")
+        link = run_link(tracking.uri, tracking.experiment, tracker.run_id)
+        log.info("MLflow run %s is open: it shows the job live%s", tracker.run_id,
+                 f" at {link} (under mlflow ui)" if link else "")  # fmt: skip
         yield tracker
 
 
-def prepare_series(tracker: MlflowTracker, series: CheckpointSeries, reported: set[str]) -> None:
+def prepare_series(tracker: MlflowTracker, series: CheckpointSeries, reported: set[str]) -> bool | None:
     """Train the tiny series here unless it is trained already (its `train/...` logged live), else log
-    the training history it was trained with."""
+    the training history it was trained with. Whether it trained in this run (None: a series garden did
+    not train)."""
     series.prepare()
-    if "train" not in reported:
-        log_training_history(tracker, series.training_history())
+    if "train" in reported:
+        return True
+    history = series.training_history()
+    log_training_history(tracker, history)
+    return False if history is not None else None
 
 
 @register("dynamics")
@@ -280,34 +302,41 @@ def run_dynamics(settings: Settings, output_dir: Path | None = None,
     with job_run(settings, job.run_name, job.tags, parent_run_id, output_dir, used_groups(settings),
                  what) as tracker:  # fmt: skip
         with tracker.live() as reported:
-            prepare_series(tracker, job.series, reported)
+            trained = prepare_series(tracker, job.series, reported)
             if not set(job.selected) <= set(job.series.steps()):  # a training its monitor stopped early
                 job = open_dynamics(settings)
             job = settle_duplicates(job)
             tracker.set_tags({"garden.duplicates": job.tags["garden.duplicates"]})
             trajectory = extract_trajectory(job)
+        log.info("analysing %s: %d steps", job.layer.tensor, len(trajectory.steps))
         analysis = analyse(settings, trajectory, job_summary(job, output_dir))
         write_dynamics(output_dir, analysis, job.run_name, settings)
         evaluation = None
+        reuse = Reuse({"extracted steps": (trajectory.computed_steps or 0, len(job.plan.steps))}, trained)
         if job.eval_plan is not None:
-            evaluation, eval_summary = evaluate_models(job, output_dir, analysis.summary,
-                                                       trajectory.meta.get("excluded_steps", {}))  # fmt: skip
+            evaluation, eval_summary, scored = evaluate_models(
+                job, output_dir, analysis.summary, trajectory.meta.get("excluded_steps", {}))
+            reuse.parts["evaluated steps"] = (scored, len(evaluation))
             analysis.summary.update(eval_summary)
         tags = {**job.tags, **analysis.tags}
         analysis.summary.update(live_summary(job.series.training_monitor(), tags))
         write_summary(output_dir, job.run_name, analysis.summary, tags)
-        log_results(tracker, output_dir, analysis.trajectory.steps, step_metrics(analysis.results),
-                    evaluation, analysis.summary, tags, job.series.artifacts())  # fmt: skip
-        tracker.set_description(describe(job.run_name, what, analysis.summary, tags, output_dir))
+        previews = log_results(tracker, output_dir, analysis.trajectory.steps, step_metrics(analysis.results),
+                               evaluation, analysis.summary, tags, job.series.artifacts())  # fmt: skip
+        shown = record_reuse(tracker, job.run_name, reuse, tags)
+        reused = reuse.line() if reuse.state != "none" else None
+        tracker.set_description(describe(shown, what, analysis.summary, tags, output_dir, reused,
+                                         (tracker.run_id, previews)))  # fmt: skip
         run_id = tracker.run_id
-    log_outcome(job.run_name, analysis.summary, tags, output_dir, run_id, tracking.uri, tracking.experiment)
+    log_outcome(shown, analysis.summary, tags, output_dir, run_id, tracking.uri, tracking.experiment, reuse)
     return RunOutcome(run_id, job.run_name, output_dir, trajectory, analysis.results, analysis.summary, tags)
 
 
 def evaluate_models(job: DynamicsJob, output_dir: Path, dynamics: dict,
-                    excluded: Iterable[int] = ()) -> tuple[pd.DataFrame, dict]:  # fmt: skip
+                    excluded: Iterable[int] = ()) -> tuple[pd.DataFrame, dict, int]:  # fmt: skip
     """The model-level stages: per-step metrics at their training steps, tables and figures, marked with
-    the dynamics' pooled and per-unit bifurcation steps (from its summary)."""
+    the dynamics' pooled and per-unit bifurcation steps (from its summary); and how many steps were
+    scored now (the others came from the cache)."""
     from garden.evaluation.stage import evaluate, summarise
     from garden.figures import draw_evaluation
 
@@ -328,4 +357,4 @@ def evaluate_models(job: DynamicsJob, output_dir: Path, dynamics: dict,
         draw_evaluation(table, layers, result.n_layers, settings.evaluation.cka.threshold, bifurcation_step,
                         settings.model.name, output_dir / "figures",
                         unit_bifurcation_step=dynamics.get("unit_bifurcation_step"))  # fmt: skip
-    return table, summary
+    return table, summary, result.scored

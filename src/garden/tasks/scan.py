@@ -7,7 +7,7 @@ the metric registry on each tensor's trajectory. What is new is the view: one ro
 fork and stationary maps, and a handful of aggregates in MLflow instead of thousands of keys.
 
     open_scan(settings) -> ScanJob           checks, the series, the selection, the steps, the plans
-    scan_tensors(job) -> tables              the pass and the metrics, one tensor's records at a time
+    scan_tensors(job) -> ScanTables          the pass and the metrics, one tensor's records at a time
     write_scan(folder, summary, steps, ...)  tables, figures and aggregates (compare --scan merges shards
                                              through the same function)
 """
@@ -26,14 +26,8 @@ from garden.analysis import analyse, write_summary
 from garden.errors import GardenError
 from garden.extract import ExtractionPlan
 from garden.extract.stream import extract_scan
-from garden.record import (
-    aligned_rows,
-    command_line,
-    markdown_rows,
-    open_rows,
-    summary_metrics,
-)
-from garden.scan import ScanTensor, aggregates, block_list, fork_rows, select_tensors
+from garden.record import Reuse, aligned_rows, description, log_files, open_rows, record_reuse
+from garden.scan import ScanTensor, aggregates, block_list, fork_rows, select_tensors, tensor_label
 from garden.schedule import select_steps
 from garden.series import CheckpointSeries, DerivedTensors, apply_duplicate_policy, find_duplicates
 from garden.settings import Settings
@@ -109,6 +103,7 @@ def open_scan(settings: Settings) -> ScanJob:
     run_name = settings.tracking.run_name or with_swept_overrides(default_name)
     tags = {
         "garden.task": "scan",
+        "garden.job": run_name,
         "garden.model": model.name,
         "garden.variant": settings.variant,
         "garden.layer": "scan",
@@ -143,9 +138,17 @@ def settle_duplicates(job: ScanJob) -> ScanJob:
     return replace(job, plans=plans, duplicates=duplicates, tags={**job.tags, "garden.duplicates": listed})
 
 
-def scan_tensors(job: ScanJob) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The pass over the checkpoints, then the metric registry on each tensor's trajectory, one at a time:
-    (the summary table, a row per tensor; the long table: step, tensor, role, block, metric, value)."""
+@dataclass
+class ScanTables:
+    summary: pd.DataFrame  # a row per tensor
+    steps: pd.DataFrame  # the long table: step, tensor, role, block, metric, value
+    computed: int  # records the pass computed; the others came from the cache
+    records: int  # records in all (tensors x steps kept)
+
+
+def scan_tensors(job: ScanJob) -> ScanTables:
+    """The pass over the checkpoints, then the metric registry on each tensor's trajectory, one at a
+    time."""
     settings = job.settings
     scanned = extract_scan(job.series, job.plans, Path(settings.paths.data_dir) / "extract",
                            progress=settings.progress, device=settings.torch_device,
@@ -177,7 +180,8 @@ def scan_tensors(job: ScanJob) -> tuple[pd.DataFrame, pd.DataFrame]:
             summary[column] = np.nan
     summary = summary[list(SUMMARY_COLUMNS) + [c for c in summary.columns if c not in SUMMARY_COLUMNS]]
     summary["block"] = summary["block"].astype("Int64")
-    return summary, pd.concat(long_parts, ignore_index=True)
+    return ScanTables(summary, pd.concat(long_parts, ignore_index=True), sum(r.computed for r in scanned),
+                      sum(len(r.kept) for r in scanned))  # fmt: skip
 
 
 def _long(steps: np.ndarray, tensor: ScanTensor, measured: dict[str, np.ndarray]) -> pd.DataFrame:
@@ -228,6 +232,22 @@ def scan_headline(summary: pd.DataFrame, values: dict[str, float]) -> list[tuple
     return rows
 
 
+def scan_sentence(summary: pd.DataFrame) -> str:
+    """The scan's result in one sentence (its description's first line): how many tensors fork, which
+    first, and how many settle."""
+    count = len(summary)
+    fork = summary["unit_bifurcation_step"] if "unit_bifurcation_step" in summary else pd.Series(dtype=float)
+    settle = summary["stationary_step"] if "stationary_step" in summary else pd.Series(dtype=float)
+    forked = fork.dropna().sort_values(kind="stable")
+    if forked.empty:
+        first = f"none of {count} tensors forks"
+    else:
+        i = forked.index[0]
+        label = tensor_label(summary.at[i, "role"], summary.at[i, "block"], summary.at[i, "tensor"])
+        first = f"{len(forked)} of {count} tensors fork, first {label} at step {forked.iloc[0]:g}"
+    return f"{first[0].upper()}{first[1:]}; {int(settle.notna().sum())} of {count} become stationary."
+
+
 @register("scan")
 def run_scan(settings: Settings, output_dir: Path | None = None, parent_run_id: str | None = None) -> dict:
     """The whole scan in one MLflow run: the tiny series' training (when it must), the pass (its progress
@@ -239,28 +259,27 @@ def run_scan(settings: Settings, output_dir: Path | None = None, parent_run_id: 
     groups = [g for g in used_groups(settings) if g != "layer"] + ["scan"]
     with job_run(settings, job.run_name, job.tags, parent_run_id, output_dir, groups, what) as tracker:
         with tracker.live() as reported:
-            prepare_series(tracker, job.series, reported)
+            trained = prepare_series(tracker, job.series, reported)
             if not set(job.plans[0].steps) <= set(job.series.steps()):  # a training stopped early
                 job = open_scan(settings)
             job = settle_duplicates(job)
             tracker.set_tags({"garden.duplicates": job.tags["garden.duplicates"]})
-            summary, steps = scan_tensors(job)
-        values = write_scan(output_dir, summary, steps, job.run_name, settings.figures)
+            tables = scan_tensors(job)
+        summary = tables.summary
+        values = write_scan(output_dir, summary, tables.steps, job.run_name, settings.figures)
         values["n_duplicate_steps"] = float(len(job.duplicates))
         write_summary(output_dir, job.run_name, values, job.tags)
-        tracker.log_summary(summary_metrics(values, {}))
-        tracker.set_tags(job.tags)
-        tracker.log_artifacts(output_dir / "tables", "tables")
-        tracker.log_artifacts(output_dir / "figures", "figures")
-        tracker.log_artifact(output_dir / "summary.json")
+        previews = log_files(tracker, output_dir, values, job.tags, ("scan_fork_map", "scan_stationary_map"))
+        reuse = Reuse({"tensor-step records": (tables.computed, tables.records)}, trained)
+        shown = record_reuse(tracker, job.run_name, reuse, job.tags)
         rows = scan_headline(summary, values)
-        command = command_line()
-        tracker.set_description("\n".join([f"**{job.run_name}**: {what}", "", *markdown_rows(rows), "",
-                                           f"Command: `{command}`" if command else "",
-                                           f"Tables and figures: `{output_dir}`"]))  # fmt: skip
+        tracker.set_description(description(scan_sentence(summary), shown, what, rows, output_dir,
+                                            reuse.line() if reuse.state != "none" else None,
+                                            (tracker.run_id, previews)))  # fmt: skip
         run_id = tracker.run_id
-    rows += [("results", f"{output_dir} (tables/scan_summary.csv, tables/scan_steps.parquet, figures/)"),
+    rows += [("cache", reuse.line()),
+             ("results", f"{output_dir} (tables/scan_summary.csv, tables/scan_steps.parquet, figures/)"),
              ("MLflow run", f"{run_id} in experiment {tracking.experiment}"),
              *open_rows(tracking.uri, tracking.experiment, run_id)]  # fmt: skip
-    log.info("%s finished:\n%s", job.run_name, aligned_rows(rows))
+    log.info("%s finished:\n%s", shown, aligned_rows(rows))
     return {"run_id": run_id, "output_dir": output_dir, "summary": summary, "aggregates": values}
