@@ -312,6 +312,17 @@ def test_progress_off_a_terminal_is_a_few_log_lines_not_bar_frames(tmp_path, for
     assert "\r" not in output
     progress = re.findall(r"extract embed_out\.weight: (\d+)/(\d+) steps in", output)
     assert 1 <= len(progress) <= 5 and progress[-1] == (str(len(FORK_STEPS)), str(len(FORK_STEPS)))
+    # A line before each wait of more than a few seconds: the imports and checks, the MLflow store, the
+    # analysis and figures (the extraction's own lines are above).
+    said = [line for line in output.splitlines() if "[garden]" in line]
+    waits = ["checking the input, then opening the series", "opening the MLflow run", "is open: it shows",
+             "extract embed_out.weight: 9 of 9 steps computed", "analysing embed_out.weight:", "finished:"]
+    positions = []
+    for wait in waits:
+        found = [i for i, line in enumerate(said) if wait in line]
+        assert found, f"no line {wait!r} in the job's output"
+        positions.append(found[0])
+    assert positions == sorted(positions)  # in this order
 
 
 def test_a_logged_bar_reports_at_a_few_fractions(caplog, monkeypatch):

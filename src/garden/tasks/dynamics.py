@@ -308,7 +308,8 @@ def run_dynamics(settings: Settings, output_dir: Path | None = None,
             job = settle_duplicates(job)
             tracker.set_tags({"garden.duplicates": job.tags["garden.duplicates"]})
             trajectory = extract_trajectory(job)
-        log.info("analysing %s: %d steps", job.layer.tensor, len(trajectory.steps))
+        log.info("analysing %s: %d metrics on %d steps, then the tables, figures and the MLflow record",
+                 job.layer.tensor, len(settings.metrics.names), len(trajectory.steps))  # fmt: skip
         analysis = analyse(settings, trajectory, job_summary(job, output_dir))
         write_dynamics(output_dir, analysis, job.run_name, settings)
         evaluation = None

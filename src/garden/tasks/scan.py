@@ -154,6 +154,8 @@ def scan_tensors(job: ScanJob) -> ScanTables:
                            progress=settings.progress, device=settings.torch_device,
                            prefetch=settings.series.prefetch)  # fmt: skip
     rows, long_parts = [], []
+    log.info("the metrics of %d tensors, one at a time (%d metrics on %d steps each)", len(job.tensors),
+             len(settings.metrics.names), len(job.plans[0].steps))  # fmt: skip
     analysing = progress.bar(list(zip(job.tensors, scanned, strict=True)), desc="metrics", unit="tensor",
                              enabled=settings.progress)  # fmt: skip
     for tensor, result in analysing:
