@@ -198,6 +198,11 @@ def test_scan_writes_a_row_per_tensor_the_long_table_maps_and_few_mlflow_keys(tm
     assert run_.info.status == "FINISHED"
     assert 5 < len(run_.data.metrics) < 40  # aggregates, not a key per tensor and metric
     assert run_.data.params["run.scan_tensors"] == "10"  # a count: a param, not a one-bar chart
+    # The description leads with the scan's result in a sentence, then the two maps.
+    note = run_.data.tags["mlflow.note.content"].splitlines()
+    assert note[0].startswith("**") and note[0].endswith("of 10 become stationary.**"), note[0]
+    assert "previews%2Fscan_fork_map.png" in note[2] and "previews%2Fscan_stationary_map.png" in note[2]
+    assert run_.data.tags["garden.cached"] == "none"
 
     # A one-tensor job after the scan computes nothing: its records are the scan's.
     def computes(*args, **kwargs):

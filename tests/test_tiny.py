@@ -232,6 +232,7 @@ def test_default_cli_on_a_shrunken_tiny_series(tmp_path, small_corpus, compose_c
                         "previews/unit_forks.png"}  # fmt: skip
     for path in previews:
         assert f"(get-artifact?path={path.replace('/', '%2F')}&run_uuid={cli_run.info.run_id})" in description
+    assert "series/train_log.csv" in {a.path for a in client.list_artifacts(cli_run.info.run_id, "series")}
     # Counts are params, not one-bar charts.
     assert params["run.n_steps"] == "9" and not any(k.startswith("summary/n_") for k in metrics)
     assert "Command: `python -m garden " in description and f"corpus.path={small_corpus}" in description

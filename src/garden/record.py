@@ -131,10 +131,10 @@ def log_results(tracker: MlflowTracker, folder: Path, steps, step_series: Mappin
     tracker.log_step_metrics(steps, step_series)
     if evaluation is not None:
         tracker.log_table(evaluation, "step", prefix=EVALUATION)
-    return log_files(tracker, folder, summary, tags, KEY_FIGURES)
     for extra in extra_artifacts:
         if Path(extra).is_file():
             tracker.log_artifact(Path(extra), "series")
+    return log_files(tracker, folder, summary, tags, KEY_FIGURES)
 
 
 def log_files(tracker: MlflowTracker, folder: Path, summary: Mapping, tags: Mapping[str, str],

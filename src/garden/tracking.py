@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch request
 PREVIEWS = "previews"
-PREVIEW_WIDTH = 560  # pixels: two side by side on a laptop's run page
+PREVIEW_WIDTH = 560  # pixels: readable, and narrower than the description's column on a laptop
 #: Progress kinds that time a pass rather than measure the training: logged as MLflow system metrics.
 PROGRESS_KINDS = frozenset({"extract"})
 
@@ -194,8 +194,9 @@ class MlflowTracker:
         with tempfile.TemporaryDirectory() as scratch:
             for path in found:
                 with Image.open(path) as image:
-                    height = round(image.height * width / image.width)
-                    image.resize((width, height), Image.Resampling.LANCZOS).save(Path(scratch) / path.name)
+                    scale = min(1.0, width / image.width)  # never enlarged
+                    size = (round(image.width * scale), round(image.height * scale))
+                    image.resize(size, Image.Resampling.LANCZOS).save(Path(scratch) / path.name)
             mlflow.log_artifacts(scratch, artifact_path=PREVIEWS)
         return [f"{PREVIEWS}/{path.name}" for path in found]
 
