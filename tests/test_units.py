@@ -280,3 +280,26 @@ def test_an_explicit_axis_is_checked_against_a_local_series_header(compose_setti
     cfg = compose_settings("model=local", f"model.path={root}", "extract.unit_axis=0")
     with pytest.raises(GardenError, match=r"units of embed_out.weight \[100, 3\] have 3 entries"):
         plan_dynamics(cfg)
+
+
+@pytest.mark.parametrize("forking_units", [16, 0])
+def test_the_featured_unit_is_coloured_by_group_only_where_it_forks(tmp_path, forking_units):
+    """unit_trajectories: two groups, interleaved (neither colour drawn wholly over the other), where the
+    featured unit forks; one grey bundle saying so where no unit forks (pure diffusion)."""
+    import matplotlib.pyplot as plt
+
+    from garden.figures import unit_trajectories
+
+    traj = extract_units(unit_series(STEPS, forking_units=forking_units, fork_step=700), tmp_path)
+    table = compute_metrics(traj, ["unit_bimodality"])["unit_bimodality"].tables["units"]
+    figure = unit_trajectories(traj, table, "t")
+    axis = figure.axes[0]
+    colours = [line.get_color() for line in axis.get_lines() if line.get_linestyle() == "-"]
+    labels = [text.get_text() for text in axis.get_legend().get_texts()]
+    plt.close(figure)
+    if forking_units:
+        assert set(colours) == {"tab:blue", "tab:orange"}
+        last_lower = len(colours) - 1 - colours[::-1].index("tab:blue")
+        assert colours.index("tab:orange") < last_lower
+    else:
+        assert set(colours) == {"tab:gray"} and labels[0].startswith("no fork of this unit: one bundle")

@@ -309,26 +309,28 @@ def bimodal_fraction(traj: Trajectory, result: MetricResult, threshold: float, f
 
 
 def unit_trajectories(traj: Trajectory, table, title: str):
-    """The featured unit's sampled entries over training, coloured by the group they end in."""
+    """The featured unit's sampled entries over training, coloured by the group they end in where the unit
+    forks, one colour where it does not; drawn in index order, the groups interleaved, so that neither
+    colour hides the other."""
     units = traj.units
     row = table.iloc[units.featured]
+    forked = not pd.isna(row["first_bimodal_step"])
     cut = float(units.final_split["cut"].iloc[units.featured])
     final = units.featured_values[-1]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    low = final <= cut
-    # The larger group first, so the branch that leaves it is drawn on top.
-    order = ((True, "tab:blue"), (False, "tab:orange"))
-    for in_low, color in order if low.sum() >= (~low).sum() else order[::-1]:
-        chosen = low == in_low
-        if chosen.any():
-            mean = row["group_low_mean" if in_low else "group_high_mean"]
-            label = (
-                f"{'lower' if in_low else 'upper'} group at the end ({chosen.sum()} shown, mean {mean:.3g})"
-            )
-            lines = ax.plot(
-                traj.steps, units.featured_values[:, chosen], color=color, linewidth=0.6, alpha=0.6
-            )
-            lines[0].set_label(label)
+    groups = np.where(final <= cut, "lower", "upper") if forked else np.full(len(final), "none")
+    labelled: set[str] = set()
+    for column, group in enumerate(groups):
+        line = ax.plot(traj.steps, units.featured_values[:, column], color=BRANCH_COLOURS[group],
+                       linewidth=0.6, alpha=0.6)[0]  # fmt: skip
+        if group not in labelled:
+            labelled.add(group)
+            count = int((groups == group).sum())
+            if forked:
+                mean = row["group_low_mean" if group == "lower" else "group_high_mean"]
+                line.set_label(f"{group} group at the end ({count} shown, mean {mean:.3g})")
+            else:
+                line.set_label(f"no fork of this unit: one bundle ({count} shown)")
     step_axis(ax)
     fork = row["first_bimodal_step"]
     _mark(ax, None if pd.isna(fork) else float(fork), "unit fork")
