@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -105,6 +106,21 @@ def trajectory_branches(traj: Trajectory, forked: bool = True) -> pd.DataFrame:
 BRANCH_COLOURS = {"lower": "tab:blue", "upper": "tab:orange", "none": "tab:gray"}
 
 
+def _draw_groups(ax, steps: np.ndarray, paths: np.ndarray, groups: np.ndarray,
+                 label: Callable[[str, np.ndarray], str], linewidth: float,
+                 alpha: float) -> None:  # fmt: skip
+    """Each column of `paths` in its group's colour (`BRANCH_COLOURS`), drawn in index order, the groups
+    interleaved, so that no group's colour hides another's; the first line of each group carries
+    `label(group, the group's mask)`."""
+    labelled: set[str] = set()
+    for column, group in enumerate(groups):
+        line = ax.plot(steps, paths[:, column], color=BRANCH_COLOURS[group], linewidth=linewidth,
+                       alpha=alpha)[0]  # fmt: skip
+        if group not in labelled:
+            labelled.add(group)
+            line.set_label(label(group, groups == group))
+
+
 def forking_trajectories(traj: Trajectory, title: str, bifurcation_step: float | None):
     """The sampled parameters' paths, each coloured by the branch it ends in where the tensor forks (the
     fork reads as two colours leaving one bundle), one colour where it does not. The paths are drawn in
@@ -112,16 +128,12 @@ def forking_trajectories(traj: Trajectory, title: str, bifurcation_step: float |
     forked = bifurcation_step is not None and np.isfinite(bifurcation_step)
     branches = trajectory_branches(traj, forked)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    labelled: set[str] = set()
-    for column, branch in enumerate(branches["branch"]):
-        line = ax.plot(traj.steps, traj.trajectories[:, column], color=BRANCH_COLOURS[branch], linewidth=0.5,
-                       alpha=0.45)[0]  # fmt: skip
-        if branch not in labelled:
-            labelled.add(branch)
-            chosen = branches["branch"] == branch
-            mean = branches.loc[chosen, "final_value"].mean()
-            what = f"{branch} branch at the end" if forked else "no pooled fork: one bundle"
-            line.set_label(f"{what}: {chosen.sum()} (mean {mean:.3g})")
+
+    def label(branch: str, chosen: np.ndarray) -> str:
+        what = f"{branch} branch at the end" if forked else "no pooled fork: one bundle"
+        return f"{what}: {chosen.sum()} (mean {branches.loc[chosen, 'final_value'].mean():.3g})"
+
+    _draw_groups(ax, traj.steps, traj.trajectories, branches["branch"].to_numpy(), label, 0.5, 0.45)
     step_axis(ax)
     ax.set_ylabel("parameter value")
     _mark(ax, bifurcation_step, "pooled bifurcation")
@@ -319,18 +331,14 @@ def unit_trajectories(traj: Trajectory, table, title: str):
     final = units.featured_values[-1]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     groups = np.where(final <= cut, "lower", "upper") if forked else np.full(len(final), "none")
-    labelled: set[str] = set()
-    for column, group in enumerate(groups):
-        line = ax.plot(traj.steps, units.featured_values[:, column], color=BRANCH_COLOURS[group],
-                       linewidth=0.6, alpha=0.6)[0]  # fmt: skip
-        if group not in labelled:
-            labelled.add(group)
-            count = int((groups == group).sum())
-            if forked:
-                mean = row["group_low_mean" if group == "lower" else "group_high_mean"]
-                line.set_label(f"{group} group at the end ({count} shown, mean {mean:.3g})")
-            else:
-                line.set_label(f"no fork of this unit: one bundle ({count} shown)")
+
+    def label(group: str, chosen: np.ndarray) -> str:
+        if not forked:
+            return f"no fork of this unit: one bundle ({chosen.sum()} shown)"
+        mean = row["group_low_mean" if group == "lower" else "group_high_mean"]
+        return f"{group} group at the end ({chosen.sum()} shown, mean {mean:.3g})"
+
+    _draw_groups(ax, traj.steps, units.featured_values, groups, label, 0.6, 0.6)
     step_axis(ax)
     fork = row["first_bimodal_step"]
     _mark(ax, None if pd.isna(fork) else float(fork), "unit fork")

@@ -309,13 +309,18 @@ def tensor_content_id(files: WeightFiles, tensor: str) -> str:
     path = files.file_for(tensor)
     with _failing_as(f"step {files.step}: cannot read {tensor!r} from {path}"):
         if files.fmt == "safetensors":
-            header, size = _header_on_disk(files.step, path)
-            if tensor not in header:
-                raise missing_tensor_error(files.step, tensor, files.tensor_names())
-            first, stop = safetensors_extent(header, tensor, size, files.step, path)
-            entry = header[tensor]
+            entry, first, stop = _stored_extent(files, tensor, path)
             return _tensor_id(entry["dtype"], entry["shape"], file_content_id(path, first, stop))
         return held_content_id(files, tensor, read_tensor_from(files, tensor))
+
+
+def _stored_extent(files: WeightFiles, tensor: str, path: Path) -> tuple[dict, int, int]:
+    """A tensor's header entry in its safetensors file `path` and its bytes' range [first, stop)."""
+    header, size = _header_on_disk(files.step, path)
+    if tensor not in header:
+        raise missing_tensor_error(files.step, tensor, files.tensor_names())
+    first, stop = safetensors_extent(header, tensor, size, files.step, path)
+    return header[tensor], first, stop
 
 
 def _tensor_id(dtype: object, shape: list[int], data: str) -> str:
@@ -344,16 +349,12 @@ def tensor_quick_id(files: WeightFiles, tensor: str) -> str:
     if files.fmt != "safetensors" or path is None:
         return tensor_content_id(files, tensor)
     with _failing_as(f"step {files.step}: cannot read {tensor!r} from {path}"):
-        header, size = _header_on_disk(files.step, path)
-        if tensor not in header:
-            raise missing_tensor_error(files.step, tensor, files.tensor_names())
-        first, stop = safetensors_extent(header, tensor, size, files.step, path)
+        entry, first, stop = _stored_extent(files, tensor, path)
         middle = first + max(0, (stop - first) // 2 - QUICK_SPAN // 2)
         spans = sorted({(first, min(stop, first + QUICK_SPAN)), (middle, min(stop, middle + QUICK_SPAN)),
                         (max(first, stop - QUICK_SPAN), stop)})  # fmt: skip
         with file_reader(path) as (read, _):
             parts = [content_hash(read(a, b - 1)) if b > a else "" for a, b in spans]
-        entry = header[tensor]
         return content_hash(f"quick|{entry['dtype']}|{entry['shape']}|{spans}|{parts}".encode())
 
 

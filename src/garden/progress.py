@@ -1,5 +1,5 @@
 """Progress of long loops (the tiny series' training, the extraction pass) reported to whoever listens:
-the open MLflow run logs it live (`train/loss`, `extract/...`) while the loops stay free of MLflow; and
+the open MLflow run logs it live (`train/loss`, `system/extract_...`) while the loops stay free of MLflow; and
 the loops' progress bars, drawn on a terminal and logged in a few lines anywhere else (`bar`)."""
 
 from __future__ import annotations

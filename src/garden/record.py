@@ -368,6 +368,10 @@ class Reuse:
             return f"partly cached: from garden's caches: {self.reused()}; computed: {self.computed()}"
         return f"nothing reused: computed {self.computed() or 'everything'}"
 
+    def note(self) -> str | None:
+        """The description's line: `line()` where anything was reused, else nothing."""
+        return self.line() if self.state != "none" else None
+
     def tags(self) -> dict[str, str]:
         tags = {"garden.cached": self.state, "garden.reuse": self.reused() or "nothing"}
         if self.reused_run:

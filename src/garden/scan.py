@@ -138,16 +138,37 @@ def aggregates(summary: pd.DataFrame) -> dict[str, float]:
     return values
 
 
+def forks_in_order(summary: pd.DataFrame) -> list[tuple[str, float]]:
+    """(label, unit bifurcation step) of each tensor that forks, the earliest first (ties in table order)."""
+    fork = _column(summary, "unit_bifurcation_step")
+    return [(tensor_label(summary.at[i, "role"], summary.at[i, "block"], summary.at[i, "tensor"]), fork[i])
+            for i in fork.dropna().sort_values(kind="stable").index]  # fmt: skip
+
+
+def stationary_count(summary: pd.DataFrame) -> int:
+    """How many tensors become stationary."""
+    return int(_column(summary, "stationary_step").notna().sum())
+
+
+def scan_sentence(summary: pd.DataFrame) -> str:
+    """The scan's result in one sentence (its run description's first line): how many tensors fork, which
+    first, and how many settle."""
+    count, forks = len(summary), forks_in_order(summary)
+    if forks:
+        label, step = forks[0]
+        first = f"{len(forks)} of {count} tensors fork, first {label} at step {step:g}"
+    else:
+        first = f"none of {count} tensors forks"
+    return f"{first[0].upper()}{first[1:]}; {stationary_count(summary)} of {count} become stationary."
+
+
 def fork_rows(summary: pd.DataFrame, values: dict[str, float], first: int = 3) -> list[tuple[str, str]]:
     """(what, value) rows: the tensors that fork first, each role's median fork step, and the
     unembedding among the others."""
-    fork = _column(summary, "unit_bifurcation_step")
-    order = fork.dropna().sort_values(kind="stable")
-    if order.empty:
+    forks = forks_in_order(summary)
+    if not forks:
         return [("forks first", "no tensor forks (no unit bifurcation)")]
-    labels = [f"{tensor_label(summary.at[i, 'role'], summary.at[i, 'block'], summary.at[i, 'tensor'])} "
-              f"(step {fork[i]:g})" for i in order.index[:first]]  # fmt: skip
-    rows = [("forks first", ", ".join(labels))]
+    rows = [("forks first", ", ".join(f"{label} (step {step:g})" for label, step in forks[:first]))]
     medians = [(key.removeprefix("scan_").removesuffix("_median_fork_step"), value)
                for key, value in values.items()
                if key.endswith("_median_fork_step") and key != "scan_median_fork_step"]  # fmt: skip

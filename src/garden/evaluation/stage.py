@@ -163,24 +163,24 @@ def evaluate(series: CheckpointSeries, plan: EvaluationPlan, settings: Settings,
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = [plan.steps[-1], *plan.steps[:-1]] if batch is not None else list(plan.steps)
     with cache.producing(folder, f"the evaluation of {series.identity}"):
-        records = _evaluate_steps(series, plan, folder, order, contents, windows, examples, batch, pad_id,
-                                  family, progress)  # fmt: skip
+        records, scored = _evaluate_steps(series, plan, folder, order, contents, windows, examples, batch,
+                                          pad_id, family, progress)  # fmt: skip
     n_layers, n_heads = records[plan.steps[-1]]["n_layers"], records[plan.steps[-1]]["n_heads"]
-    table = pd.DataFrame([records[s] for s in plan.steps])
-    table = table.drop(columns=["n_layers", "n_heads", "content", "scored"], errors="ignore")
+    table = pd.DataFrame([records[s] for s in plan.steps]).drop(columns=["n_layers", "n_heads", "content"])
     # One column order whether the records were scored now or read back from the cache (sorted there).
     table = table[["step", *sorted(c for c in table.columns if c != "step")]]
-    scored = sum(1 for step in plan.steps if records[step].get("scored"))
     return EvaluationResult(table, n_layers, n_heads, scored)
 
 
 def _evaluate_steps(series, plan, folder, order, contents, windows, examples, batch, pad_id, family,
-                    progress) -> dict[int, dict]:  # fmt: skip
-    """Each step's record: read back when it was made from the same checkpoint content, else scored."""
+                    progress) -> tuple[dict[int, dict], int]:  # fmt: skip
+    """Each step's record: read back when it was made from the same checkpoint content, else scored; and
+    how many were scored."""
     inputs = ScoringInputs(windows, examples, None if batch is None else torch.as_tensor(batch), pad_id,
                            plan.batch_size)
     reference = None
     records: dict[int, dict] = {}
+    scored = 0
     for step in progress_bar(order, desc="evaluate checkpoints", unit="step", enabled=progress):
         path = folder / f"step{step}.json"
         found = cache.read_json(path, "evaluation record")
@@ -197,8 +197,9 @@ def _evaluate_steps(series, plan, folder, order, contents, windows, examples, ba
         record = {"step": step, "content": contents[step], **scores}
         del model
         cache.write_json(path, record)
-        records[step] = {**record, "scored": True}
-    return records
+        records[step] = record
+        scored += 1
+    return records, scored
 
 
 def _reference_activations(series, plan, folder: Path, final: Activations | None, batch: torch.Tensor,

@@ -325,8 +325,7 @@ def run_dynamics(settings: Settings, output_dir: Path | None = None,
         previews = log_results(tracker, output_dir, analysis.trajectory.steps, step_metrics(analysis.results),
                                evaluation, analysis.summary, tags, job.series.artifacts())  # fmt: skip
         shown = record_reuse(tracker, job.run_name, reuse, tags)
-        reused = reuse.line() if reuse.state != "none" else None
-        tracker.set_description(describe(shown, what, analysis.summary, tags, output_dir, reused,
+        tracker.set_description(describe(shown, what, analysis.summary, tags, output_dir, reuse.note(),
                                          (tracker.run_id, previews)))  # fmt: skip
         run_id = tracker.run_id
     log_outcome(shown, analysis.summary, tags, output_dir, run_id, tracking.uri, tracking.experiment, reuse)

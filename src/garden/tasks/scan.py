@@ -27,7 +27,16 @@ from garden.errors import GardenError
 from garden.extract import ExtractionPlan
 from garden.extract.stream import extract_scan
 from garden.record import Reuse, aligned_rows, description, log_files, open_rows, record_reuse
-from garden.scan import ScanTensor, aggregates, block_list, fork_rows, select_tensors, tensor_label
+from garden.scan import (
+    ScanTensor,
+    aggregates,
+    block_list,
+    fork_rows,
+    forks_in_order,
+    scan_sentence,
+    select_tensors,
+    stationary_count,
+)
 from garden.schedule import select_steps
 from garden.series import CheckpointSeries, DerivedTensors, apply_duplicate_policy, find_duplicates
 from garden.settings import Settings
@@ -226,28 +235,11 @@ def read_scan_tables(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 def scan_headline(summary: pd.DataFrame, values: dict[str, float]) -> list[tuple[str, str]]:
     """What a finished scan prints: how many tensors fork and settle, which fork first, and where the
     unembedding stands among them."""
-    count = len(summary)
-    forked = int(summary["unit_bifurcation_step"].notna().sum()) if "unit_bifurcation_step" in summary else 0
-    settled = int(summary["stationary_step"].notna().sum()) if "stationary_step" in summary else 0
-    rows = [("tensors", f"{count} scanned; {forked} fork (unit bifurcation), {settled} become stationary")]
+    forked, settled = len(forks_in_order(summary)), stationary_count(summary)
+    said = f"{len(summary)} scanned; {forked} fork (unit bifurcation), {settled} become stationary"
+    rows = [("tensors", said)]
     rows += fork_rows(summary, values)
     return rows
-
-
-def scan_sentence(summary: pd.DataFrame) -> str:
-    """The scan's result in one sentence (its description's first line): how many tensors fork, which
-    first, and how many settle."""
-    count = len(summary)
-    fork = summary["unit_bifurcation_step"] if "unit_bifurcation_step" in summary else pd.Series(dtype=float)
-    settle = summary["stationary_step"] if "stationary_step" in summary else pd.Series(dtype=float)
-    forked = fork.dropna().sort_values(kind="stable")
-    if forked.empty:
-        first = f"none of {count} tensors forks"
-    else:
-        i = forked.index[0]
-        label = tensor_label(summary.at[i, "role"], summary.at[i, "block"], summary.at[i, "tensor"])
-        first = f"{len(forked)} of {count} tensors fork, first {label} at step {forked.iloc[0]:g}"
-    return f"{first[0].upper()}{first[1:]}; {int(settle.notna().sum())} of {count} become stationary."
 
 
 @register("scan")
@@ -276,7 +268,7 @@ def run_scan(settings: Settings, output_dir: Path | None = None, parent_run_id: 
         shown = record_reuse(tracker, job.run_name, reuse, job.tags)
         rows = scan_headline(summary, values)
         tracker.set_description(description(scan_sentence(summary), shown, what, rows, output_dir,
-                                            reuse.line() if reuse.state != "none" else None,
+                                            reuse.note(),
                                             (tracker.run_id, previews)))  # fmt: skip
         run_id = tracker.run_id
     rows += [("cache", reuse.line()),
